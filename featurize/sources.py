@@ -1,0 +1,373 @@
+"""Image sources: where samples come from, in a deterministic order, with a fingerprint.
+
+Three kinds, chosen by :func:`open_source` from one string:
+
+* an **ImageFolder** directory: ``root/<class>/<image>``, or ``root/<split>/<class>/<image>`` with split
+  folders named ``train``, ``val`` and ``test``, or just ``root/<image>`` (unlabeled);
+* a **CSV manifest** ``*.csv`` with a header and the columns ``path`` (relative to the CSV's folder),
+  optional ``label`` (a class name; empty means unlabeled) and optional ``split``;
+* a **builtin** dataset, ``builtin:digits`` (scikit-learn's 1 797 handwritten 8x8 digits as RGB images, with a
+  fixed, seeded, stratified train/test split).
+
+A source only lists samples and decodes one of them on request; decoding errors are raised to the caller,
+which records them per row (never substituting another sample).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import FeaturizeError
+
+__all__ = [
+    "SPLITS",
+    "BUILTIN_DATASETS",
+    "Sample",
+    "Source",
+    "ImageFolderSource",
+    "CsvSource",
+    "DigitsSource",
+    "open_source",
+    "decode_image",
+    "image_extensions",
+]
+
+SPLITS = ("train", "val", "test")
+BUILTIN_DATASETS = ("digits",)
+
+# Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. We make the warning
+# level an error too, so a huge image becomes a recorded failure instead of eating the machine's memory.
+_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row of a dataset.
+
+    Attributes:
+        index: Position in the source, 0..N-1; also the row in the feature store.
+        id: Stable identifier: the path relative to the source root, or ``builtin:<name>:<i>``.
+        label: Class index into the source's ``classes``, or -1 when unlabeled.
+        split: ``train``, ``val``, ``test``, or ``""`` when the source has no split.
+    """
+
+    index: int
+    id: str
+    label: int
+    split: str
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) that Pillow can open."""
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping 16-bit or dropping palette transparency wrongly."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow's convert("L") clips 16/32-bit values at 255; rescale the real range instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = (arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        img = Image.fromarray(np.nan_to_num(arr).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as 8-bit RGB, with its EXIF orientation applied.
+
+    Raises:
+        OSError, ValueError, Image.DecompressionBombError: the file is missing, unreadable, not an image, or
+            too large. Callers record these per row.
+    """
+    with Image.open(path) as img:
+        if img.width * img.height > _MAX_PIXELS:
+            raise Image.DecompressionBombError(
+                f"image has {img.width * img.height} pixels, more than the limit of {_MAX_PIXELS}"
+            )
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+class Source:
+    """Base class: a list of samples, their class names, a way to decode one, and a fingerprint."""
+
+    kind: str = ""
+
+    def __init__(self, spec: str, samples: list[Sample], classes: list[str]):
+        self.spec = spec
+        self.samples = samples
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode sample `index` as an RGB image (raises on failure)."""
+        raise NotImplementedError
+
+    def _fingerprint_rows(self):
+        """Yield one JSON-able row per sample that changes when the sample's content may have changed."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 over every sample's id, label, split and file size + mtime (or content, for builtins)."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"kind": self.kind, "classes": self.classes}).encode())
+        for row in self._fingerprint_rows():
+            h.update(json.dumps(row, separators=(",", ":")).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """Plain facts about the source for the store's provenance."""
+        return {"kind": self.kind, "spec": self.spec}
+
+
+class _FileSource(Source):
+    """A source whose samples are files below a root folder (ids are posix paths relative to it)."""
+
+    def __init__(self, spec: str, root: Path, samples: list[Sample], classes: list[str]):
+        super().__init__(spec, samples, classes)
+        self.root = root
+
+    def path_of(self, index: int) -> Path:
+        return self.root / self.samples[index].id
+
+    def load(self, index: int) -> Image.Image:
+        return decode_image(self.path_of(index))
+
+    def _fingerprint_rows(self):
+        for s in self.samples:
+            try:
+                st = os.stat(self.root / s.id)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+            yield [s.id, s.label, s.split, size, mtime]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "root": str(self.root.resolve())}
+
+
+def _is_image(name: str, exts: frozenset[str]) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in exts
+
+
+def _images_below(folder: Path, root: Path, exts: frozenset[str]) -> list[str]:
+    """All image files below `folder`, as sorted posix paths relative to `root` (hidden entries skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if _is_image(name, exts):
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _subdirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+class ImageFolderSource(_FileSource):
+    """``root/<class>/*``, ``root/<split>/<class>/*`` or ``root/*`` (unlabeled), in sorted order."""
+
+    kind = "imagefolder"
+
+    @classmethod
+    def scan(cls, root: Path, spec: str | None = None) -> "ImageFolderSource":
+        exts = image_extensions()
+        top_dirs = _subdirs(root)
+        top_images = [e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name, exts)]
+        split_dirs = [d for d in top_dirs if d in SPLITS]
+        layout_hint = f"expected {root}/<class>/<image>, {root}/<split>/<class>/<image> or {root}/<image>"
+
+        if top_dirs and top_images:
+            raise FeaturizeError(
+                f"{root} has both image files ({top_images[0]}, ...) and class folders ({top_dirs[0]}, ...) at its "
+                f"top level; {layout_hint}"
+            )
+        if split_dirs and len(split_dirs) != len(top_dirs):
+            others = [d for d in top_dirs if d not in SPLITS]
+            raise FeaturizeError(
+                f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders ({', '.join(others)}); "
+                f"put every class folder inside {'/'.join(SPLITS)}"
+            )
+
+        if not top_dirs:
+            entries = [(p, "", "") for p in sorted(top_images)]
+        elif split_dirs:
+            entries = []
+            for split in split_dirs:
+                for cls_name in _subdirs(root / split):
+                    entries += [(p, cls_name, split) for p in _images_below(root / split / cls_name, root, exts)]
+        else:
+            entries = []
+            for cls_name in top_dirs:
+                entries += [(p, cls_name, "") for p in _images_below(root / cls_name, root, exts)]
+
+        if not entries:
+            raise FeaturizeError(f"no images found in {root}; {layout_hint}")
+        classes = sorted({c for _, c, _ in entries if c})
+        class_index = {c: i for i, c in enumerate(classes)}
+        entries.sort(key=lambda e: e[0])
+        samples = [
+            Sample(i, path, class_index[c] if c else -1, split) for i, (path, c, split) in enumerate(entries)
+        ]
+        return cls(spec or str(root), root, samples, classes)
+
+
+class CsvSource(_FileSource):
+    """A CSV manifest with a header: ``path`` (required), ``label`` and ``split`` (optional); rows in file order.
+
+    Paths are relative to the CSV's folder (absolute paths are kept as they are). A listed file that does not
+    exist is not an error here: its row fails at decode time and is recorded as failed.
+    """
+
+    kind = "csv"
+
+    @classmethod
+    def read(cls, csv_path: Path, spec: str | None = None) -> "CsvSource":
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.reader(f))
+        except UnicodeDecodeError as e:
+            raise FeaturizeError(f"cannot read {csv_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except csv.Error as e:
+            raise FeaturizeError(f"cannot read {csv_path}: malformed CSV ({e})") from None
+        except OSError as e:
+            raise FeaturizeError(f"cannot read {csv_path}: {e.strerror or e}") from None
+
+        rows = [r for r in rows if any(cell.strip() for cell in r)]
+        if not rows:
+            raise FeaturizeError(f"{csv_path} is empty; expected a header 'path,label[,split]' and one row per image")
+        header = [h.strip().lower() for h in rows[0]]
+        if "path" not in header:
+            raise FeaturizeError(
+                f"{csv_path} has no 'path' column in its header (found: {','.join(header) or 'nothing'}); "
+                "expected a header 'path,label[,split]'"
+            )
+        unknown = [h for h in header if h not in ("path", "label", "split")]
+        if unknown:
+            raise FeaturizeError(
+                f"{csv_path} has unknown column(s) {', '.join(unknown)}; allowed: path, label, split"
+            )
+        col = {name: header.index(name) for name in header}
+        if len(rows) == 1:
+            raise FeaturizeError(f"{csv_path} lists no images (only a header)")
+
+        parsed, seen = [], {}
+        for lineno, row in enumerate(rows[1:], start=2):
+            if len(row) != len(header):
+                raise FeaturizeError(
+                    f"{csv_path} line {lineno}: expected {len(header)} fields ({','.join(header)}), got {len(row)}"
+                )
+            path = row[col["path"]].strip()
+            label = row[col["label"]].strip() if "label" in col else ""
+            split = row[col["split"]].strip().lower() if "split" in col else ""
+            if not path:
+                raise FeaturizeError(f"{csv_path} line {lineno}: empty path")
+            if split and split not in SPLITS:
+                raise FeaturizeError(
+                    f"{csv_path} line {lineno}: split must be one of {', '.join(SPLITS)} or empty, got {split!r}"
+                )
+            norm = Path(path).as_posix()
+            if norm in seen:
+                raise FeaturizeError(f"{csv_path} line {lineno}: path {path!r} is already listed on line {seen[norm]}")
+            seen[norm] = lineno
+            parsed.append((norm, label, split))
+
+        classes = sorted({label for _, label, _ in parsed if label})
+        class_index = {c: i for i, c in enumerate(classes)}
+        samples = [
+            Sample(i, path, class_index[label] if label else -1, split)
+            for i, (path, label, split) in enumerate(parsed)
+        ]
+        return cls(spec or str(csv_path), csv_path.parent, samples, classes)
+
+
+class DigitsSource(Source):
+    """scikit-learn's ``load_digits`` as 8x8 RGB images, with a fixed stratified 75/25 train/test split."""
+
+    kind = "builtin"
+    test_fraction = 0.25
+    split_seed = 0
+
+    def __init__(self, spec: str = "builtin:digits"):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        # Pixel values are 0..16; scale to the full 8-bit range.
+        self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        labels = digits.target.astype(int)
+        index = np.arange(len(labels))
+        _, test_idx = train_test_split(
+            index, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed
+        )
+        is_test = np.zeros(len(labels), dtype=bool)
+        is_test[test_idx] = True
+        samples = [
+            Sample(i, f"builtin:digits:{i}", int(labels[i]), "test" if is_test[i] else "train")
+            for i in range(len(labels))
+        ]
+        super().__init__(spec, samples, [str(d) for d in digits.target_names])
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index], mode="L").convert("RGB")
+
+    def _fingerprint_rows(self):
+        for s in self.samples:
+            yield [s.id, s.label, s.split, hashlib.sha256(self.images[s.index].tobytes()).hexdigest()]
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "name": "digits",
+            "split": {"test_fraction": self.test_fraction, "seed": self.split_seed, "stratified": True},
+        }
+
+
+def open_source(spec: str | os.PathLike) -> Source:
+    """Open a source from what the user typed: a folder, a ``.csv`` file, or ``builtin:<name>``.
+
+    Raises:
+        FeaturizeError: the source does not exist, is empty, or is malformed.
+    """
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name != "digits":
+            raise FeaturizeError(
+                f"unknown builtin dataset {name!r}; available: {', '.join('builtin:' + n for n in BUILTIN_DATASETS)}"
+            )
+        return DigitsSource(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise FeaturizeError(
+            f"source {spec} does not exist; give an image folder, a CSV manifest, or builtin:digits"
+        )
+    if path.is_dir():
+        try:
+            return ImageFolderSource.scan(path, spec)
+        except PermissionError as e:
+            raise FeaturizeError(f"cannot read folder {e.filename}: permission denied") from None
+    if path.suffix.lower() == ".csv":
+        return CsvSource.read(path, spec)
+    raise FeaturizeError(f"source {spec} is a file but not a .csv manifest; give an image folder or a CSV file")

@@ -1,0 +1,1 @@
+"""Pipelines join feature extraction and heads into the jobs the CLI runs."""

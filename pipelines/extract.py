@@ -1,0 +1,151 @@
+"""extract: source -> frozen backbone -> feature store, resumable, with provenance."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from featurize.backbones import check_model_name, create_backbone
+from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, resolve_precision
+from featurize.sources import open_source
+from featurize.store import FORMAT_VERSION, StoreWriter, check_writable
+
+__all__ = ["ExtractResult", "extract_features", "library_versions"]
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did.
+
+    Attributes:
+        path: the finished store.
+        num_rows: samples in the store.
+        num_failed: rows recorded as failed.
+        resumed_rows: rows taken from an earlier, interrupted run.
+        seconds: wall time of this run's extraction loop.
+        images_per_second: rows computed by this run per second of that loop.
+        failure_reasons: failed-row counts by error type.
+        config_hash: the store's config hash.
+    """
+
+    path: Path
+    num_rows: int
+    num_failed: int
+    resumed_rows: int
+    seconds: float
+    images_per_second: float
+    config_hash: str
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("headbench", "torch", "timm", "torchvision", "h5py", "numpy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def extract_features(
+    source: str,
+    out: str | Path,
+    *,
+    model: str,
+    weights: str = "auto",
+    image_size: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    dtype: str = "float16",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    shard_size: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractResult:
+    """Embed every sample of `source` with a frozen timm backbone into the HDF5 store `out`.
+
+    A run that was interrupted resumes from its committed shards when called again with the same settings.
+    Batch size and worker count do not change the features, so they may differ between the runs.
+
+    Raises:
+        FeaturizeError: bad source, model, weights, device or options; store exists or was started with
+            other settings.
+    """
+    out = Path(out)
+    check_writable(out, overwrite)
+    check_model_name(model)  # cheap, so a typo fails before a large folder is scanned
+    src = open_source(source)
+    backbone = create_backbone(model, weights, image_size=image_size)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    config: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "data_config": backbone.data_config,
+        "pooling": backbone.pooling,
+        "precision": prec,
+        "dtype": dtype,
+        "dataset": {"kind": src.kind, "fingerprint": src.fingerprint(), "num_rows": len(src)},
+    }
+    writer = StoreWriter(
+        out, config, len(src), backbone.num_features, dtype=dtype, shard_size=shard_size, overwrite=overwrite
+    )
+    pending = writer.pending_indices()
+    started = time.perf_counter()
+    with tqdm(
+        total=len(src), initial=writer.resumed_rows, unit="img", desc=f"extract {backbone.name}", disable=not progress
+    ) as bar:
+        for batch in iter_features(
+            src,
+            backbone,
+            pending,
+            device=dev,
+            precision=prec,
+            batch_size=batch_size or default_batch_size(dev),
+            workers=default_workers() if workers is None else workers,
+        ):
+            writer.add(batch.indices, batch.features, batch.errors)
+            bar.update(len(batch.indices))
+    seconds = time.perf_counter() - started
+
+    samples = src.samples
+    path = writer.finalize(
+        ids=[s.id for s in samples],
+        labels=[s.label for s in samples],
+        split=[s.split for s in samples],
+        classes=src.classes,
+        attrs={
+            "backbone": backbone.name,
+            "weights_source": backbone.weights["source"],
+            "weights_sha256": backbone.weights["sha256"],
+            "data_config": backbone.data_config,
+            "pooling": backbone.pooling,
+            "precision": prec,
+            "device": str(dev),
+            "num_features": backbone.num_features,
+            "dataset_fingerprint": config["dataset"]["fingerprint"],
+            "source": src.describe(),
+            "library_versions": library_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return ExtractResult(
+        path=path,
+        num_rows=len(src),
+        num_failed=writer.num_failed,
+        resumed_rows=writer.resumed_rows,
+        seconds=seconds,
+        images_per_second=len(pending) / seconds if seconds > 0 else 0.0,
+        config_hash=writer.config_hash,
+        failure_reasons=writer.failure_reasons,
+    )
