@@ -205,7 +205,8 @@ class StoreWriter:
 
         Rows whose features are not finite after the cast to the storage dtype are recorded as failed.
         """
-        stored = features.astype(self.dtype)
+        with np.errstate(over="ignore"):  # overflow to inf is caught below and recorded per row
+            stored = features.astype(self.dtype)
         for row, index in enumerate(indices):
             k = int(index) // self.shard_size
             if k not in self._buffers:

@@ -1,0 +1,71 @@
+"""Shared fixtures: real photographs (scikit-image's bundled images) written as image folders and CSVs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests must never reach for the network: the hub path fails fast and from the local cache only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+# (class, skimage image, file name) -- a few real photographs per class, in several formats.
+PHOTOS = [
+    ("cat", "chelsea", "chelsea.jpg"),
+    ("cat", "cat", "cat.png"),
+    ("coffee", "coffee", "coffee.jpg"),
+    ("coffee", "coffee", "coffee-small.webp"),
+    ("space", "astronaut", "astronaut.bmp"),
+    ("space", "rocket", "rocket.tiff"),
+    ("space", "hubble_deep_field", "hubble.jpeg"),
+]
+
+
+def write_image(path: Path, array: np.ndarray, **save_kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array)
+    if path.name.startswith("coffee-small"):
+        img = img.resize((img.width // 2, img.height // 2))
+    img.save(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """ROOT/<class>/<image> with 7 real photographs in JPEG, PNG, WebP, BMP and TIFF."""
+    root = tmp_path_factory.mktemp("photos")
+    for cls, name, filename in PHOTOS:
+        write_image(root / cls / filename, photo(name))
+    return root
+
+
+@pytest.fixture(scope="session")
+def split_folder(tmp_path_factory) -> Path:
+    """ROOT/<split>/<class>/<image> with train and test splits."""
+    root = tmp_path_factory.mktemp("splits")
+    for i, (cls, name, filename) in enumerate(PHOTOS):
+        split = "test" if i % 3 == 2 else "train"
+        write_image(root / split / cls / filename, photo(name))
+    return root
+
+
+@pytest.fixture
+def runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
