@@ -15,10 +15,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# extract digits with the packaged lite0 weights -> compare every head -> save the winner -> predict PNG files.
 demo: $(STAMP)
 	mkdir -p $(DEMO)
 	$(PY) cli.py extract builtin:digits --model tf_efficientnet_lite0 --weights packaged --out $(DEMO)/digits-lite0.h5 --overwrite
 	$(PY) cli.py inspect $(DEMO)/digits-lite0.h5
+	$(PY) cli.py compare-heads $(DEMO)/digits-lite0.h5 --out $(DEMO)/results --save-best $(DEMO)/best-head.skops
+	rm -rf $(DEMO)/digits-png
+	$(PY) examples/digits_to_folder.py $(DEMO)/digits-png --split test --limit 20
+	$(PY) cli.py predict --head $(DEMO)/best-head.skops $(DEMO)/digits-png --out $(DEMO)/predictions.csv
+	head -n 6 $(DEMO)/predictions.csv
 
 test: $(STAMP)
 	$(PY) -m pytest -q

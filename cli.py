@@ -1,4 +1,4 @@
-"""headbench command line: extract features into HDF5 stores, inspect them, list backbones.
+"""headbench command line: extract features into HDF5 stores, compare heads on them, predict with the winner.
 
 Thin by design: each command parses its options, calls one pipeline, and prints the result. User mistakes
 surface as one clear line and exit code 1.
@@ -7,6 +7,7 @@ surface as one clear line and exit code 1.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -15,8 +16,9 @@ from featurize.backbones import WEIGHT_CHOICES, list_backbones
 from featurize.engine import DEVICE_CHOICES, PRECISION_CHOICES
 from featurize.errors import FeaturizeError
 from featurize.store import DTYPES
+from heads.errors import HeadsError
 
-USER_ERRORS = (FeaturizeError,)
+USER_ERRORS = (FeaturizeError, HeadsError)
 
 
 class _Group(click.Group):
@@ -32,17 +34,21 @@ class _Group(click.Group):
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output (CI logs, files) is not cut to 80 columns: tables stay one line per row.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
-    """headbench: embed image datasets with frozen timm backbones into HDF5 feature stores.
+    """headbench: embed images with frozen timm backbones into HDF5 feature stores, then compare
+    scikit-learn heads on the cached features and predict with the winner.
 
     \b
     Typical session:
       python cli.py extract builtin:digits --model tf_efficientnet_lite0 --out digits.h5
       python cli.py inspect digits.h5
+      python cli.py compare-heads digits.h5 --out results/ --save-best best.skops
+      python cli.py predict --head best.skops my-digits/ --out preds.csv
     """
 
 
@@ -200,6 +206,142 @@ def models(pattern, offline):
         else:
             note = "hub"
         click.echo(f"{r['name']:{width}}  {note}")
+
+
+@main.command("heads")
+@click.argument("pattern", default="*")
+def heads_command(pattern):
+    """List the registered heads with their preprocessing options and hyper-parameter grids.
+
+    Every head is a scikit-learn Pipeline (prep -> clf); compare-heads tunes both steps over the grid shown.
+
+    \b
+    Examples:
+      python cli.py heads
+      python cli.py heads '*svm'
+    """
+    from heads import list_heads
+
+    specs = list_heads(pattern)
+    if not specs:
+        from heads import HEADS
+
+        raise click.ClickException(f"no head matches {pattern!r}; available: {', '.join(HEADS)}")
+    width = max(len(s.name) for s in specs)
+    for spec in specs:
+        grid = ", ".join(f"{k}={v}" for k, v in spec.grid.items())
+        click.echo(f"{spec.name:{width}}  {spec.description}")
+        click.echo(f"{'':{width}}  prep={list(spec.prep)}{', ' + grid if grid else ''}  ({spec.grid_size()} setting{'s' if spec.grid_size() > 1 else ''})")
+
+
+@main.command("compare-heads")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--heads", "head_names", metavar="NAMES", help="Comma-separated head names or patterns [default: all].")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="K of every stratified K-fold split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of folds, estimators and bootstrap.")
+@click.option("--jobs", type=click.IntRange(min=1), help="Parallel CV fits [default: all cores].")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+              help="Class weighting for every head that supports it.")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True,
+              help="Bootstrap resamples for the 95 % CIs.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write results.json, results.csv, report.md and PNG plots here.")
+@click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the winning head (skops) with its provenance, for predict.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_best, quiet):
+    """Train and compare classical heads on one or more feature stores (one per backbone).
+
+    Every backbone x head is tuned and scored under the same protocol, chosen from the store's splits: with a
+    test split, tune by stratified K-fold CV on the rest (or on the val split), refit, score the test rows
+    once; without one, nested CV. The test rows never influence tuning. The table shows accuracy with a 95 %
+    bootstrap CI and an exact McNemar p-value against the winner on the same rows (≈: not distinguishable).
+
+    All stores must describe the same samples; rows that failed in any store are left out of all of them.
+
+    \b
+    Examples:
+      python cli.py compare-heads digits.h5
+      python cli.py compare-heads lite0.h5 lite2.h5 --heads logreg,knn --out results/ --save-best best.skops
+    """
+    from pipelines.compare import compare_heads, save_best_head
+
+    heads = [h.strip() for h in head_names.split(",") if h.strip()] if head_names else None
+    weight = None if class_weight == "none" else class_weight
+    comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
+                               n_boot=n_boot, progress=not quiet)
+    _print_leaderboard(comparison)
+    if out_dir:
+        from pipelines.report import write_results
+
+        written = write_results(comparison, out_dir)
+        click.echo(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
+    if save_best:
+        path = save_best_head(comparison, save_best, jobs=jobs, class_weight=weight)
+        click.echo(f"saved the winning head to {path} (use: python cli.py predict --head {path} SOURCE --out preds.csv)")
+
+
+def _print_leaderboard(comparison) -> None:
+    from rich.table import Table
+
+    from pipelines.report import format_ci
+
+    console = _console()
+    several = len(comparison.stores) > 1
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name, justify in [("#", "right")] + ([("backbone", "left")] if several else []) + [
+        ("head", "left"), ("accuracy % [95% CI]", "left"), ("bal.acc %", "right"), ("macro-F1 %", "right"),
+        ("fit s", "right"), ("µs/sample", "right"), ("p vs best", "right"), ("params", "left"),
+    ]:
+        table.add_column(name, justify=justify, no_wrap=True)
+    for r in comparison.rows:
+        tie = " ≈" if r["tied_with_best"] and r["rank"] > 1 else ""
+        params = ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
+        table.add_row(
+            str(r["rank"]), *([r["backbone"]] if several else []), r["head"], format_ci(r) + tie,
+            f"{r['balanced_accuracy'] * 100:.2f}", f"{r['macro_f1'] * 100:.2f}", f"{r['fit_seconds']:.3f}",
+            f"{r['predict_us_per_sample']:.1f}", "best" if r["rank"] == 1 else f"{r['p_value_vs_best']:.3g}", params,
+        )
+    console.print(table)
+    console.print(f"protocol: {comparison.plan.description}")
+    console.print("≈ = not distinguishable from the best (exact McNemar test, p ≥ 0.05, same rows)")
+    if comparison.excluded_failed or comparison.excluded_unlabeled:
+        console.print(f"left out: {comparison.excluded_failed} rows that failed in at least one store, "
+                      f"{comparison.excluded_unlabeled} unlabeled rows")
+
+
+@main.command()
+@click.option("--head", "head_path", required=True, type=click.Path(path_type=Path),
+              help="A head saved by compare-heads --save-best.")
+@click.argument("source")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="CSV to write.")
+@click.option("--weights", metavar="PATH|packaged|hub|random",
+              help="Backbone weights; needed only when the head was trained on features from a weights file.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def predict(head_path, source, out, weights, device, batch_size, workers, quiet):
+    """Predict a class for every image of SOURCE with a saved head.
+
+    The backbone is rebuilt from the head's provenance (model, weights, preprocessing, precision) and the
+    weights are checked against the recorded sha256. Writes id,prediction, one p_<class> column per class
+    when the head gives probabilities, and an error column for images that could not be decoded. When SOURCE
+    has labels, prints the accuracy.
+
+    \b
+    Examples:
+      python cli.py predict --head best.skops my-digits/ --out preds.csv
+      python cli.py predict --head best.skops builtin:digits --out digits-preds.csv
+    """
+    from pipelines.predict import predict_images
+
+    result = predict_images(head_path, source, out, weights=weights, device=device, batch_size=batch_size,
+                            workers=workers, progress=not quiet)
+    click.echo(f"wrote {result.path}: {result.num_rows} rows, {result.num_failed} failed")
+    for key, acc in result.accuracy.items():
+        label = "all labeled rows" if key == "all" else f"split {key}"
+        click.echo(f"  accuracy on {label}: {acc * 100:.2f} % ({result.num_scored[key]} rows)")
 
 
 if __name__ == "__main__":

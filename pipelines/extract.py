@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,9 @@ from featurize.backbones import check_model_name, create_backbone
 from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, resolve_precision
 from featurize.sources import open_source
 from featurize.store import FORMAT_VERSION, StoreWriter, check_writable
+from pipelines.provenance import library_versions
 
-__all__ = ["ExtractResult", "extract_features", "library_versions"]
+__all__ = ["ExtractResult", "extract_features"]
 
 
 @dataclass
@@ -43,16 +42,6 @@ class ExtractResult:
     images_per_second: float
     config_hash: str
     failure_reasons: dict[str, int] = field(default_factory=dict)
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("headbench", "torch", "timm", "torchvision", "h5py", "numpy", "pillow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def extract_features(

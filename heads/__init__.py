@@ -1,0 +1,30 @@
+"""Heads: named scikit-learn pipelines, a leakage-safe protocol, metrics with uncertainty.
+
+Works on numpy arrays only; imports neither torch nor ``featurize`` (``pipelines`` opens stores).
+"""
+
+from .errors import HeadsError
+from .evaluate import HeadRun, fit_head, run_head
+from .metrics import bootstrap_ci, mcnemar_p_value, point_metrics
+from .protocol import Plan, Task, plan_protocol
+from .registry import HEADS, PREPROCESSING, HeadSpec, get_head, list_heads, register_head, resolve_heads
+
+__all__ = [
+    "HEADS",
+    "PREPROCESSING",
+    "HeadRun",
+    "HeadSpec",
+    "HeadsError",
+    "Plan",
+    "Task",
+    "bootstrap_ci",
+    "fit_head",
+    "get_head",
+    "list_heads",
+    "mcnemar_p_value",
+    "plan_protocol",
+    "point_metrics",
+    "register_head",
+    "resolve_heads",
+    "run_head",
+]

@@ -1,0 +1,143 @@
+"""Run one head through a protocol plan: tune by grid search on each task's fit rows, refit, predict scored rows."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+
+from .protocol import Plan, Task
+from .registry import PREPROCESSING, HeadSpec
+
+__all__ = ["HeadRun", "run_head", "fit_head", "readable_params"]
+
+
+@dataclass
+class HeadRun:
+    """What one head produced on the scored rows of a plan.
+
+    Attributes:
+        head: head name.
+        params: chosen setting per task (one for holdout, one per outer fold for nested CV).
+        y_pred: predictions for ``plan.scored`` rows, in that order.
+        scores: [n, n_classes] decision scores or probabilities (None when the head gives neither).
+        proba: [n, n_classes] probabilities (None when the head gives none).
+        fit_seconds: mean time of refitting the chosen setting on a task's fit rows.
+        tune_seconds: total time of the searches (all settings x folds, refits included).
+        predict_us_per_sample: prediction time per scored row, in microseconds.
+        model: the fitted pipeline of a holdout plan (None for nested CV: see :func:`fit_head`).
+    """
+
+    head: str
+    params: list[dict[str, Any]]
+    y_pred: np.ndarray
+    scores: np.ndarray | None
+    proba: np.ndarray | None
+    fit_seconds: float
+    tune_seconds: float
+    predict_us_per_sample: float
+    model: Pipeline | None = None
+
+
+def _prep_name(value: Any) -> str:
+    for name, make in PREPROCESSING.items():
+        made = make()
+        if (isinstance(value, str) and value == made) or (not isinstance(value, str) and type(value) is type(made)):
+            return name
+    return repr(value)
+
+
+def readable_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A chosen grid point with transformer objects named and the ``clf__`` prefix dropped."""
+    out = {}
+    for key, value in params.items():
+        out[key.removeprefix("clf__")] = _prep_name(value) if key == "prep" else value
+    return out
+
+
+def _search(spec: HeadSpec, task: Task, jobs: int, class_weight: str | None, seed: int) -> GridSearchCV:
+    pipeline = spec.pipeline()
+    clf_params = pipeline.named_steps["clf"].get_params()
+    if "random_state" in clf_params:
+        pipeline.set_params(clf__random_state=seed)
+    if spec.class_weight:
+        pipeline.set_params(clf__class_weight=class_weight)
+    return GridSearchCV(pipeline, spec.param_grid(), cv=task.cv, scoring="accuracy", n_jobs=jobs, refit=True,
+                        error_score="raise")
+
+
+def fit_head(
+    spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, *, jobs: int = 1, class_weight: str | None = None,
+    seed: int = 0,
+) -> GridSearchCV:
+    """Tune `spec` on the task's fit rows by grid search over its CV splits, and refit the best setting."""
+    search = _search(spec, task, jobs, class_weight, seed)
+    with warnings.catch_warnings():
+        # Non-converged settings are scored as they are; the search picks among them honestly.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        # NearestCentroid warns when a feature is constant within a class (common with sparse activations).
+        warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*", category=UserWarning)
+        search.fit(X[task.fit], y[task.fit])
+    return search
+
+
+def _full_columns(values: np.ndarray, present: np.ndarray, n_classes: int, fill: float) -> np.ndarray:
+    """Scores over the estimator's classes_ spread to all class columns (absent classes get `fill`)."""
+    full = np.full((len(values), n_classes), fill, dtype=np.float64)
+    full[:, present] = values
+    return full
+
+
+def run_head(
+    spec: HeadSpec,
+    X: np.ndarray,
+    y: np.ndarray,
+    plan: Plan,
+    n_classes: int,
+    *,
+    jobs: int = 1,
+    class_weight: str | None = None,
+    seed: int = 0,
+) -> HeadRun:
+    """Tune, refit and predict `spec` on every task of `plan` (the scored rows never take part in tuning)."""
+    params, preds, scores, probas, fit_times = [], [], [], [], []
+    tune_seconds = predict_seconds = 0.0
+    search = None
+    for task in plan.tasks:
+        started = time.perf_counter()
+        search = fit_head(spec, X, y, task, jobs=jobs, class_weight=class_weight, seed=seed)
+        tune_seconds += time.perf_counter() - started
+        fit_times.append(search.refit_time_)
+        params.append(readable_params(search.best_params_))
+        model = search.best_estimator_
+        X_score = X[task.score]
+        started = time.perf_counter()
+        preds.append(model.predict(X_score))
+        predict_seconds += time.perf_counter() - started
+        present = model.classes_
+        if hasattr(model, "predict_proba"):
+            proba = _full_columns(model.predict_proba(X_score), present, n_classes, 0.0)
+            probas.append(proba / proba.sum(axis=1, keepdims=True))  # float32 rounding: rows sum to 1 again
+            scores.append(probas[-1])
+        elif hasattr(model, "decision_function"):
+            decision = model.decision_function(X_score)
+            if decision.ndim == 2:
+                scores.append(_full_columns(decision, present, n_classes, -np.inf))
+    n_scored = sum(len(t.score) for t in plan.tasks)
+    return HeadRun(
+        head=spec.name,
+        params=params,
+        y_pred=np.concatenate(preds).astype(np.int64),
+        scores=np.concatenate(scores) if len(scores) == len(plan.tasks) else None,
+        proba=np.concatenate(probas) if len(probas) == len(plan.tasks) else None,
+        fit_seconds=float(np.mean(fit_times)),
+        tune_seconds=tune_seconds,
+        predict_us_per_sample=predict_seconds / max(n_scored, 1) * 1e6,
+        model=search.best_estimator_ if plan.kind == "holdout" and search is not None else None,
+    )

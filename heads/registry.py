@@ -1,0 +1,154 @@
+"""The registry of named heads: each a scikit-learn Pipeline (preprocessing step + estimator) and a compact grid.
+
+A head's pipeline has two steps, ``prep`` and ``clf``. ``prep`` is itself a hyper-parameter: its grid values
+are names from :data:`PREPROCESSING` (``none``, ``l2``, ``standardize``, ``pca-whiten``), turned into
+transformers when the grid is expanded, so every head is tuned over its preprocessing like any other setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sklearn.base import BaseEstimator
+from sklearn.decomposition import PCA
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from .errors import HeadsError
+
+__all__ = ["PREPROCESSING", "HeadSpec", "HEADS", "register_head", "get_head", "list_heads", "resolve_heads"]
+
+
+def _pca_whiten() -> PCA:
+    # Keep 99 % of the variance, whitened; "full" SVD so that a fraction is accepted and results are exact.
+    return PCA(n_components=0.99, whiten=True, svd_solver="full")
+
+
+PREPROCESSING: dict[str, Callable[[], Any]] = {
+    "none": lambda: "passthrough",
+    "l2": Normalizer,
+    "standardize": StandardScaler,
+    "pca-whiten": _pca_whiten,
+}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One named head.
+
+    Attributes:
+        name: registry key, e.g. ``logreg``.
+        description: one line for ``python cli.py heads``.
+        estimator: builds the unfitted classifier (the ``clf`` step).
+        prep: preprocessing names tried (the ``prep`` step's grid).
+        grid: the classifier's grid, keys without the ``clf__`` prefix.
+        class_weight: whether the estimator takes ``class_weight`` (then the run's weighting is applied).
+    """
+
+    name: str
+    description: str
+    estimator: Callable[[], BaseEstimator]
+    prep: tuple[str, ...]
+    grid: dict[str, list] = field(default_factory=dict)
+    class_weight: bool = False
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline([("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())])
+
+    def param_grid(self) -> dict[str, list]:
+        """The GridSearchCV grid: preprocessing transformers plus ``clf__``-prefixed estimator settings."""
+        grid: dict[str, list] = {"prep": [PREPROCESSING[p]() for p in self.prep]}
+        grid.update({f"clf__{k}": list(v) for k, v in self.grid.items()})
+        return grid
+
+    def grid_size(self) -> int:
+        size = len(self.prep)
+        for values in self.grid.values():
+            size *= len(values)
+        return size
+
+
+HEADS: dict[str, HeadSpec] = {}
+
+
+def register_head(spec: HeadSpec) -> HeadSpec:
+    """Add a head to the registry; names are unique."""
+    if spec.name in HEADS:
+        raise ValueError(f"head {spec.name!r} is already registered")
+    unknown = [p for p in spec.prep if p not in PREPROCESSING]
+    if unknown:
+        raise ValueError(f"head {spec.name!r}: unknown preprocessing {unknown}; allowed: {list(PREPROCESSING)}")
+    HEADS[spec.name] = spec
+    return spec
+
+
+register_head(HeadSpec(
+    "logreg", "multinomial logistic regression (lbfgs)",
+    lambda: LogisticRegression(max_iter=2000),
+    prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True,
+))
+register_head(HeadSpec(
+    "linear-svm", "linear SVM (liblinear, one-vs-rest)",
+    lambda: LinearSVC(max_iter=5000),
+    prep=("l2",), grid={"C": [1.0, 10.0, 100.0]}, class_weight=True,
+))
+register_head(HeadSpec(
+    "rbf-svm", "kernel SVM, RBF kernel, gamma='scale'",
+    lambda: SVC(kernel="rbf", gamma="scale"),
+    prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True,
+))
+register_head(HeadSpec(
+    "knn", "k nearest neighbours, cosine distance, distance-weighted votes",
+    lambda: KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute"),
+    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]},
+))
+register_head(HeadSpec(
+    "ridge", "ridge regression classifier (one-vs-rest least squares)",
+    lambda: RidgeClassifier(),
+    prep=("standardize", "l2"), grid={"alpha": [0.1, 1.0, 10.0, 100.0]}, class_weight=True,
+))
+register_head(HeadSpec(
+    "centroid", "nearest class mean (prototype) classifier",
+    lambda: NearestCentroid(),
+    prep=("l2", "standardize", "pca-whiten"),
+))
+register_head(HeadSpec(
+    "lda", "linear discriminant analysis with Ledoit-Wolf shrinkage",
+    lambda: LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"),
+    prep=("none",),
+))
+
+
+def get_head(name: str) -> HeadSpec:
+    """The registered head called `name`; unknown names fail with close suggestions."""
+    try:
+        return HEADS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(HEADS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise HeadsError(f"unknown head {name!r}; {hint}available: {', '.join(HEADS)}") from None
+
+
+def list_heads(pattern: str = "*") -> list[HeadSpec]:
+    """Registered heads whose names match an fnmatch `pattern`, in registration order."""
+    return [spec for name, spec in HEADS.items() if fnmatch.fnmatchcase(name, pattern)]
+
+
+def resolve_heads(names: list[str] | None) -> list[HeadSpec]:
+    """Heads for the given names or patterns (all heads when none are given), without repeats."""
+    if not names:
+        return list(HEADS.values())
+    out: dict[str, HeadSpec] = {}
+    for name in names:
+        matched = list_heads(name) if any(c in name for c in "*?[") else [get_head(name)]
+        if not matched:
+            raise HeadsError(f"no head matches {name!r}; available: {', '.join(HEADS)}")
+        out.update((spec.name, spec) for spec in matched)
+    return list(out.values())

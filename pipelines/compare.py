@@ -1,0 +1,238 @@
+"""compare-heads: backbones (one store each) x heads, one protocol for all, metrics with CIs and paired tests."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from featurize.store import FeatureStore, read_store
+from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
+from heads import resolve_heads, run_head
+from heads.persist import save_head
+from pipelines.provenance import library_versions
+
+__all__ = ["Comparison", "compare_heads", "align_stores", "save_best_head", "SIGNIFICANCE"]
+
+SIGNIFICANCE = 0.05
+
+
+@dataclass
+class Comparison:
+    """The result of compare-heads.
+
+    Attributes:
+        rows: one dict per backbone x head, best first (the fields of results.json).
+        plan: the protocol every row used.
+        stores: the stores, in the order given.
+        classes: class names.
+        usable: boolean mask of store rows used (labeled and ok in every store).
+        excluded_failed: rows left out because they failed in at least one store.
+        excluded_unlabeled: rows left out because they have no label.
+        y_scored: true labels of the scored rows (plan order).
+        predictions: per row key (backbone, head): predictions on the scored rows.
+        runs: per row key: what is needed to refit or save the head.
+    """
+
+    rows: list[dict[str, Any]]
+    plan: Plan
+    stores: list[FeatureStore]
+    classes: list[str]
+    usable: np.ndarray
+    excluded_failed: int
+    excluded_unlabeled: int
+    y_scored: np.ndarray
+    predictions: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    runs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return self.rows[0]
+
+
+def _differs(a: np.ndarray, b: np.ndarray) -> int | None:
+    diff = np.flatnonzero(a != b)
+    return int(diff[0]) if len(diff) else None
+
+
+def align_stores(stores: list[FeatureStore]) -> None:
+    """Refuse stores that do not describe the same samples (same ids, labels, splits and classes, in order).
+
+    Raises:
+        HeadsError: naming the first difference.
+    """
+    ref = stores[0]
+    for other in stores[1:]:
+        a, b = ref.path.name, other.path.name
+        what = f"stores {a} and {b} describe different samples"
+        if len(ref.ids) != len(other.ids):
+            raise HeadsError(f"{what}: {len(ref.ids)} rows vs {len(other.ids)}; extract both from the same source")
+        if ref.classes != other.classes:
+            raise HeadsError(f"{what}: classes {ref.classes[:5]} vs {other.classes[:5]}")
+        row = _differs(ref.ids, other.ids)
+        if row is not None:
+            raise HeadsError(f"{what}: row {row} is {ref.ids[row]!r} in {a} but {other.ids[row]!r} in {b}")
+        row = _differs(ref.labels, other.labels)
+        if row is not None:
+            raise HeadsError(f"{what}: {ref.ids[row]!r} has label {ref.labels[row]} in {a} but {other.labels[row]} in {b}")
+        row = _differs(ref.split, other.split)
+        if row is not None:
+            raise HeadsError(
+                f"{what}: {ref.ids[row]!r} is in split {ref.split[row]!r} in {a} but {other.split[row]!r} in {b}"
+            )
+
+
+def _backbone_names(stores: list[FeatureStore]) -> list[str]:
+    names = [str(s.attrs.get("backbone", s.path.stem)) for s in stores]
+    counts = collections.Counter(names)
+    return [f"{n} ({s.path.stem})" if counts[n] > 1 else n for n, s in zip(names, stores)]
+
+
+def _summary_params(params: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chosen setting (holdout), or the one chosen most often across outer folds (nested CV)."""
+    as_json = [json.dumps(p, sort_keys=True) for p in params]
+    return json.loads(collections.Counter(as_json).most_common(1)[0][0])
+
+
+def compare_heads(
+    store_paths: list[str | Path],
+    heads: list[str] | None = None,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    jobs: int | None = None,
+    class_weight: str | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> Comparison:
+    """Train and compare every head on every store under one protocol.
+
+    Args:
+        store_paths: one feature store per backbone, all of the same samples.
+        heads: head names or patterns (all registered heads when None).
+        folds: K of every stratified K-fold split.
+        seed: seed of folds, estimators and bootstrap.
+        jobs: parallel CV fits (None: all cores).
+        class_weight: ``balanced`` or None, for every head that accepts it.
+        n_boot: bootstrap resamples for the CIs.
+        progress: show a progress bar.
+
+    Raises:
+        HeadsError, FeaturizeError: unreadable stores, stores of different samples, unknown heads, too few
+            samples for the folds, a single class.
+    """
+    if not store_paths:
+        raise HeadsError("give at least one feature store")
+    specs = resolve_heads(heads)
+    if class_weight not in (None, "balanced"):
+        raise HeadsError(f"--class-weight must be 'balanced' or 'none', got {class_weight!r}")
+    jobs = jobs or os.cpu_count() or 1
+    stores = [read_store(p) for p in store_paths]
+    align_stores(stores)
+    ref = stores[0]
+    labeled = ref.labels >= 0
+    ok_everywhere = np.logical_and.reduce([s.ok for s in stores])
+    usable = labeled & ok_everywhere
+    if not usable.any():
+        what = "no labeled rows" if not labeled.any() else "no labeled rows with status ok in every store"
+        raise HeadsError(f"nothing to compare: {ref.path.name} has {what}")
+    y = ref.labels[usable]
+    plan = plan_protocol(y, ref.split[usable], folds=folds, seed=seed, classes=ref.classes)
+    y_scored = y[plan.scored]
+    n_classes = len(ref.classes)
+    backbones = _backbone_names(stores)
+
+    rows, predictions, runs = [], {}, {}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with tqdm(total=len(stores) * len(specs), desc="compare-heads", unit="head", disable=not progress) as bar, \
+            threadpool_limits(limits=threads):
+        for store, backbone in zip(stores, backbones):
+            X = store.features[usable].astype(np.float32)
+            for spec in specs:
+                bar.set_postfix_str(f"{backbone} / {spec.name}")
+                run = run_head(spec, X, y, plan, n_classes, jobs=jobs, class_weight=class_weight, seed=seed)
+                metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
+                cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
+                row = {
+                    "backbone": backbone,
+                    "store": str(store.path),
+                    "head": spec.name,
+                    **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+                    **{f"{k}_ci": list(v) for k, v in cis.items()},
+                    "top5_accuracy": metrics["top5_accuracy"],
+                    "log_loss": metrics["log_loss"],
+                    "fit_seconds": run.fit_seconds,
+                    "tune_seconds": run.tune_seconds,
+                    "predict_us_per_sample": run.predict_us_per_sample,
+                    "params": _summary_params(run.params),
+                    "n_scored": int(len(y_scored)),
+                }
+                if plan.kind == "nested-cv":
+                    row["params_per_fold"] = run.params
+                rows.append(row)
+                predictions[(backbone, spec.name)] = run.y_pred
+                runs[(backbone, spec.name)] = {"spec": spec, "store": store, "X": X, "model": run.model}
+                bar.update(1)
+
+    rows.sort(key=lambda r: (-r["accuracy"], -r["balanced_accuracy"], r["fit_seconds"]))
+    best_correct = predictions[(rows[0]["backbone"], rows[0]["head"])] == y_scored
+    for rank, row in enumerate(rows, start=1):
+        correct = predictions[(row["backbone"], row["head"])] == y_scored
+        row["rank"] = rank
+        row["p_value_vs_best"] = 1.0 if rank == 1 else mcnemar_p_value(best_correct, correct)
+        row["tied_with_best"] = bool(row["p_value_vs_best"] >= SIGNIFICANCE)
+    return Comparison(
+        rows=rows,
+        plan=plan,
+        stores=stores,
+        classes=ref.classes,
+        usable=usable,
+        excluded_failed=int((labeled & ~ok_everywhere).sum()),
+        excluded_unlabeled=int((~labeled).sum()),
+        y_scored=y_scored,
+        predictions=predictions,
+        runs=runs,
+    )
+
+
+def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None = None,
+                   class_weight: str | None = None) -> Path:
+    """Save the winning head (refit as the protocol says) with its provenance, via skops."""
+    best = comparison.best
+    run = comparison.runs[(best["backbone"], best["head"])]
+    store: FeatureStore = run["store"]
+    model = run["model"]
+    if model is None:  # nested CV: tune by CV on every usable row, refit on all of them
+        y = store.labels[comparison.usable]
+        model = fit_head(run["spec"], run["X"], y, comparison.plan.final, jobs=jobs or os.cpu_count() or 1,
+                         class_weight=class_weight, seed=comparison.plan.seed).best_estimator_
+    attrs = store.attrs
+    provenance = {
+        "head": best["head"],
+        "params": best["params"],
+        "classes": comparison.classes,
+        "backbone": attrs.get("backbone"),
+        "weights_source": attrs.get("weights_source"),
+        "weights_sha256": attrs.get("weights_sha256"),
+        "data_config": attrs.get("data_config"),
+        "pooling": attrs.get("pooling"),
+        "precision": attrs.get("precision"),
+        "dtype": attrs.get("dtype"),
+        "num_features": int(store.shape[1]),
+        "store_config_hash": attrs.get("config_hash"),
+        "store": str(store.path),
+        "protocol": comparison.plan.description,
+        "accuracy": best["accuracy"],
+        "accuracy_ci": best["accuracy_ci"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "library_versions": library_versions(),
+    }
+    return save_head(path, model, provenance)

@@ -1,0 +1,143 @@
+"""predict: images -> the saved head's backbone (rebuilt from provenance) -> the head -> a CSV of labels."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from featurize.backbones import create_backbone
+from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device
+from featurize.sources import open_source
+from heads import HeadsError
+from heads.persist import load_head
+
+__all__ = ["PredictResult", "predict_images"]
+
+
+@dataclass
+class PredictResult:
+    """What a prediction run did.
+
+    Attributes:
+        path: the CSV written.
+        num_rows: images listed by the source.
+        num_failed: images that could not be decoded (empty prediction, reason in the error column).
+        accuracy: accuracy on labeled, decoded rows whose class the head knows, overall (key ``all``) and per
+            split; empty when the source has no labels.
+        num_scored: how many rows that accuracy counts, with the same keys.
+    """
+
+    path: Path
+    num_rows: int
+    num_failed: int
+    accuracy: dict[str, float] = field(default_factory=dict)
+    num_scored: dict[str, int] = field(default_factory=dict)
+
+
+def _weights_for(provenance: dict, weights: str | None) -> str:
+    if weights:
+        return weights
+    source = str(provenance.get("weights_source", ""))
+    if source.startswith("packaged:"):
+        return "packaged"
+    if source in ("hub", "random"):
+        return source
+    name = source.removeprefix("file:")
+    raise HeadsError(f"the head was trained on features from the weights file {name!r}; pass it with --weights PATH")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def predict_images(
+    head_path: str | Path,
+    source: str,
+    out: str | Path,
+    *,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> PredictResult:
+    """Predict a class for every image of `source` with a head saved by ``compare-heads --save-best``.
+
+    The backbone, weights, preprocessing, precision and storage dtype are the ones recorded in the head, so
+    the head sees features exactly like those it was trained on; weights that differ are refused.
+
+    Raises:
+        HeadsError, FeaturizeError: unreadable head, missing weights file, other weights, bad source.
+    """
+    out = Path(out)
+    if not out.parent.exists():
+        raise HeadsError(f"folder {out.parent} does not exist; create it or choose another --out")
+    model, prov = load_head(head_path)
+    src = open_source(source)
+    backbone = create_backbone(
+        prov["backbone"], _weights_for(prov, weights), image_size=int(prov["data_config"]["input_size"][-1])
+    )
+    if backbone.weights["sha256"] != prov["weights_sha256"]:
+        raise HeadsError(
+            f"these weights (sha256 {backbone.weights['sha256'][:12]}) are not the ones the head was trained on "
+            f"(sha256 {str(prov['weights_sha256'])[:12]}); give the original with --weights PATH"
+        )
+    if backbone.data_config != prov["data_config"]:
+        raise HeadsError(
+            f"the preprocessing timm resolves now ({backbone.data_config}) differs from the head's "
+            f"({prov['data_config']}); use the timm version recorded in the head"
+        )
+    dev = resolve_device(device)
+    dtype = np.dtype(prov.get("dtype", "float32"))
+    classes = list(prov["classes"])
+    has_proba = hasattr(model, "predict_proba")
+
+    rows, failed = [], 0
+    with tqdm(total=len(src), unit="img", desc="predict", disable=not progress) as bar:
+        for batch in iter_features(
+            src, backbone, range(len(src)), device=dev, precision=prov["precision"],
+            batch_size=batch_size or default_batch_size(dev), workers=default_workers() if workers is None else workers,
+        ):
+            ok = np.array([not e for e in batch.errors])
+            features = batch.features.astype(dtype).astype(np.float32)  # as the store held them
+            ok &= np.isfinite(features).all(axis=1)
+            pred = np.full(len(ok), -1)
+            proba = np.full((len(ok), len(classes)), np.nan)
+            if ok.any():
+                pred[ok] = model.predict(features[ok])
+                if has_proba:
+                    proba[np.ix_(ok, model.classes_)] = model.predict_proba(features[ok])
+            for j, index in enumerate(batch.indices):
+                error = batch.errors[j] or ("" if ok[j] else "non-finite features (NaN or Inf)")
+                failed += bool(error)
+                row = [src.samples[index].id, classes[pred[j]] if ok[j] else ""]
+                if has_proba:
+                    row += [f"{p:.6f}" if ok[j] else "" for p in proba[j]]
+                rows.append(row + [error])
+            bar.update(len(batch.indices))
+
+    header = ["id", "prediction"] + ([f"p_{c}" for c in classes] if has_proba else []) + ["error"]
+    _write_csv(out, header, rows)
+
+    accuracy, scored = {}, {}
+    if src.classes:
+        hits: dict[str, list[bool]] = {}
+        for sample, row in zip(src.samples, rows):
+            if sample.label < 0 or row[-1] or src.classes[sample.label] not in classes:
+                continue
+            hit = row[1] == src.classes[sample.label]
+            for key in ("all", sample.split) if sample.split else ("all",):
+                hits.setdefault(key, []).append(hit)
+        accuracy = {k: float(np.mean(v)) for k, v in hits.items()}
+        scored = {k: len(v) for k, v in hits.items()}
+    return PredictResult(out, len(src), failed, accuracy, scored)

@@ -1,0 +1,156 @@
+"""Write a comparison to disk: results.json, results.csv, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.compare import Comparison
+
+__all__ = ["write_results", "format_ci", "CSV_FIELDS"]
+
+CSV_FIELDS = (
+    "rank", "backbone", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
+    "macro_f1", "top5_accuracy", "log_loss", "fit_seconds", "tune_seconds", "predict_us_per_sample",
+    "p_value_vs_best", "tied_with_best", "params",
+)
+
+
+def format_ci(row: dict[str, Any], metric: str = "accuracy") -> str:
+    low, high = row[f"{metric}_ci"]
+    return f"{row[metric] * 100:.2f} [{low * 100:.1f}, {high * 100:.1f}]"
+
+
+def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    backbones = list(dict.fromkeys(r["backbone"] for r in comparison.rows))
+    for i, backbone in enumerate(backbones):
+        rows = [r for r in comparison.rows if r["backbone"] == backbone]
+        x = [max(r["fit_seconds"], 1e-4) for r in rows]
+        y = [r["accuracy"] * 100 for r in rows]
+        err = [[(r["accuracy"] - r["accuracy_ci"][0]) * 100 for r in rows],
+               [(r["accuracy_ci"][1] - r["accuracy"]) * 100 for r in rows]]
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=backbone, color=f"C{i}")
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(r["head"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("fit time of the chosen setting (s, log scale)")
+    ax.set_ylabel("test accuracy (%) with 95% bootstrap CI")
+    ax.set_title("accuracy vs fit time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_confusion(comparison: Comparison, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    best = comparison.best
+    y_pred = comparison.predictions[(best["backbone"], best["head"])]
+    n = len(comparison.classes)
+    size = min(4 + 0.4 * n, 16)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=110)
+    ConfusionMatrixDisplay.from_predictions(
+        comparison.y_scored, y_pred, labels=list(range(n)), display_labels=comparison.classes, ax=ax,
+        colorbar=False, include_values=n <= 30, xticks_rotation="vertical" if n > 10 else "horizontal",
+    )
+    ax.set_title(f"winner: {best['backbone']} + {best['head']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _markdown(comparison: Comparison) -> str:
+    best = comparison.best
+    lines = [
+        "# compare-heads report",
+        "",
+        f"**Winner:** {best['backbone']} + {best['head']} (`{json.dumps(best['params'], sort_keys=True)}`), "
+        f"accuracy {format_ci(best)} %.",
+        "",
+        "## Data and protocol",
+        "",
+        *[f"- store `{s.path}`: backbone {s.attrs.get('backbone')}, weights {s.attrs.get('weights_source')}, "
+          f"config hash `{str(s.attrs.get('config_hash'))[:12]}`" for s in comparison.stores],
+        f"- classes: {len(comparison.classes)}; rows used: {int(comparison.usable.sum())}; left out: "
+        f"{comparison.excluded_failed} failed in at least one store, {comparison.excluded_unlabeled} unlabeled",
+        f"- protocol: {comparison.plan.description}; seed {comparison.plan.seed}",
+        f"- uncertainty: 95 % percentile bootstrap over the {len(comparison.y_scored)} scored rows; "
+        "p-value: exact McNemar test against the winner on the same rows; "
+        "rows with p ≥ 0.05 are not distinguishable from the winner (marked ≈)",
+        "",
+        "## Leaderboard",
+        "",
+        "| rank | backbone | head | accuracy % [95 % CI] | balanced acc. % | macro-F1 % | top-5 % | log-loss "
+        "| fit s | predict µs/sample | p vs best | params |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in comparison.rows:
+        top5 = f"{r['top5_accuracy'] * 100:.2f}" if r["top5_accuracy"] is not None else "–"
+        loss = f"{r['log_loss']:.3f}" if r["log_loss"] is not None else "–"
+        mark = " ≈" if r["tied_with_best"] and r["rank"] > 1 else ""
+        lines.append(
+            f"| {r['rank']} | {r['backbone']} | {r['head']} | {format_ci(r)}{mark} | "
+            f"{r['balanced_accuracy'] * 100:.2f} | {r['macro_f1'] * 100:.2f} | {top5} | {loss} | "
+            f"{r['fit_seconds']:.3f} | {r['predict_us_per_sample']:.1f} | "
+            f"{'best' if r['rank'] == 1 else format(r['p_value_vs_best'], '.3g')} | "
+            f"`{json.dumps(r['params'], sort_keys=True)}` |"
+        )
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![accuracy vs fit time](accuracy_vs_fit_time.png)",
+        "",
+        "![confusion matrix of the winner](confusion_matrix.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(comparison: Comparison, out_dir: str | Path) -> list[Path]:
+    """Write results.json, results.csv, report.md, accuracy_vs_fit_time.png and confusion_matrix.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "protocol": comparison.plan.kind,
+        "protocol_description": comparison.plan.description,
+        "folds": comparison.plan.folds,
+        "seed": comparison.plan.seed,
+        "classes": comparison.classes,
+        "rows_used": int(comparison.usable.sum()),
+        "excluded_failed": comparison.excluded_failed,
+        "excluded_unlabeled": comparison.excluded_unlabeled,
+        "n_scored": int(len(comparison.y_scored)),
+        "stores": [str(s.path) for s in comparison.stores],
+    }
+    written = [out / name for name in
+               ("results.json", "results.csv", "report.md", "accuracy_vs_fit_time.png", "confusion_matrix.png")]
+    written[0].write_text(json.dumps({"rows": comparison.rows, "meta": meta}, indent=2))
+    with open(written[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in comparison.rows:
+            writer.writerow({
+                **{k: r[k] for k in CSV_FIELDS if k in r},
+                "accuracy_ci_low": r["accuracy_ci"][0],
+                "accuracy_ci_high": r["accuracy_ci"][1],
+                "params": json.dumps(r["params"], sort_keys=True),
+            })
+    written[2].write_text(_markdown(comparison))
+    _plot_accuracy_vs_fit_time(comparison, written[3])
+    _plot_confusion(comparison, written[4])
+    return written
