@@ -68,7 +68,8 @@ def _search(spec: HeadSpec, task: Task, jobs: int, class_weight: str | None, see
         pipeline.set_params(clf__random_state=seed)
     if spec.class_weight:
         pipeline.set_params(clf__class_weight=class_weight)
-    return GridSearchCV(pipeline, spec.param_grid(), cv=task.cv, scoring="accuracy", n_jobs=jobs, refit=True,
+    n_train = min(len(train) for train, _ in task.cv)
+    return GridSearchCV(pipeline, spec.param_grid(n_train), cv=task.cv, scoring="accuracy", n_jobs=jobs, refit=True,
                         error_score="raise")
 
 

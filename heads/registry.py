@@ -50,6 +50,8 @@ class HeadSpec:
         prep: preprocessing names tried (the ``prep`` step's grid).
         grid: the classifier's grid, keys without the ``clf__`` prefix.
         class_weight: whether the estimator takes ``class_weight`` (then the run's weighting is applied).
+        sample_bounded: grid keys whose values cannot exceed the number of training samples (e.g. k of kNN);
+            larger values are lowered to that number on small data.
     """
 
     name: str
@@ -58,14 +60,22 @@ class HeadSpec:
     prep: tuple[str, ...]
     grid: dict[str, list] = field(default_factory=dict)
     class_weight: bool = False
+    sample_bounded: tuple[str, ...] = ()
 
     def pipeline(self) -> Pipeline:
         return Pipeline([("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())])
 
-    def param_grid(self) -> dict[str, list]:
-        """The GridSearchCV grid: preprocessing transformers plus ``clf__``-prefixed estimator settings."""
+    def param_grid(self, n_train: int | None = None) -> dict[str, list]:
+        """The GridSearchCV grid: preprocessing transformers plus ``clf__``-prefixed estimator settings.
+
+        Args:
+            n_train: the smallest number of rows any setting is fitted on; bounds `sample_bounded` keys.
+        """
         grid: dict[str, list] = {"prep": [PREPROCESSING[p]() for p in self.prep]}
-        grid.update({f"clf__{k}": list(v) for k, v in self.grid.items()})
+        for key, values in self.grid.items():
+            if n_train is not None and key in self.sample_bounded:
+                values = sorted({min(v, n_train) for v in values})
+            grid[f"clf__{key}"] = list(values)
         return grid
 
     def grid_size(self) -> int:
@@ -107,7 +117,7 @@ register_head(HeadSpec(
 register_head(HeadSpec(
     "knn", "k nearest neighbours, cosine distance, distance-weighted votes",
     lambda: KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute"),
-    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]},
+    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",),
 ))
 register_head(HeadSpec(
     "ridge", "ridge regression classifier (one-vs-rest least squares)",
