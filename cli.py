@@ -67,8 +67,11 @@ def main():
     "--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The store to write (.h5)."
 )
 @click.option("--image-size", type=click.IntRange(min=16), help="Override the model's input size (square, pixels).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass [default: 32 on CPU, 128 on GPU].")
-@click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes [default: half the cores].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass [default: 8 on CPU, 128 on GPU].")
+@click.option(
+    "--workers", type=click.IntRange(min=0),
+    help="Decode worker processes [default: none on CPU (the streams decode), all cores but one on GPU].",
+)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option(
     "--precision",
@@ -85,9 +88,20 @@ def main():
     show_default=True,
     help="Rows committed at a time; an interrupted run resumes from the last committed shard.",
 )
+@click.option(
+    "--jpeg-draft/--no-jpeg-draft",
+    default=True,
+    show_default=True,
+    help="Decode JPEGs at least twice the model's resize size at a reduced scale (much faster; features change "
+    "slightly, so the choice is part of the store's config).",
+)
+@click.option("--streams", type=click.IntRange(min=1),
+              help="Batches computed at once [default: 1 on GPU; on CPU one per core, at most 4].")
+@click.option("--compile", "compile_model", is_flag=True, help="Run the backbone through torch.compile (slow start).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store (and discard an unfinished run).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(source, model, weights, out, image_size, batch_size, workers, device, precision, dtype, shard_size, overwrite, quiet):
+def extract(source, model, weights, out, image_size, batch_size, workers, device, precision, dtype, shard_size,
+            jpeg_draft, streams, compile_model, overwrite, quiet):
     """Embed every image of SOURCE with a frozen backbone into an HDF5 feature store.
 
     SOURCE is an image folder (ROOT/<class>/<image>, ROOT/<split>/<class>/<image> with split folders
@@ -117,6 +131,9 @@ def extract(source, model, weights, out, image_size, batch_size, workers, device
         batch_size=batch_size,
         workers=workers,
         shard_size=shard_size,
+        jpeg_draft=jpeg_draft,
+        streams=streams,
+        compile=compile_model,
         overwrite=overwrite,
         progress=not quiet,
     )
@@ -206,6 +223,69 @@ def models(pattern, offline):
         else:
             note = "hub"
         click.echo(f"{r['name']:{width}}  {note}")
+
+
+@main.command()
+@click.option("--model", "-m", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
+@click.option("--weights", default="auto", show_default=True, metavar="auto|packaged|hub|random|PATH")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder of images [default: 500 generated 500x375 JPEGs cut from scikit-image's photos].")
+@click.option("--num-images", type=click.IntRange(min=16), default=500, show_default=True,
+              help="How many JPEGs to generate when --images is not given.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass [default: the engine's].")
+@click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes [default: the engine's].")
+@click.option("--streams", type=click.IntRange(min=1), help="Concurrent batches [default: the engine's].")
+@click.option("--compile", "compile_model", is_flag=True, help="Measure with torch.compile.")
+@click.option("--no-quality", is_flag=True, help="Skip the bf16-vs-fp32 quality checks (saves about a minute).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
+def bench(model, weights, images, num_images, device, precision, batch_size, workers, streams, compile_model,
+          no_quality, json_out):
+    """Measure extraction speed against the model's own forward speed and a naive loop, in one run.
+
+    Reports forward_ips (model alone, synthetic tensors), end_to_end_ips (extract from JPEG files into a
+    store), naive_ips (one image at a time, fp32, NCHW, PIL + timm transform), decode_ips_per_worker,
+    write_mb_s, their ratios, and the quality cost of bf16: min/mean cosine to fp32 features and the change
+    in a logistic-regression probe's accuracy on builtin:digits.
+
+    \b
+    Examples:
+      python cli.py bench --json bench.json
+      python cli.py bench --model resnet50 --weights hub --images photos/ --no-quality
+    """
+    from pipelines.bench import run_benchmark
+
+    result = run_benchmark(model, weights=weights, images=images, num_images=num_images, device=device,
+                           precision=precision, batch_size=batch_size, workers=workers, streams=streams,
+                           compile=compile_model, quality=not no_quality)
+    _print_bench(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        click.echo(f"wrote {json_out}")
+
+
+def _print_bench(result: dict) -> None:
+    from rich.table import Table
+
+    console = _console()
+    machine = result["machine"]
+    console.print(f"{result['model']} ({result['weights']}), {result['precision']}, batch {result['batch_size']}, "
+                  f"{result['streams']} streams, {result['workers']} decode workers, {result['images']} images "
+                  f"-- {machine['cpu']}, {machine['cores']} cores, {machine.get('gpu', machine['device'])}")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("forward_ips", "{:.1f} img/s"), ("end_to_end_ips", "{:.1f} img/s"), ("naive_ips", "{:.1f} img/s"),
+        ("decode_ips_per_worker", "{:.1f} img/s"), ("write_mb_s", "{:.1f} MB/s"),
+        ("ratio_end_to_end_vs_forward", "{:.3f}"), ("speedup_vs_naive", "{:.2f}x"),
+        ("bf16_min_cosine", "{:.5f}"), ("bf16_mean_cosine", "{:.5f}"), ("bf16_probe_acc_delta", "{:+.2f} points"),
+    ]
+    for key, fmt in rows:
+        if key in result:
+            table.add_row(key, fmt.format(result[key]))
+    console.print(table)
 
 
 @main.command("heads")

@@ -12,8 +12,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import os
+import queue
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -149,6 +153,14 @@ class StoreWriter:
             self.partial.mkdir(parents=True)
             self._write_manifest()
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+        # Complete shards are written by one background thread, overlapped with compute; the bounded queue
+        # keeps memory flat (at most two shards wait) and the single writer keeps manifest updates ordered.
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._writer_error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_shards, name="store-writer", daemon=True)
+        self._writer.start()
+        self.bytes_written = 0
+        self.write_seconds = 0.0
 
     # -- shards ------------------------------------------------------------------------------------------------
 
@@ -222,19 +234,49 @@ class StoreWriter:
             errs[pos] = error
             filled[pos] = True
             if filled.all():
-                self._commit(k)
+                feats, _, errs = self._buffers.pop(k)
+                self._raise_writer_error()
+                self._queue.put((k, feats, errs))
 
-    def _commit(self, k: int) -> None:
-        feats, _, errs = self._buffers.pop(k)
+    def _raise_writer_error(self) -> None:
+        if self._writer_error is not None:
+            raise StoreError(f"writing shards to {self.partial} failed: {self._writer_error}") from self._writer_error
+
+    def _write_shards(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._writer_error is None:
+                try:
+                    self._commit(*item)
+                except BaseException as e:  # reported to the caller on its next add() or close()
+                    self._writer_error = e
+
+    def _commit(self, k: int, feats: np.ndarray, errs: list[str]) -> None:
+        started = time.perf_counter()
         target = self._shard_file(k)
         tmp = target.with_name(target.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, features=feats, errors=np.array(errs, dtype=str))
             f.flush()
             os.fsync(f.fileno())
+            self.bytes_written += f.tell()
         os.replace(tmp, target)
         self.committed[k] = len(errs)
         self._write_manifest()
+        self.write_seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        """Wait until every complete shard is committed (also after an error, so a rerun can resume from them).
+
+        Raises:
+            StoreError: a shard could not be written.
+        """
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
+        self._raise_writer_error()
 
     def _read_shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self._shard_file(k), allow_pickle=False) as z:
@@ -257,12 +299,15 @@ class StoreWriter:
             classes: class names (labels index into them).
             attrs: provenance attributes (JSON-able values are stored as JSON strings when not scalar).
         """
+        self.close()
         missing = [k for k in range(self.num_shards) if k not in self.committed]
         if missing:
             raise StoreError(f"cannot finalize {self.path}: {len(missing)} shard(s) were never committed")
         n, d = self.num_rows, self.num_features
         tmp = self.partial / "store.h5.tmp"
-        chunk_rows = max(1, min(n, _CHUNK_BYTES // max(1, d * self.dtype.itemsize)))
+        # Rows per chunk: a power of two near 1 MiB that divides the shard size, so shard copies fill whole chunks.
+        pow2 = 1 << max(0, (_CHUNK_BYTES // max(1, d * self.dtype.itemsize)).bit_length() - 1)
+        chunk_rows = max(1, min(n, math.gcd(self.shard_size, pow2)))
         with h5py.File(tmp, "w") as f:
             feats = f.create_dataset("features", shape=(n, d), dtype=self.dtype, chunks=(chunk_rows, d) if n else None)
             status = np.empty(n, np.uint8)

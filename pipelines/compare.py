@@ -224,6 +224,7 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
         "weights_sha256": attrs.get("weights_sha256"),
         "data_config": attrs.get("data_config"),
         "pooling": attrs.get("pooling"),
+        "decode": store.config.get("decode"),
         "precision": attrs.get("precision"),
         "dtype": attrs.get("dtype"),
         "num_features": int(store.shape[1]),

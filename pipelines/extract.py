@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +45,17 @@ class ExtractResult:
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _commit_on_error(writer: StoreWriter):
+    """On any interruption, still commit the shards that are complete, so that a rerun resumes after them."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+
+
 def extract_features(
     source: str,
     out: str | Path,
@@ -56,7 +68,10 @@ def extract_features(
     dtype: str = "float16",
     batch_size: int | None = None,
     workers: int | None = None,
+    streams: int | None = None,
     shard_size: int = 1024,
+    jpeg_draft: bool = True,
+    compile: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExtractResult:
@@ -82,6 +97,7 @@ def extract_features(
         "weights": backbone.weights,
         "data_config": backbone.data_config,
         "pooling": backbone.pooling,
+        "decode": {"jpeg_draft": jpeg_draft},
         "precision": prec,
         "dtype": dtype,
         "dataset": {"kind": src.kind, "fingerprint": src.fingerprint(), "num_rows": len(src)},
@@ -93,7 +109,7 @@ def extract_features(
     started = time.perf_counter()
     with tqdm(
         total=len(src), initial=writer.resumed_rows, unit="img", desc=f"extract {backbone.name}", disable=not progress
-    ) as bar:
+    ) as bar, _commit_on_error(writer):
         for batch in iter_features(
             src,
             backbone,
@@ -101,7 +117,10 @@ def extract_features(
             device=dev,
             precision=prec,
             batch_size=batch_size or default_batch_size(dev),
-            workers=default_workers() if workers is None else workers,
+            workers=default_workers(dev) if workers is None else workers,
+            streams=streams,
+            jpeg_draft=jpeg_draft,
+            compile=compile,
         ):
             writer.add(batch.indices, batch.features, batch.errors)
             bar.update(len(batch.indices))
@@ -119,6 +138,7 @@ def extract_features(
             "weights_sha256": backbone.weights["sha256"],
             "data_config": backbone.data_config,
             "pooling": backbone.pooling,
+            "decode": config["decode"],
             "precision": prec,
             "device": str(dev),
             "num_features": backbone.num_features,

@@ -16,6 +16,7 @@ PROVENANCE_KEYS = (
     "weights_sha256",
     "data_config",
     "pooling",
+    "decode",
     "precision",
     "dtype",
     "device",

@@ -106,7 +106,9 @@ def predict_images(
     with tqdm(total=len(src), unit="img", desc="predict", disable=not progress) as bar:
         for batch in iter_features(
             src, backbone, range(len(src)), device=dev, precision=prov["precision"],
-            batch_size=batch_size or default_batch_size(dev), workers=default_workers() if workers is None else workers,
+            batch_size=batch_size or default_batch_size(dev),
+            workers=default_workers(dev) if workers is None else workers,
+            jpeg_draft=prov["decode"]["jpeg_draft"],
         ):
             ok = np.array([not e for e in batch.errors])
             features = batch.features.astype(dtype).astype(np.float32)  # as the store held them

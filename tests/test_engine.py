@@ -144,3 +144,75 @@ def test_stored_features_equal_a_plain_timm_reference(photo_folder, tmp_path):
             cosine = float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))
             assert cosine >= 0.999, (sample_id, cosine)
     assert decode_image(photo_folder / store.ids[0]).size == Image.open(photo_folder / store.ids[0]).size
+
+
+def test_default_workers_streams_and_batch_per_device(monkeypatch):
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    cuda = torch.device("cuda")
+    assert engine.default_workers(cuda) == 15 and engine.default_streams(cuda) == 1
+    assert engine.default_batch_size(cuda) == 128
+    assert engine.default_workers(CPU) == 0 and engine.default_streams(CPU) == 4
+    assert engine.default_batch_size(CPU) == 8
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert engine.default_streams(CPU) == 2
+
+
+def test_streams_and_workers_do_not_change_features(photo_folder):
+    source = open_source(photo_folder)
+    backbone = create_backbone("test_efficientnet", "random")
+    runs = []
+    for streams, workers in ((1, 0), (3, 0), (2, 2)):
+        batches = list(iter_features(source, backbone, range(len(source)), device=CPU, precision="fp32",
+                                     batch_size=2, workers=workers, streams=streams))
+        assert np.concatenate([b.indices for b in batches]).tolist() == list(range(len(source)))
+        runs.append(np.concatenate([b.features for b in batches]))
+    for other in runs[1:]:
+        np.testing.assert_allclose(other, runs[0], rtol=1e-4, atol=1e-5)
+    assert torch.get_num_threads() >= 1  # the engine restores the intra-op thread count it changed
+
+
+def test_fused_resize_crop_matches_timm_resize_then_crop(photo_folder):
+    from featurize.backbones import ResizeCenterCrop
+
+    backbone = create_backbone("tf_efficientnet_lite0", "random")
+    fused = backbone.image_transform.transforms[0]
+    assert isinstance(fused, ResizeCenterCrop)
+    resize, crop = backbone.transform.transforms[:2]
+    images = [decode_image(p) for p in sorted(photo_folder.rglob("*.*"))]
+    for img in images:
+        ref = np.asarray(crop(resize(img))).astype(int)
+        got = np.asarray(fused(img)).astype(int)
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1 and np.abs(got - ref).mean() < 0.01
+    sliver = Image.fromarray(np.asarray(images[0])[:, :40])  # extreme aspect ratio: a 6x upscale
+    diff = np.abs(np.asarray(fused(sliver)).astype(int) - np.asarray(crop(resize(sliver))).astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.5
+    tiny = Image.fromarray(np.zeros((10, 10, 3), np.uint8))  # resize then pad: handled by the fallback
+    assert fused(tiny).size == (224, 224)
+
+
+def test_jpeg_draft_decodes_large_files_smaller_and_keeps_features(tmp_path):
+    from conftest import photo
+
+    backbone = create_backbone("tf_efficientnet_lite0", "packaged")
+    big = Image.fromarray(photo("astronaut")).resize((1536, 1536), Image.Resampling.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=92)
+    target = engine.draft_size(backbone.data_config)
+    assert target == (512, 512)
+    assert decode_image(tmp_path / "big.jpg", target).size == (768, 768)
+    assert decode_image(tmp_path / "big.jpg").size == (1536, 1536)
+    source = open_source(tmp_path)
+    with_draft = np.concatenate([b.features for b in iter_features(
+        source, backbone, [0], device=CPU, precision="fp32", batch_size=1, workers=0, jpeg_draft=True)])
+    without = np.concatenate([b.features for b in iter_features(
+        source, backbone, [0], device=CPU, precision="fp32", batch_size=1, workers=0, jpeg_draft=False)])
+    cosine = float(with_draft[0] @ without[0] / np.linalg.norm(with_draft[0]) / np.linalg.norm(without[0]))
+    assert 0.999 <= cosine < 1.0
+
+
+def test_jpeg_draft_is_part_of_the_config(photo_folder, tmp_path):
+    common = dict(model="test_resnet", weights="random", workers=0, progress=False)
+    a = extract_features(photo_folder, tmp_path / "a.h5", **common)
+    b = extract_features(photo_folder, tmp_path / "b.h5", jpeg_draft=False, **common)
+    assert a.config_hash != b.config_hash
+    assert read_store(b.path).config["decode"] == {"jpeg_draft": False}

@@ -107,8 +107,10 @@ def test_resume_from_committed_shards(tmp_path):
     path = tmp_path / "s.h5"
     feats = np.arange(20, dtype=np.float32).reshape(10, 2)
     writer = StoreWriter(path, CONFIG, 10, 2, shard_size=4)
-    writer.add(np.arange(6), feats[:6], [""] * 6)  # shard 0 committed; shard 1 half done, then "crash"
+    writer.add(np.arange(6), feats[:6], [""] * 6)  # shard 0 complete; shard 1 half done, then "crash"
+    writer.close()  # the background writer has committed shard 0
     assert sorted(writer.committed) == [0]
+    assert writer.bytes_written > 0 and writer.write_seconds > 0
     del writer
 
     resumed = StoreWriter(path, CONFIG, 10, 2, shard_size=3)  # the manifest's shard size wins
@@ -128,6 +130,22 @@ def test_resume_with_other_config_is_refused_naming_the_change(tmp_path):
         StoreWriter(path, other, 10, 2)
     fresh = StoreWriter(path, other, 10, 2, overwrite=True)
     assert fresh.pending_indices() == list(range(10))
+
+
+def test_shard_write_failure_is_reported(tmp_path):
+    path = tmp_path / "s.h5"
+    writer = StoreWriter(path, CONFIG, 8, 2, shard_size=4)
+    shutil.rmtree(partial_dir(path))  # the shard folder vanishes under the writer
+    writer.add(np.arange(4), np.ones((4, 2), np.float32), [""] * 4)
+    with pytest.raises(StoreError, match="writing shards to .* failed"):
+        writer.close()
+    assert not path.exists()
+
+
+def test_chunks_are_whole_within_shards(tmp_path):
+    path = _write(tmp_path / "s.h5", np.ones((40, 3), np.float32), [""] * 40, shard_size=12)
+    with h5py.File(path, "r") as f:
+        assert 12 % f["features"].chunks[0] == 0
 
 
 def test_damaged_manifest_is_refused(tmp_path):

@@ -1,0 +1,250 @@
+"""bench: how close extraction runs to the hardware limit, and what reduced precision costs in quality.
+
+Every number comes from one run on one machine, so the ratios are meaningful even on a noisy machine:
+
+* ``forward_ips`` -- the model alone on synthetic tensors (the engine's batch size, precision, channels_last);
+* ``end_to_end_ips`` -- ``extract`` from a folder of JPEGs into a store (decode, transfer, model, writes);
+* ``naive_ips`` -- the hand-written loop: one image at a time, fp32, NCHW, PIL + timm transform;
+* ``decode_ips_per_worker`` -- decode + per-image transform in one process;
+* ``write_mb_s`` -- the store writer (shards + manifest + fsync, then the atomic final HDF5) on synthetic rows;
+* ``bf16_min_cosine`` / ``bf16_mean_cosine`` -- bf16 vs fp32 features of the same images;
+* ``bf16_probe_acc_delta`` -- logistic-regression test accuracy on builtin:digits with bf16 minus fp32
+  features, in percentage points.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from featurize.backbones import create_backbone
+from featurize.engine import (
+    default_batch_size,
+    default_streams,
+    default_workers,
+    draft_size,
+    intra_op_threads,
+    iter_features,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+)
+from featurize.errors import FeaturizeError
+from featurize.sources import Source, open_source
+from featurize.store import StoreWriter, read_store
+from heads import get_head
+from pipelines.extract import extract_features
+from pipelines.provenance import library_versions
+
+__all__ = ["run_benchmark", "make_bench_images"]
+
+BENCH_PHOTOS = ("coffee", "astronaut", "rocket", "hubble_deep_field", "retina", "immunohistochemistry")
+
+
+def make_bench_images(folder: Path, count: int = 500, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """Write `count` JPEGs of `size` (w, h), random crops of scikit-image's bundled photographs."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise FeaturizeError("the default benchmark images come from scikit-image: pip install scikit-image, "
+                             "or give a folder of images with --images DIR") from None
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = [getattr(skimage.data, name)() for name in BENCH_PHOTOS]
+    w, h = size
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        y = int(rng.integers(0, photo.shape[0] - h + 1))
+        x = int(rng.integers(0, photo.shape[1] - w + 1))
+        crop = photo[y : y + h, x : x + w]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"bench-{i:05d}.jpg", quality=90)
+    return folder
+
+
+def _timed(fn: Callable[[], int], min_seconds: float = 3.0, min_rounds: int = 3) -> float:
+    """Items per second of `fn` (which returns how many items it did), repeated for a stable reading."""
+    done, rounds, started = 0, 0, time.perf_counter()
+    while rounds < min_rounds or time.perf_counter() - started < min_seconds:
+        done += fn()
+        rounds += 1
+    return done / (time.perf_counter() - started)
+
+
+def _forward_ips(backbone, device, precision: str, batch_size: int, streams: int, compile: bool) -> float:
+    """The model alone, run exactly as the engine runs it: `streams` concurrent batches, same threads."""
+    forward = prepare_model(backbone, device, compile)
+    x = torch.randn(batch_size, *backbone.data_config["input_size"], device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def one_stream(rounds: int) -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for _ in range(rounds):
+                forward(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> int:
+        rounds = 4
+        list(pool.map(one_stream, [rounds] * streams))
+        return rounds * streams * batch_size
+
+    threads = max(1, torch.get_num_threads() // streams) if device.type == "cpu" else torch.get_num_threads()
+    with intra_op_threads(threads), ThreadPoolExecutor(streams) as pool:
+        list(pool.map(one_stream, [2] * streams))  # warm-up: allocator, oneDNN/cuDNN kernel choice, compilation
+        return _timed(step)
+
+
+def _naive_ips(model_name: str, weights: str, source: Source, count: int) -> float:
+    """The loop people write first: one image at a time, fp32, NCHW, PIL + timm's transform."""
+    backbone = create_backbone(model_name, weights)
+    model, transform = backbone.model, backbone.transform
+    paths = [source.path_of(i) for i in range(min(count, len(source)))]
+    from PIL import Image
+
+    def loop() -> int:
+        with torch.no_grad():
+            for path in paths:
+                model(transform(Image.open(path).convert("RGB")).unsqueeze(0))
+        return len(paths)
+
+    model(transform(Image.open(paths[0]).convert("RGB")).unsqueeze(0))  # warm-up
+    return _timed(loop, min_seconds=2.0, min_rounds=1)
+
+
+def _decode_ips(backbone, source: Source, count: int) -> float:
+    transform, draft = backbone.image_transform, draft_size(backbone.data_config)
+    indices = range(min(count, len(source)))
+
+    def loop() -> int:
+        for i in indices:
+            transform(source.load(i, draft))
+        return len(indices)
+
+    return _timed(loop, min_seconds=2.0, min_rounds=1)
+
+
+def _write_mb_s(folder: Path, rows: int = 20_000, dim: int = 1280) -> float:
+    features = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
+    path = folder / "write-bench.h5"
+    started = time.perf_counter()
+    writer = StoreWriter(path, {"bench": True}, rows, dim, overwrite=True)
+    for start in range(0, rows, 256):
+        stop = min(start + 256, rows)
+        writer.add(np.arange(start, stop), features[start:stop], [""] * (stop - start))
+    writer.finalize([str(i) for i in range(rows)], [0] * rows, [""] * rows, ["x"], {})
+    seconds = time.perf_counter() - started
+    return rows * dim * 2 / 1e6 / seconds
+
+
+def _features(source, model_name, weights, precision, device, batch_size, workers, streams, limit) -> np.ndarray:
+    backbone = create_backbone(model_name, weights)
+    indices = range(min(limit, len(source)))
+    return np.concatenate([b.features for b in iter_features(source, backbone, indices, device=device,
+                                                              precision=precision, batch_size=batch_size,
+                                                              workers=workers, streams=streams)])
+
+
+def _probe_accuracy(store_path: Path) -> float:
+    store = read_store(store_path)
+    train, test = store.split == "train", store.split == "test"
+    probe = get_head("logreg").pipeline().set_params(clf__C=0.1)
+    X = store.features.astype(np.float32)
+    probe.fit(X[train], store.labels[train])
+    return float((probe.predict(X[test]) == store.labels[test]).mean())
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_benchmark(
+    model: str = "tf_efficientnet_lite0",
+    *,
+    weights: str = "auto",
+    images: str | Path | None = None,
+    num_images: int = 500,
+    naive_images: int = 60,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    streams: int | None = None,
+    compile: bool = False,
+    quality: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Measure extraction speed and reduced-precision quality in one run; returns a JSON-able dict."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    batch = batch_size or default_batch_size(dev)
+    n_workers = default_workers(dev) if workers is None else workers
+    n_streams = (1 if compile else default_streams(dev)) if streams is None else streams
+    backbone = create_backbone(model, weights)
+
+    with tempfile.TemporaryDirectory(prefix="headbench-bench-") as tmp:
+        tmp = Path(tmp)
+        folder = Path(images) if images else make_bench_images(tmp / "images", num_images)
+        source = open_source(folder)
+        result: dict[str, Any] = {
+            "model": model,
+            "weights": backbone.weights["source"],
+            "precision": prec,
+            "batch_size": batch,
+            "workers": n_workers,
+            "streams": n_streams,
+            "compile": compile,
+            "images": len(source),
+            "image_folder": str(folder) if images else f"generated: {num_images} JPEGs 500x375 (scikit-image crops)",
+            "machine": _machine(dev),
+            "library_versions": library_versions(),
+        }
+        result["forward_ips"] = _forward_ips(backbone, dev, prec, batch, n_streams, compile)
+        e2e = extract_features(folder, tmp / "e2e.h5", model=model, weights=weights, device=device, precision=prec,
+                               batch_size=batch, workers=n_workers, streams=n_streams, compile=compile,
+                               progress=progress)
+        result["end_to_end_ips"] = e2e.images_per_second
+        result["naive_ips"] = _naive_ips(model, weights, source, naive_images)
+        result["decode_ips_per_worker"] = _decode_ips(backbone, source, min(200, len(source)))
+        result["write_mb_s"] = _write_mb_s(tmp)
+        result["ratio_end_to_end_vs_forward"] = result["end_to_end_ips"] / result["forward_ips"]
+        result["speedup_vs_naive"] = result["end_to_end_ips"] / result["naive_ips"]
+
+        if quality:
+            fp32 = _features(source, model, weights, "fp32", dev, batch, n_workers, n_streams, limit=200)
+            bf16 = _features(source, model, weights, "bf16", dev, batch, n_workers, n_streams, limit=200)
+            ok = np.isfinite(fp32).all(1) & np.isfinite(bf16).all(1)
+            cosine = (fp32[ok] * bf16[ok]).sum(1) / np.linalg.norm(fp32[ok], axis=1) / np.linalg.norm(bf16[ok], axis=1)
+            result["bf16_min_cosine"] = float(cosine.min())
+            result["bf16_mean_cosine"] = float(cosine.mean())
+            accuracy = {}
+            for p in ("fp32", "bf16"):
+                store = extract_features("builtin:digits", tmp / f"digits-{p}.h5", model=model, weights=weights,
+                                         device=device, precision=p, batch_size=batch, workers=n_workers,
+                                         streams=n_streams, progress=progress)
+                accuracy[p] = _probe_accuracy(store.path)
+            result["probe_accuracy_fp32"] = accuracy["fp32"]
+            result["probe_accuracy_bf16"] = accuracy["bf16"]
+            result["bf16_probe_acc_delta"] = (accuracy["bf16"] - accuracy["fp32"]) * 100
+    return result

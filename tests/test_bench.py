@@ -1,0 +1,36 @@
+"""bench: one run measures every figure and the ratios are computed from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli import main
+
+KEYS = ("forward_ips", "end_to_end_ips", "naive_ips", "decode_ips_per_worker", "write_mb_s",
+        "ratio_end_to_end_vs_forward", "speedup_vs_naive", "bf16_min_cosine", "bf16_mean_cosine",
+        "bf16_probe_acc_delta")
+
+
+def test_bench_cli_writes_every_measure(runner, tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(main, ["bench", "--model", "test_resnet", "--weights", "random", "--num-images", "24",
+                                  "--json", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for key in KEYS:
+        assert key in data, key
+        assert key in result.output
+    for key in ("forward_ips", "end_to_end_ips", "naive_ips", "decode_ips_per_worker", "write_mb_s"):
+        assert data[key] > 0
+    assert data["ratio_end_to_end_vs_forward"] == pytest.approx(data["end_to_end_ips"] / data["forward_ips"])
+    assert data["speedup_vs_naive"] == pytest.approx(data["end_to_end_ips"] / data["naive_ips"])
+    assert 0.9 < data["bf16_min_cosine"] <= data["bf16_mean_cosine"] <= 1.0
+    assert abs(data["bf16_probe_acc_delta"]) < 10
+    assert data["images"] == 24 and data["machine"]["cores"] >= 1
+
+
+def test_bench_needs_a_real_folder(runner, tmp_path):
+    result = runner.invoke(main, ["bench", "--images", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "does not exist" in result.output
