@@ -98,17 +98,25 @@ def main():
 @click.option("--streams", type=click.IntRange(min=1),
               help="Batches computed at once [default: 1 on GPU; on CPU one per core, at most 4].")
 @click.option("--compile", "compile_model", is_flag=True, help="Run the backbone through torch.compile (slow start).")
+@click.option(
+    "--max-failures",
+    default="5%",
+    show_default=True,
+    metavar="N|P%",
+    help="Fail the run (writing no store) when more images than this cannot be decoded: a count or a share.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store (and discard an unfinished run).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(source, model, weights, out, image_size, batch_size, workers, device, precision, dtype, shard_size,
-            jpeg_draft, streams, compile_model, overwrite, quiet):
+            jpeg_draft, streams, compile_model, max_failures, overwrite, quiet):
     """Embed every image of SOURCE with a frozen backbone into an HDF5 feature store.
 
     SOURCE is an image folder (ROOT/<class>/<image>, ROOT/<split>/<class>/<image> with split folders
     train/val/test, or ROOT/<image> unlabeled), a CSV manifest with a header path,label[,split] (paths
     relative to the CSV), or builtin:digits (scikit-learn's handwritten digits, train/test split included).
 
-    Images that cannot be decoded are recorded as failed rows with their reason; they never stop the run.
+    Images that cannot be decoded are recorded as failed rows with their reason, and summed up by reason at
+    the end; only when more than --max-failures of them fail does the run stop without writing a store.
     An interrupted run resumes when the same command is run again.
 
     \b
@@ -134,6 +142,7 @@ def extract(source, model, weights, out, image_size, batch_size, workers, device
         jpeg_draft=jpeg_draft,
         streams=streams,
         compile=compile_model,
+        max_failures=max_failures,
         overwrite=overwrite,
         progress=not quiet,
     )
@@ -193,6 +202,28 @@ def _print_summary(summary: dict) -> None:
         console.print("failures by reason: " + ", ".join(f"{r} {n}" for r, n in summary["failure_reasons"].items()))
         for row in summary["failed_examples"]:
             console.print(f"  {row['id']}: {row['error']}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store):
+    """Check that a feature store is complete and sound; exit 0 if it is, 1 with the first problem if not.
+
+    Checks the format and version, datasets and shapes, labels, splits, unique ids, status counts, error
+    messages on failed rows, NaN/Inf on ok rows, and the config hash. A truncated or garbage file is reported,
+    never a traceback.
+
+    \b
+    Examples:
+      python cli.py verify digits.h5
+      python cli.py verify digits.h5 && python cli.py compare-heads digits.h5
+    """
+    from featurize.store import verify_store
+
+    summary = verify_store(store)
+    click.echo(f"ok: {summary['path']}: {summary['rows']} rows x {summary['features']} features, "
+               f"{summary['failed']} failed, format v{summary['format_version']}, "
+               f"config hash {summary['config_hash'][:12]}")
 
 
 @main.command()

@@ -16,6 +16,7 @@ import math
 import os
 import queue
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 
 import h5py
 import numpy as np
+from filelock import FileLock, Timeout
 
 from .errors import FeaturizeError
 
@@ -41,6 +43,7 @@ __all__ = [
     "StoreWriter",
     "FeatureStore",
     "read_store",
+    "verify_store",
 ]
 
 FORMAT_NAME = "headbench-feature-store"
@@ -51,7 +54,19 @@ _STATUS_DTYPE = h5py.enum_dtype({"ok": STATUS_OK, "failed": STATUS_FAILED}, base
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
 _MANIFEST = "manifest.json"
+_LOCK = ".lock"
 _REQUIRED = ("features", "labels", "ids", "split", "status", "errors", "classes")
+
+
+# Crash tests set HEADBENCH_FAULT to kill this process (SIGKILL, no clean-up) at one named point:
+# "after-rows:N" (N rows buffered), "mid-commit:K" (shard K's temp file written, not yet renamed),
+# "after-shard:K" (shard K committed and recorded), "mid-finalize" (final temp store written, not renamed).
+_FAULT_ENV = "HEADBENCH_FAULT"
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(_FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StoreError(FeaturizeError):
@@ -143,15 +158,30 @@ class StoreWriter:
         self.resumed_rows = 0
         self.num_failed = 0
         self.failure_reasons: dict[str, int] = {}
-        if overwrite and self.partial.exists():
-            shutil.rmtree(self.partial)
-        if self.partial.exists():
-            self._resume()
-        else:
+        self._rows_added = 0
+        self.failed_rows = 0  # failed rows so far, committed shards of an earlier run included
+        self._shard_failed: dict[int, int] = {}
+        fresh = not (self.partial / _MANIFEST).exists()
+        self.partial.mkdir(exist_ok=True)
+        self._lock = FileLock(self.partial / _LOCK, blocking=False)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise StoreError(
+                f"another extract is writing {self.path} right now (lock {self.partial / _LOCK}); wait for it or "
+                "choose another --out"
+            ) from None
+        if overwrite and not fresh:
+            for entry in self.partial.iterdir():  # keep the lock file we hold
+                if entry.name != _LOCK:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            fresh = True
+        if fresh:
             self.shard_size = shard_size
             self.committed: dict[int, int] = {}
-            self.partial.mkdir(parents=True)
             self._write_manifest()
+        else:
+            self._resume()
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
         # Complete shards are written by one background thread, overlapped with compute; the bounded queue
         # keeps memory flat (at most two shards wait) and the single writer keeps manifest updates ordered.
@@ -183,12 +213,15 @@ class StoreWriter:
             manifest = json.loads((self.partial / _MANIFEST).read_text())
             old_config, shard_size = manifest["config"], int(manifest["shard_size"])
             shards = {int(k): int(v["rows"]) for k, v in manifest["shards"].items()}
+            failed = {int(k): int(v.get("failed", 0)) for k, v in manifest["shards"].items()}
         except (OSError, ValueError, KeyError, TypeError):
+            self._lock.release()
             raise StoreError(
                 f"{self.partial} holds an unfinished run whose manifest is missing or damaged; "
                 "pass --overwrite to start over"
             ) from None
         if manifest.get("config_hash") != self.config_hash:
+            self._lock.release()
             changed = ", ".join(config_changes(old_config, self.config)) or "config hash"
             raise StoreError(
                 f"{self.partial} holds an unfinished run with other settings (changed: {changed}); "
@@ -197,6 +230,8 @@ class StoreWriter:
         self.shard_size = shard_size
         self.committed = {k: rows for k, rows in shards.items() if self._shard_file(k).is_file()}
         self.resumed_rows = sum(self.committed.values())
+        self._shard_failed = {k: failed[k] for k in self.committed}
+        self.failed_rows = sum(self._shard_failed.values())
 
     def _write_manifest(self) -> None:
         manifest = {
@@ -208,7 +243,9 @@ class StoreWriter:
             "num_features": self.num_features,
             "dtype": self.dtype.name,
             "shard_size": self.shard_size,
-            "shards": {str(k): {"rows": rows} for k, rows in sorted(self.committed.items())},
+            "shards": {
+                str(k): {"rows": rows, "failed": self._shard_failed.get(k, 0)} for k, rows in sorted(self.committed.items())
+            },
         }
         _atomic_write_bytes(self.partial / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
@@ -233,6 +270,9 @@ class StoreWriter:
                 feats[pos] = stored[row]
             errs[pos] = error
             filled[pos] = True
+            self.failed_rows += bool(error)
+            self._rows_added += 1
+            _fault(f"after-rows:{self._rows_added}")
             if filled.all():
                 feats, _, errs = self._buffers.pop(k)
                 self._raise_writer_error()
@@ -262,9 +302,12 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
             self.bytes_written += f.tell()
+        _fault(f"mid-commit:{k}")
         os.replace(tmp, target)
         self.committed[k] = len(errs)
+        self._shard_failed[k] = sum(1 for e in errs if e)
         self._write_manifest()
+        _fault(f"after-shard:{k}")
         self.write_seconds += time.perf_counter() - started
 
     def close(self) -> None:
@@ -277,6 +320,13 @@ class StoreWriter:
             self._queue.put(None)
             self._writer.join()
         self._raise_writer_error()
+
+    def abandon(self) -> None:
+        """Stop after an error: commit what is complete (so a rerun resumes), release the lock, keep the rest."""
+        try:
+            self.close()
+        finally:
+            self._lock.release()
 
     def _read_shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self._shard_file(k), allow_pickle=False) as z:
@@ -336,8 +386,10 @@ class StoreWriter:
                 f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value, sort_keys=True)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        _fault("mid-finalize")
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
+        self._lock.release()
         shutil.rmtree(self.partial)
         return self.path
 
@@ -414,7 +466,8 @@ def read_store(path: str | os.PathLike, features: bool = True) -> FeatureStore:
         features: read the feature matrix too (False reads only the metadata).
 
     Raises:
-        StoreError: the file is missing, not HDF5, not a headbench store, of a newer format, or inconsistent.
+        StoreError: the file is missing, not HDF5, not a headbench store, of a newer format, inconsistent, or
+            damaged (any error the HDF5 library raises while reading it).
     """
     path = Path(path)
     if not path.is_file():
@@ -424,30 +477,95 @@ def read_store(path: str | os.PathLike, features: bool = True) -> FeatureStore:
         f = h5py.File(path, "r")
     except OSError:
         raise StoreError(f"{path} is not a readable HDF5 file (damaged or not a feature store)") from None
-    with f:
-        if _decode_attr(f.attrs.get("format")) != FORMAT_NAME:
-            raise StoreError(f"{path} is an HDF5 file but not a headbench feature store (no format={FORMAT_NAME} attribute)")
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise StoreError(
-                f"{path} has store format version {version}; this headbench reads version {FORMAT_VERSION}"
-            )
-        absent = [name for name in _REQUIRED if name not in f]
-        if absent:
-            raise StoreError(f"{path} is missing dataset(s) {', '.join(absent)}; the store is damaged")
-        shape = tuple(f["features"].shape)
-        lengths = {name: len(f[name]) for name in _REQUIRED if name != "classes"}
-        if len(shape) != 2 or len(set(lengths.values())) != 1:
-            raise StoreError(f"{path} has datasets of different lengths ({lengths}); the store is damaged")
-        return FeatureStore(
-            path=path,
-            features=f["features"][()] if features else None,
-            labels=f["labels"][()].astype(np.int64),
-            ids=_strings(f["ids"]),
-            split=_strings(f["split"]),
-            status=f["status"][()].astype(np.uint8),
-            errors=_strings(f["errors"]),
-            classes=[str(c) for c in _strings(f["classes"])],
-            attrs={k: _decode_attr(v) for k, v in f.attrs.items()},
-            shape=shape,
-        )
+    try:
+        with f:
+            return _read_open_store(f, path, features)
+    except StoreError:
+        raise
+    except Exception as e:  # h5py raises OSError, KeyError, ValueError, ... on damaged files
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise StoreError(f"{path} is damaged: {type(e).__name__}{': ' + reason if reason else ''}") from None
+
+
+def _read_open_store(f: h5py.File, path: Path, features: bool) -> FeatureStore:
+    if _decode_attr(f.attrs.get("format")) != FORMAT_NAME:
+        raise StoreError(f"{path} is an HDF5 file but not a headbench feature store (no format={FORMAT_NAME} attribute)")
+    version = f.attrs.get("format_version", -1)
+    if not isinstance(version, (int, np.integer)) or int(version) != FORMAT_VERSION:
+        raise StoreError(f"{path} has store format version {version}; this headbench reads version {FORMAT_VERSION}")
+    absent = [name for name in _REQUIRED if name not in f or not isinstance(f[name], h5py.Dataset)]
+    if absent:
+        raise StoreError(f"{path} is missing dataset(s) {', '.join(absent)}; the store is damaged")
+    shape = tuple(f["features"].shape)
+    lengths = {name: f[name].shape[0] if f[name].ndim else -1 for name in _REQUIRED if name != "classes"}
+    if len(shape) != 2 or len(set(lengths.values())) != 1:
+        raise StoreError(f"{path} has datasets of inconsistent shapes ({lengths}); the store is damaged")
+    if "config" not in f.attrs or not isinstance(_decode_attr(f.attrs["config"]), dict):
+        raise StoreError(f"{path} has no readable config attribute; the store is damaged")
+    return FeatureStore(
+        path=path,
+        features=f["features"][()] if features else None,
+        labels=f["labels"][()].astype(np.int64),
+        ids=_strings(f["ids"]),
+        split=_strings(f["split"]),
+        status=f["status"][()].astype(np.uint8),
+        errors=_strings(f["errors"]),
+        classes=[str(c) for c in _strings(f["classes"])],
+        attrs={k: _decode_attr(v) for k, v in f.attrs.items()},
+        shape=shape,
+    )
+
+
+def verify_store(path: str | os.PathLike, block_rows: int = 8192) -> dict[str, Any]:
+    """Check that a store is complete and sound; returns a summary, or raises naming the first problem.
+
+    Checks: format and version, datasets and shapes, width against ``num_features``, labels within the
+    classes, split names, unique ids, status values and ``num_failed``, errors present exactly on failed rows,
+    finite features on every ok row (read in blocks, so memory stays flat), and the config hash.
+
+    Raises:
+        StoreError: the first problem found.
+    """
+    store = read_store(path, features=False)
+    n, d = store.shape
+    problems = []
+    if int(store.attrs.get("num_features", d)) != d:
+        problems.append(f"features have {d} columns but num_features says {store.attrs['num_features']}")
+    if len(store.labels) and (store.labels.min() < -1 or store.labels.max() >= len(store.classes)):
+        problems.append(f"labels outside -1..{len(store.classes) - 1}")
+    bad_split = sorted(set(store.split.tolist()) - {"train", "val", "test", ""})
+    if bad_split:
+        problems.append(f"unknown split names {bad_split[:3]}")
+    if len(set(store.ids.tolist())) != n:
+        problems.append("ids are not unique")
+    if not np.isin(store.status, (STATUS_OK, STATUS_FAILED)).all():
+        problems.append("status holds values other than ok/failed")
+    failed = store.status == STATUS_FAILED
+    if int(store.attrs.get("num_failed", -1)) != int(failed.sum()):
+        problems.append(f"num_failed says {store.attrs.get('num_failed')} but {int(failed.sum())} rows failed")
+    if ((store.errors != "") != failed).any():
+        problems.append("error messages do not match the failed rows")
+    if store.attrs.get("config_hash") != config_hash(store.config):
+        problems.append("config_hash does not match the config (edited or damaged attributes)")
+    if not problems:
+        try:
+            with h5py.File(store.path, "r") as f:
+                for start in range(0, n, block_rows):
+                    block = f["features"][start : start + block_rows]
+                    ok = store.status[start : start + block_rows] == STATUS_OK
+                    bad = np.flatnonzero(ok & ~np.isfinite(block).all(axis=1))
+                    if len(bad):
+                        problems.append(f"row {start + bad[0]} ({store.ids[start + bad[0]]}) is ok but has NaN/Inf features")
+                        break
+        except Exception as e:  # damaged chunks surface here
+            problems.append(f"features cannot be read ({type(e).__name__})")
+    if problems:
+        raise StoreError(f"{store.path} is not sound: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return {
+        "path": str(store.path),
+        "rows": n,
+        "features": d,
+        "failed": int(failed.sum()),
+        "format_version": store.attrs["format_version"],
+        "config_hash": store.attrs["config_hash"],
+    }

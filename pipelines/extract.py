@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -12,12 +13,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from featurize.backbones import check_model_name, create_backbone
+from featurize.errors import FeaturizeError
 from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, resolve_precision
 from featurize.sources import open_source
 from featurize.store import FORMAT_VERSION, StoreWriter, check_writable
 from pipelines.provenance import library_versions
 
-__all__ = ["ExtractResult", "extract_features"]
+__all__ = ["ExtractResult", "extract_features", "allowed_failures", "DEFAULT_MAX_FAILURES"]
 
 
 @dataclass
@@ -45,6 +47,32 @@ class ExtractResult:
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
 
+DEFAULT_MAX_FAILURES = "5%"
+
+
+def allowed_failures(spec: str | int, total: int) -> int:
+    """How many failed rows `--max-failures` allows: a count (``100``) or a share of all rows (``5%``).
+
+    Raises:
+        FeaturizeError: the value is neither.
+    """
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return math.floor(total * share / 100)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise FeaturizeError(
+            f"--max-failures must be a count such as 10 or a share such as 5%, got {text!r}"
+        ) from None
+
+
 @contextlib.contextmanager
 def _commit_on_error(writer: StoreWriter):
     """On any interruption, still commit the shards that are complete, so that a rerun resumes after them."""
@@ -52,7 +80,7 @@ def _commit_on_error(writer: StoreWriter):
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            writer.close()
+            writer.abandon()
         raise
 
 
@@ -72,6 +100,7 @@ def extract_features(
     shard_size: int = 1024,
     jpeg_draft: bool = True,
     compile: bool = False,
+    max_failures: str | int = DEFAULT_MAX_FAILURES,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExtractResult:
@@ -86,8 +115,10 @@ def extract_features(
     """
     out = Path(out)
     check_writable(out, overwrite)
+    limit_spec = str(max_failures)
     check_model_name(model)  # cheap, so a typo fails before a large folder is scanned
     src = open_source(source)
+    allowed = allowed_failures(limit_spec, len(src))
     backbone = create_backbone(model, weights, image_size=image_size)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -124,6 +155,13 @@ def extract_features(
         ):
             writer.add(batch.indices, batch.features, batch.errors)
             bar.update(len(batch.indices))
+            if writer.failed_rows > allowed:
+                example = next((f"{src.samples[i].id}: {e}" for i, e in zip(batch.indices, batch.errors) if e), "")
+                raise FeaturizeError(
+                    f"{writer.failed_rows} images failed, more than --max-failures {limit_spec} allows "
+                    f"({allowed} of {len(src)}); e.g. {example}. {out} was not written; fix the inputs or "
+                    "raise --max-failures"
+                )
     seconds = time.perf_counter() - started
 
     samples = src.samples

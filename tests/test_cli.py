@@ -45,8 +45,11 @@ def test_extract_records_broken_images_and_reports_them(runner, photo_folder, tm
     shutil.copytree(photo_folder, root)
     (root / "cat" / "zero.jpg").write_bytes(b"")
     out = tmp_path / "s.h5"
-    result = _run(runner, ["extract", root, *FAST, "--out", out])
-    assert result.exit_code == 0
+    result = _run(runner, ["extract", root, *FAST, "--out", out])  # 1 of 8 is over the default 5 %
+    _one_line_error(result, "1 images failed, more than --max-failures 5% allows (0 of 8); e.g. cat/zero.jpg: ")
+    assert not out.exists()
+    result = _run(runner, ["extract", root, *FAST, "--out", out, "--max-failures", "1"])
+    assert result.exit_code == 0, result.output
     assert "8 rows, 1 failed" in result.output and "1 x UnidentifiedImageError" in result.output
     summary = json.loads(_run(runner, ["inspect", out, "--json"]).output)
     assert summary["failed"] == 1 and summary["failed_examples"][0]["id"] == "cat/zero.jpg"
@@ -90,6 +93,41 @@ def test_bad_input_exits_1_with_one_line_and_no_store(runner, tmp_path, make_sou
     args = ["extract", source, "--out", out, "-q"] + (extra or ["--model", "test_resnet", "--weights", "random"])
     _one_line_error(_run(runner, args), expected)
     assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_max_failures_values(runner, tmp_path):
+    from pipelines.extract import allowed_failures
+
+    assert allowed_failures("5%", 1000) == 50 and allowed_failures("12", 5) == 12 and allowed_failures("0%", 9) == 0
+    result = _run(runner, ["extract", "builtin:digits", *FAST, "--out", tmp_path / "x.h5", "--max-failures", "lots"])
+    _one_line_error(result, "--max-failures must be a count such as 10 or a share such as 5%, got 'lots'")
+
+
+def test_verify_sound_and_damaged_stores(runner, photo_folder, tmp_path):
+    import h5py
+
+    out = tmp_path / "s.h5"
+    assert _run(runner, ["extract", photo_folder, *FAST, "--out", out]).exit_code == 0
+    ok = _run(runner, ["verify", out])
+    assert ok.exit_code == 0 and ok.output.startswith(f"ok: {out}: 7 rows x 96 features, 0 failed, format v1")
+    truncated = tmp_path / "t.h5"
+    truncated.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    _one_line_error(_run(runner, ["verify", truncated]), "t.h5")
+    with h5py.File(out, "a") as f:
+        f["features"][3, 5] = float("nan")
+    _one_line_error(_run(runner, ["verify", out]), "row 3 (coffee/coffee.jpg) is ok but has NaN/Inf features")
+    with h5py.File(out, "a") as f:
+        f["features"][3, 5] = 0
+        f.attrs["num_failed"] = 2
+    _one_line_error(_run(runner, ["verify", out]), "num_failed says 2 but 0 rows failed")
+    with h5py.File(out, "a") as f:
+        f.attrs["num_failed"] = 0
+        f.attrs["backbone"] = "edited"
+    assert _run(runner, ["verify", out]).exit_code == 0  # provenance text is not hashed
+    with h5py.File(out, "a") as f:
+        assert '"dtype": "float16"' in f.attrs["config"]
+        f.attrs["config"] = f.attrs["config"].replace('"dtype": "float16"', '"dtype": "float32"')
+    _one_line_error(_run(runner, ["verify", out]), "config_hash does not match the config")
 
 
 def test_bad_option_values_are_click_errors(runner, tmp_path):

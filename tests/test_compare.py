@@ -136,8 +136,8 @@ def test_several_stores_rank_backbone_by_head_and_leave_out_failed_rows(runner, 
         for i in range(2):
             write_image(root / "test" / cls / f"t{i}.png", np.roll(photo(name)[::4, ::4], 3 + 5 * i, axis=1))
     (root / "train" / "cat" / "broken.png").write_bytes(b"")
-    a = extract_features(root, tmp_path / "a.h5", **TINY).path
-    b = extract_features(root, tmp_path / "b.h5", **{**TINY, "model": "test_efficientnet"}).path
+    a = extract_features(root, tmp_path / "a.h5", max_failures=1, **TINY).path
+    b = extract_features(root, tmp_path / "b.h5", max_failures=1, **{**TINY, "model": "test_efficientnet"}).path
     out = tmp_path / "r"
     result = _run(runner, ["compare-heads", a, b, "--heads", "logreg,centroid", "--folds", "2", "--out", out, "-q"])
     assert result.exit_code == 0, result.output

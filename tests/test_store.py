@@ -108,10 +108,9 @@ def test_resume_from_committed_shards(tmp_path):
     feats = np.arange(20, dtype=np.float32).reshape(10, 2)
     writer = StoreWriter(path, CONFIG, 10, 2, shard_size=4)
     writer.add(np.arange(6), feats[:6], [""] * 6)  # shard 0 complete; shard 1 half done, then "crash"
-    writer.close()  # the background writer has committed shard 0
+    writer.abandon()  # as on an error: complete shards committed, lock released
     assert sorted(writer.committed) == [0]
     assert writer.bytes_written > 0 and writer.write_seconds > 0
-    del writer
 
     resumed = StoreWriter(path, CONFIG, 10, 2, shard_size=3)  # the manifest's shard size wins
     assert resumed.shard_size == 4 and resumed.resumed_rows == 4
@@ -125,11 +124,24 @@ def test_resume_with_other_config_is_refused_naming_the_change(tmp_path):
     path = tmp_path / "s.h5"
     writer = StoreWriter(path, CONFIG, 10, 2, shard_size=4)
     writer.add(np.arange(4), np.ones((4, 2), np.float32), [""] * 4)
+    writer.abandon()
     other = {**CONFIG, "weights": {"source": "random", "sha256": "cd"}}
     with pytest.raises(StoreError, match=r"other settings \(changed: weights.sha256\).*--overwrite"):
         StoreWriter(path, other, 10, 2)
     fresh = StoreWriter(path, other, 10, 2, overwrite=True)
     assert fresh.pending_indices() == list(range(10))
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
+    path = tmp_path / "s.h5"
+    first = StoreWriter(path, CONFIG, 4, 2)
+    with pytest.raises(StoreError, match="another extract is writing .* right now"):
+        StoreWriter(path, CONFIG, 4, 2)
+    with pytest.raises(StoreError, match="another extract is writing"):
+        StoreWriter(path, CONFIG, 4, 2, overwrite=True)  # --overwrite does not break someone else's lock
+    first.add(np.arange(4), np.ones((4, 2), np.float32), [""] * 4)
+    first.finalize(list("abcd"), [0] * 4, [""] * 4, ["a"], {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # lock and shards gone with the partial folder
 
 
 def test_shard_write_failure_is_reported(tmp_path):
@@ -150,7 +162,7 @@ def test_chunks_are_whole_within_shards(tmp_path):
 
 def test_damaged_manifest_is_refused(tmp_path):
     path = tmp_path / "s.h5"
-    StoreWriter(path, CONFIG, 4, 2)
+    StoreWriter(path, CONFIG, 4, 2).abandon()
     (partial_dir(path) / "manifest.json").write_text("{not json")
     with pytest.raises(StoreError, match="manifest is missing or damaged"):
         StoreWriter(path, CONFIG, 4, 2)
