@@ -431,8 +431,10 @@ def _print_leaderboard(comparison) -> None:
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes.")
+@click.option("--trust", is_flag=True,
+              help="Allow a .joblib/.pkl head file. Pickles can run any code when loaded: only for files you made.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def predict(head_path, source, out, weights, device, batch_size, workers, quiet):
+def predict(head_path, source, out, weights, device, batch_size, workers, trust, quiet):
     """Predict a class for every image of SOURCE with a saved head.
 
     The backbone is rebuilt from the head's provenance (model, weights, preprocessing, precision) and the
@@ -448,7 +450,7 @@ def predict(head_path, source, out, weights, device, batch_size, workers, quiet)
     from pipelines.predict import predict_images
 
     result = predict_images(head_path, source, out, weights=weights, device=device, batch_size=batch_size,
-                            workers=workers, progress=not quiet)
+                            workers=workers, trust=trust, progress=not quiet)
     click.echo(f"wrote {result.path}: {result.num_rows} rows, {result.num_failed} failed")
     for key, acc in result.accuracy.items():
         label = "all labeled rows" if key == "all" else f"split {key}"

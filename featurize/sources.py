@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +102,11 @@ def decode_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = N
         OSError, ValueError, Image.DecompressionBombError: the file is missing, unreadable, not an image, or
             too large. Callers record these per row.
     """
-    with Image.open(path) as img:
+    with warnings.catch_warnings():
+        # Pillow only warns between one and two times its pixel limit; we refuse those below, as an error.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    with img:
         if img.width * img.height > _MAX_PIXELS:
             raise Image.DecompressionBombError(
                 f"image has {img.width * img.height} pixels, more than the limit of {_MAX_PIXELS}"
@@ -268,13 +273,13 @@ class CsvSource(_FileSource):
         header = [h.strip().lower() for h in rows[0]]
         if "path" not in header:
             raise FeaturizeError(
-                f"{csv_path} has no 'path' column in its header (found: {','.join(header) or 'nothing'}); "
+                f"{csv_path} has no 'path' column in its header (found: {','.join(header)!r}); "
                 "expected a header 'path,label[,split]'"
             )
         unknown = [h for h in header if h not in ("path", "label", "split")]
         if unknown:
             raise FeaturizeError(
-                f"{csv_path} has unknown column(s) {', '.join(unknown)}; allowed: path, label, split"
+                f"{csv_path} has unknown column(s) {', '.join(map(repr, unknown))}; allowed: path, label, split"
             )
         col = {name: header.index(name) for name in header}
         if len(rows) == 1:

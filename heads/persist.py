@@ -14,6 +14,7 @@ HEAD_FORMAT = "headbench-head"
 HEAD_FORMAT_VERSION = 1
 # Types outside these namespaces are never loaded: a head file is data, not code.
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
+_PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 
 def save_head(path: str | Path, model: Any, provenance: dict[str, Any]) -> Path:
@@ -33,18 +34,40 @@ def save_head(path: str | Path, model: Any, provenance: dict[str, Any]) -> Path:
     return path
 
 
-def load_head(path: str | Path) -> tuple[Any, dict[str, Any]]:
+def _load_pickled(path: Path, trust: bool) -> Any:
+    """joblib/pickle files run code while loading: only with an explicit trust decision."""
+    if not trust:
+        raise HeadsError(
+            f"{path} is a pickle/joblib file, and loading one can run any code it contains; pass --trust only "
+            "if you made it yourself, or save heads with compare-heads --save-best (skops)"
+        )
+    import joblib
+
+    try:
+        return joblib.load(path)
+    except Exception as e:
+        raise HeadsError(f"cannot load head {path}: {type(e).__name__}: {e}") from None
+
+
+def load_head(path: str | Path, trust: bool = False) -> tuple[Any, dict[str, Any]]:
     """Load a head saved by :func:`save_head`; returns (fitted pipeline, provenance).
 
-    Raises:
-        HeadsError: missing or damaged file, not a headbench head, or it holds types outside scikit-learn,
-            numpy and scipy (never loaded).
-    """
-    import skops.io as sio
+    Args:
+        path: a ``.skops`` file (checked: only scikit-learn, numpy and scipy types are loaded), or a
+            ``.joblib``/``.pkl`` file holding the same payload (loaded only with `trust`).
+        trust: allow pickle-based files, which can execute code when loaded.
 
+    Raises:
+        HeadsError: missing or damaged file, not a headbench head, an untrusted pickle, or a skops file
+            holding types outside scikit-learn, numpy and scipy (never loaded).
+    """
     path = Path(path)
     if not path.is_file():
         raise HeadsError(f"head file {path} does not exist")
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return _check_payload(_load_pickled(path, trust), path)
+    import skops.io as sio
+
     try:
         untrusted = sio.get_untrusted_types(file=path)
     except Exception as e:  # skops raises zipfile/json/key errors on damaged files
@@ -58,8 +81,12 @@ def load_head(path: str | Path) -> tuple[Any, dict[str, Any]]:
         payload = sio.load(path, trusted=untrusted)
     except Exception as e:
         raise HeadsError(f"cannot load head {path}: {type(e).__name__}: {e}") from None
+    return _check_payload(payload, path)
+
+
+def _check_payload(payload: Any, path: Path) -> tuple[Any, dict[str, Any]]:
     if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
-        raise HeadsError(f"{path} is a skops file but not a headbench head (save heads with compare-heads --save-best)")
+        raise HeadsError(f"{path} holds no headbench head (save heads with compare-heads --save-best)")
     if payload.get("format_version") != HEAD_FORMAT_VERSION:
         raise HeadsError(
             f"{path} has head format version {payload.get('format_version')}; this headbench reads {HEAD_FORMAT_VERSION}"

@@ -69,6 +69,7 @@ def predict_images(
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
+    trust: bool = False,
     progress: bool = True,
 ) -> PredictResult:
     """Predict a class for every image of `source` with a head saved by ``compare-heads --save-best``.
@@ -82,7 +83,7 @@ def predict_images(
     out = Path(out)
     if not out.parent.exists():
         raise HeadsError(f"folder {out.parent} does not exist; create it or choose another --out")
-    model, prov = load_head(head_path)
+    model, prov = load_head(head_path, trust=trust)
     src = open_source(source)
     backbone = create_backbone(
         prov["backbone"], _weights_for(prov, weights), image_size=int(prov["data_config"]["input_size"][-1])

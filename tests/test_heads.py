@@ -201,8 +201,33 @@ def test_untrusted_types_are_refused(tmp_path):
     with pytest.raises(HeadsError, match="not a readable skops file"):
         load_head(tmp_path / "junk.skops")
     sio.dump({"something": 1}, tmp_path / "other.skops")
-    with pytest.raises(HeadsError, match="not a headbench head"):
+    with pytest.raises(HeadsError, match="holds no headbench head"):
         load_head(tmp_path / "other.skops")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # creating the file is the proof that code ran
+
+
+def test_pickle_heads_need_trust_and_never_run_without_it(tmp_path, data):
+    import joblib
+
+    marker = tmp_path / "pwned"
+    joblib.dump({"format": "headbench-head", "model": _Evil(marker)}, tmp_path / "evil.joblib")
+    with pytest.raises(HeadsError, match="pickle/joblib file, and loading one can run any code .* --trust"):
+        load_head(tmp_path / "evil.joblib")
+    assert not marker.exists()
+
+    X, y, split = data
+    model = fit_head(get_head("ridge"), X, y, plan_protocol(y, split).final).best_estimator_
+    joblib.dump({"format": "headbench-head", "format_version": 1, "model": model, "provenance": "{}"},
+                tmp_path / "mine.joblib")
+    loaded, prov = load_head(tmp_path / "mine.joblib", trust=True)
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
 
 
 def test_sample_bounded_grid_values_shrink_on_small_data():
