@@ -394,9 +394,28 @@ class StoreWriter:
         return self.path
 
 
+def _discard_finished_partial(path: Path) -> None:
+    """Remove a partial folder left by a run killed after its final rename, before its clean-up.
+
+    Only when the finished store and the partial run have the same config hash (the store is that run's).
+    """
+    partial = partial_dir(path)
+    if not (path.is_file() and partial.is_dir()):
+        return
+    try:
+        manifest_hash = json.loads((partial / _MANIFEST).read_text())["config_hash"]
+        with h5py.File(path, "r") as f:
+            store_hash = _decode_attr(f.attrs.get("config_hash"))
+    except Exception:  # unreadable either way: leave both for the user to inspect
+        return
+    if manifest_hash == store_hash:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse early when the output exists (without overwrite) or its folder does not."""
     path = Path(path)
+    _discard_finished_partial(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass --overwrite to replace it")
     if path.is_dir():

@@ -64,6 +64,22 @@ def split_folder(tmp_path_factory) -> Path:
     return root
 
 
+def invoke(runner, args):
+    """Run the CLI in-process with string arguments; exceptions that are bugs propagate as tracebacks."""
+    from cli import main
+
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, expected: str) -> None:
+    """Exit code 1, exactly one line 'Error: ...' containing `expected`, no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    assert expected in lines[0], lines[0]
+
+
 @pytest.fixture
 def runner():
     from click.testing import CliRunner

@@ -10,12 +10,14 @@ import pytest
 from cli import main
 from featurize.store import partial_dir, read_store
 
+from conftest import assert_one_line_error, invoke
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "test_resnet", "--weights", "random", "--workers", "0", "-q"]
 
 
-def _run(runner, args):
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+_run = invoke
+_one_line_error = assert_one_line_error
 
 
 def test_extract_then_inspect_image_folder(runner, split_folder, tmp_path):
@@ -62,14 +64,6 @@ def test_extract_refuses_existing_store_and_overwrites_on_request(runner, photo_
     again = _run(runner, ["extract", photo_folder, *FAST, "--out", out])
     assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
     assert _run(runner, ["extract", photo_folder, *FAST, "--out", out, "--overwrite"]).exit_code == 0
-
-
-def _one_line_error(result, expected: str):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    assert expected in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

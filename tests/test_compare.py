@@ -9,24 +9,17 @@ import shutil
 import numpy as np
 import pytest
 
-from cli import main
 from featurize.store import read_store
 from heads.persist import load_head
 from pipelines.extract import extract_features
 
-from conftest import photo, write_image
+from conftest import assert_one_line_error, invoke, photo, write_image
 
 TINY = dict(model="test_resnet", weights="random", precision="fp32", workers=0, progress=False)
 
 
-def _run(runner, args):
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _one_line_error(result, expected):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.output
+_run = invoke
+_one_line_error = assert_one_line_error
 
 
 @pytest.fixture(scope="module")

@@ -102,10 +102,24 @@ def test_kill_at_a_random_time_then_resume(image_dir, reference, tmp_path):
     except ProcessLookupError:
         pass  # it finished first: the store must then simply be complete
     proc.communicate(timeout=60)
-    if proc.returncode == -signal.SIGKILL:
-        assert not out.exists() or not partial_dir(out).exists()
-        resumed = _run(image_dir, out)
-        assert resumed.returncode == 0, f"killed after {delay:.2f}s; {resumed.stderr}"
+    rerun = _run(image_dir, out)
+    if out.exists() and "already exists" in rerun.stderr:
+        # it finished (or was killed between the final rename and the clean-up): nothing to resume,
+        # and the rerun removed any partial folder the finished run left behind
+        assert rerun.returncode == 1
+    else:
+        assert rerun.returncode == 0, f"killed after {delay:.2f}s; {rerun.stderr}"
+    _assert_same_store(out, reference[0])
+
+
+def test_a_kill_after_the_final_rename_leaves_a_complete_store(image_dir, reference, tmp_path):
+    out = tmp_path / "s.h5"
+    assert _run(image_dir, out).returncode == 0
+    # what a kill between the final rename and the clean-up leaves: the store plus its partial folder
+    partial_dir(out).mkdir()
+    (partial_dir(out) / "manifest.json").write_text(f'{{"config_hash": "{reference[0].attrs["config_hash"]}"}}')
+    rerun = _run(image_dir, out)
+    assert rerun.returncode == 1 and "already exists; pass --overwrite" in rerun.stderr
     _assert_same_store(out, reference[0])
 
 
