@@ -22,6 +22,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from .errors import HeadsError
+from .torch_logreg import TorchLogisticRegression
 
 __all__ = ["PREPROCESSING", "HeadSpec", "HEADS", "register_head", "get_head", "list_heads", "resolve_heads"]
 
@@ -102,6 +103,11 @@ def register_head(spec: HeadSpec) -> HeadSpec:
 register_head(HeadSpec(
     "logreg", "multinomial logistic regression (lbfgs)",
     lambda: LogisticRegression(max_iter=2000),
+    prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True,
+))
+register_head(HeadSpec(
+    "torch-logreg", "multinomial logistic regression, full-batch L-BFGS in torch (float32, CPU or CUDA)",
+    lambda: TorchLogisticRegression(),
     prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True,
 ))
 register_head(HeadSpec(

@@ -1,0 +1,55 @@
+"""torch-logreg: a scikit-learn estimator by the book, as accurate as scikit-learn's logreg, saved without torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from heads import get_head, plan_protocol, fit_head
+from heads.persist import load_head, save_head
+from heads.torch_logreg import TorchLogisticRegression
+
+
+@parametrize_with_checks([TorchLogisticRegression()])
+def test_sklearn_estimator_contract(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
+    scaler = StandardScaler().fit(X_train)
+    return scaler.transform(X_train).astype(np.float32), scaler.transform(X_test).astype(np.float32), y_train, y_test
+
+
+@pytest.mark.parametrize("C", [0.01, 0.1, 1.0])
+def test_matches_sklearn_logreg_accuracy_at_the_same_C(digits, C):
+    X_train, X_test, y_train, y_test = digits
+    ours = TorchLogisticRegression(C=C, device="cpu").fit(X_train, y_train)
+    ref = LogisticRegression(C=C, max_iter=5000).fit(X_train, y_train)
+    assert abs(ours.score(X_test, y_test) - ref.score(X_test, y_test)) <= 0.003 + 1e-9
+    np.testing.assert_allclose(ours.predict_proba(X_test), ref.predict_proba(X_test), atol=0.05)  # same optimum, float32
+
+
+def test_balanced_class_weight_changes_the_fit(digits):
+    X_train, _, y_train, _ = digits
+    keep = (y_train != 3) | (np.arange(len(y_train)) % 10 == 0)  # class 3 made rare
+    plain = TorchLogisticRegression(C=0.1).fit(X_train[keep], y_train[keep])
+    balanced = TorchLogisticRegression(C=0.1, class_weight="balanced").fit(X_train[keep], y_train[keep])
+    assert abs(balanced.intercept_[3] - plain.intercept_[3]) > 0.1
+
+
+def test_registered_and_saved_with_skops(tmp_path, digits):
+    X_train, X_test, y_train, _ = digits
+    spec = get_head("torch-logreg")
+    plan = plan_protocol(y_train, np.array(["train"] * len(y_train)), folds=3)
+    model = fit_head(spec, X_train, y_train, plan.final).best_estimator_
+    path = save_head(tmp_path / "h.skops", model, {"head": "torch-logreg"})
+    loaded, _ = load_head(path)
+    np.testing.assert_array_equal(loaded.predict(X_test), model.predict(X_test))
