@@ -14,7 +14,8 @@ HEAD_FORMAT = "headbench-head"
 HEAD_FORMAT_VERSION = 1
 # Types outside these namespaces are never loaded: a head file is data, not code.
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
-_OWN_ESTIMATORS = ("heads.torch_logreg.TorchLogisticRegression",)  # ours: plain numpy state, no code to run
+# Ours: plain numpy state, no code to run.
+_OWN_ESTIMATORS = ("heads.torch_logreg.TorchLogisticRegression", "heads.torch_knn.TorchKNeighborsClassifier")
 _PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 

@@ -22,6 +22,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from .errors import HeadsError
+from .torch_knn import TorchKNeighborsClassifier
 from .torch_logreg import TorchLogisticRegression
 
 __all__ = ["PREPROCESSING", "HeadSpec", "HEADS", "register_head", "get_head", "list_heads", "resolve_heads"]
@@ -123,6 +124,11 @@ register_head(HeadSpec(
 register_head(HeadSpec(
     "knn", "k nearest neighbours, cosine distance, distance-weighted votes",
     lambda: KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute"),
+    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",),
+))
+register_head(HeadSpec(
+    "torch-knn", "k nearest neighbours, cosine, distance-weighted; batched matmul + top-k in torch (CPU or CUDA)",
+    lambda: TorchKNeighborsClassifier(weights="distance"),
     prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",),
 ))
 register_head(HeadSpec(

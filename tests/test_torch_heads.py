@@ -1,4 +1,4 @@
-"""torch-logreg: a scikit-learn estimator by the book, as accurate as scikit-learn's logreg, saved without torch."""
+"""torch heads: scikit-learn estimators by the book, as accurate as scikit-learn's own, saved without torch."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from heads import get_head, plan_protocol, fit_head
 from heads.persist import load_head, save_head
+from heads.torch_knn import TorchKNeighborsClassifier
 from heads.torch_logreg import TorchLogisticRegression
 
 
-@parametrize_with_checks([TorchLogisticRegression()])
+@parametrize_with_checks([TorchLogisticRegression(), TorchKNeighborsClassifier()])
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
 
@@ -52,4 +53,22 @@ def test_registered_and_saved_with_skops(tmp_path, digits):
     model = fit_head(spec, X_train, y_train, plan.final).best_estimator_
     path = save_head(tmp_path / "h.skops", model, {"head": "torch-logreg"})
     loaded, _ = load_head(path)
+    np.testing.assert_array_equal(loaded.predict(X_test), model.predict(X_test))
+
+
+@pytest.mark.parametrize("k, weights", [(1, "distance"), (5, "distance"), (10, "uniform")])
+def test_knn_matches_sklearn_cosine_knn(digits, k, weights):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X_train, X_test, y_train, _ = digits
+    ours = TorchKNeighborsClassifier(n_neighbors=k, weights=weights, batch_size=64).fit(X_train, y_train)
+    ref = KNeighborsClassifier(n_neighbors=k, weights=weights, metric="cosine", algorithm="brute").fit(X_train, y_train)
+    assert (ours.predict(X_test) == ref.predict(X_test)).mean() >= 0.995
+    np.testing.assert_allclose(ours.predict_proba(X_test), ref.predict_proba(X_test), atol=1e-3)
+
+
+def test_knn_saved_with_skops(tmp_path, digits):
+    X_train, X_test, y_train, _ = digits
+    model = TorchKNeighborsClassifier(n_neighbors=5).fit(X_train, y_train)
+    loaded, _ = load_head(save_head(tmp_path / "k.skops", model, {}))
     np.testing.assert_array_equal(loaded.predict(X_test), model.predict(X_test))
