@@ -44,6 +44,8 @@ __all__ = [
     "default_workers",
     "default_streams",
     "intra_op_threads",
+    "stream_threads",
+    "autocast",
     "draft_size",
     "prepare_model",
     "iter_features",
@@ -186,7 +188,8 @@ def _collate(items):
     return indices, torch.stack([x for _, x, _ in items]), [e for _, _, e in items]
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
@@ -200,6 +203,13 @@ def prepare_model(backbone: Backbone, device: torch.device, compile: bool = Fals
     if not compile:
         return backbone.features
     return torch.compile(backbone.features, dynamic=False)
+
+
+def stream_threads(device: torch.device, streams: int) -> int:
+    """Intra-op threads per stream: on a CPU the streams share the cores; elsewhere the count is unchanged."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, torch.get_num_threads() // streams)
 
 
 @contextlib.contextmanager
@@ -286,14 +296,13 @@ def iter_features(
         features = np.full((len(errors), dim), np.nan, dtype=np.float32)
         if ok.any():
             # inference_mode and autocast are thread-local: entered here, in the stream's own thread.
-            with torch.inference_mode(), _autocast(device, precision):
+            with torch.inference_mode(), autocast(device, precision):
                 x = images[ok] if not ok.all() else images
                 x = backbone.normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
                 features[ok.numpy()] = forward(x).float().cpu().numpy()
         return FeatureBatch(batch_indices.numpy(), features, list(errors))
 
-    threads = max(1, torch.get_num_threads() // streams) if device.type == "cpu" else torch.get_num_threads()
-    with intra_op_threads(threads), ThreadPoolExecutor(streams, thread_name_prefix="headbench-stream") as pool:
+    with intra_op_threads(stream_threads(device, streams)), ThreadPoolExecutor(streams, thread_name_prefix="headbench-stream") as pool:
         pending: collections.deque = collections.deque()
         for item in items:
             pending.append(pool.submit(run, item))

@@ -27,6 +27,7 @@ import torch
 
 from featurize.backbones import create_backbone
 from featurize.engine import (
+    autocast,
     default_batch_size,
     default_streams,
     default_workers,
@@ -36,6 +37,7 @@ from featurize.engine import (
     prepare_model,
     resolve_device,
     resolve_precision,
+    stream_threads,
 )
 from featurize.errors import FeaturizeError
 from featurize.sources import Source, open_source
@@ -87,10 +89,9 @@ def _forward_ips(backbone, device, precision: str, batch_size: int, streams: int
     forward = prepare_model(backbone, device, compile)
     x = torch.randn(batch_size, *backbone.data_config["input_size"], device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def one_stream(rounds: int) -> None:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(device, precision):
             for _ in range(rounds):
                 forward(x)
         if device.type == "cuda":
@@ -101,8 +102,7 @@ def _forward_ips(backbone, device, precision: str, batch_size: int, streams: int
         list(pool.map(one_stream, [rounds] * streams))
         return rounds * streams * batch_size
 
-    threads = max(1, torch.get_num_threads() // streams) if device.type == "cpu" else torch.get_num_threads()
-    with intra_op_threads(threads), ThreadPoolExecutor(streams) as pool:
+    with intra_op_threads(stream_threads(device, streams)), ThreadPoolExecutor(streams) as pool:
         list(pool.map(one_stream, [2] * streams))  # warm-up: allocator, oneDNN/cuDNN kernel choice, compilation
         return _timed(step)
 
