@@ -23,22 +23,32 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
 
     Minimises ``C * sum_i w_i * CE_i + ||W||^2 / 2`` (scikit-learn's objective for ``LogisticRegression``
     with ``penalty="l2"``; the intercept is not penalised), scaled by ``1 / (C * sum_i w_i)`` for float32
-    stability.
+    stability. Loss and gradient are written out (two matrix products per evaluation, no autograd graph).
 
     Parameters:
         C: inverse regularisation strength, > 0.
         max_iter: L-BFGS iterations at most.
-        tol: stop when the gradient's largest entry falls below this.
+        tol: stop when the gradient's largest entry falls below this (scikit-learn's ``tol`` on the same
+            scaled objective).
         class_weight: None, ``"balanced"``, or a dict class -> weight.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``; fitting only.
+        precision: precision of the two matrix products with X: ``"bf16"`` (X held in bfloat16, products
+            accumulated in float32; ~4x faster on CPUs with AVX512-BF16/AMX, half the memory), ``"fp32"``, or
+            ``"auto"`` (bf16 on CUDA with bf16 and on CPUs with native bf16, fp32 elsewhere). Logits, softmax,
+            the penalty and the L-BFGS state are always float32.
+        warm_start: start from the previous fit's coefficients (same classes and width), e.g. along a path of
+            increasing C; otherwise from zeros.
     """
 
-    def __init__(self, C=1.0, max_iter=200, tol=1e-5, class_weight=None, device="auto"):
+    def __init__(self, C=1.0, max_iter=200, tol=1e-4, class_weight=None, device="auto", precision="auto",
+                 warm_start=False):
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.class_weight = class_weight
         self.device = device
+        self.precision = precision
+        self.warm_start = warm_start
 
     def _check_params(self):
         if not isinstance(self.C, numbers.Real) or not self.C > 0:
@@ -47,6 +57,8 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             raise ValueError(f"The 'max_iter' parameter of TorchLogisticRegression must be an int >= 1. Got {self.max_iter!r} instead.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"The 'device' parameter of TorchLogisticRegression must be 'auto', 'cpu' or 'cuda'. Got {self.device!r} instead.")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"The 'precision' parameter of TorchLogisticRegression must be 'auto', 'bf16' or 'fp32'. Got {self.precision!r} instead.")
 
     def _torch_device(self):
         import torch
@@ -55,11 +67,26 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def _matmul_dtype(self, device):
+        import torch
+
+        if self.precision == "fp32":
+            return torch.float32
+        if self.precision == "bf16":
+            return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        from featurize.engine import cpu_supports_bf16
+
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
     def fit(self, X, y):
         """Fit on features X [n, d] and labels y [n]; returns self."""
         import torch
 
         self._check_params()
+        warm = self.warm_start and hasattr(self, "coef_")
+        previous = (self.classes_, self.coef_, self.intercept_) if warm else None
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
@@ -73,27 +100,37 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
 
         device = self._torch_device()
-        Xt = torch.tensor(np.asarray(X, dtype=np.float32), device=device)
+        dtype = self._matmul_dtype(device)
+        Xt = torch.tensor(np.asarray(X, dtype=np.float32), device=device).to(dtype)
         yt = torch.tensor(y_index, dtype=torch.int64, device=device)
+        rows = torch.arange(len(yt), device=device)
         row_weight = torch.tensor(weights, dtype=torch.float32, device=device)[yt]
         total = row_weight.sum()
-        W = torch.zeros(n_classes, X.shape[1], dtype=torch.float32, device=device, requires_grad=True)
-        b = torch.zeros(n_classes, dtype=torch.float32, device=device, requires_grad=True)
+        W = torch.zeros(n_classes, X.shape[1], dtype=torch.float32, device=device)
+        b = torch.zeros(n_classes, dtype=torch.float32, device=device)
+        if previous is not None and np.array_equal(previous[0], self.classes_) and previous[1].shape == W.shape:
+            W.copy_(torch.from_numpy(previous[1]))
+            b.copy_(torch.from_numpy(previous[2]))
+        W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
         optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=self.tol,
                                       tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
-        penalty = 1.0 / (2.0 * float(self.C))
+        inv_c = 1.0 / float(self.C)
 
         def closure():
-            optimizer.zero_grad()
-            ce = torch.nn.functional.cross_entropy(Xt @ W.T + b, yt, reduction="none")
-            loss = ((row_weight * ce).sum() + penalty * (W * W).sum()) / total
-            loss.backward()
-            return loss
+            logits = (Xt @ W.to(dtype).T).float() + b
+            lse = torch.logsumexp(logits, dim=1)
+            loss = (row_weight * (lse - logits[rows, yt])).sum() + 0.5 * inv_c * (W * W).sum()
+            residual = torch.softmax(logits, dim=1)
+            residual[rows, yt] -= 1.0
+            residual *= row_weight[:, None]
+            W.grad.copy_(((residual.to(dtype).T @ Xt).float() + inv_c * W) / total)
+            b.grad.copy_(residual.sum(0) / total)
+            return loss / total
 
         optimizer.step(closure)
         self.n_iter_ = np.array([optimizer.state[optimizer._params[0]].get("n_iter", 0)])
-        self.coef_ = W.detach().cpu().numpy()
-        self.intercept_ = b.detach().cpu().numpy()
+        self.coef_ = W.cpu().numpy()
+        self.intercept_ = b.cpu().numpy()
         return self
 
     def decision_function(self, X):

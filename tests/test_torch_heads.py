@@ -29,13 +29,42 @@ def digits():
     return scaler.transform(X_train).astype(np.float32), scaler.transform(X_test).astype(np.float32), y_train, y_test
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("C", [0.01, 0.1, 1.0])
-def test_matches_sklearn_logreg_accuracy_at_the_same_C(digits, C):
+def test_matches_sklearn_logreg_accuracy_at_the_same_C(digits, C, precision):
     X_train, X_test, y_train, y_test = digits
-    ours = TorchLogisticRegression(C=C, device="cpu").fit(X_train, y_train)
+    ours = TorchLogisticRegression(C=C, device="cpu", precision=precision).fit(X_train, y_train)
     ref = LogisticRegression(C=C, max_iter=5000).fit(X_train, y_train)
     assert abs(ours.score(X_test, y_test) - ref.score(X_test, y_test)) <= 0.003 + 1e-9
     np.testing.assert_allclose(ours.predict_proba(X_test), ref.predict_proba(X_test), atol=0.05)  # same optimum, float32
+
+
+def _objective(model, X, y, C):
+    """scikit-learn's scaled objective (mean cross-entropy + ||W||^2 / (2 C n)) in float64."""
+    logits = X.astype(np.float64) @ model.coef_.T.astype(np.float64) + model.intercept_
+    logits -= logits.max(1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    index = np.searchsorted(model.classes_, y)
+    return -log_p[np.arange(len(y)), index].mean() + (model.coef_.astype(np.float64) ** 2).sum() / (2 * C * len(y))
+
+
+def test_bf16_products_reach_the_fp32_optimum(digits):
+    X_train, _, y_train, _ = digits
+    fp32 = TorchLogisticRegression(C=0.1, precision="fp32", tol=1e-5).fit(X_train, y_train)
+    bf16 = TorchLogisticRegression(C=0.1, precision="bf16", tol=1e-5).fit(X_train, y_train)
+    best = _objective(fp32, X_train, y_train, 0.1)
+    assert _objective(bf16, X_train, y_train, 0.1) <= best * 1.01
+
+
+def test_warm_start_continues_from_the_previous_solution(digits):
+    X_train, X_test, y_train, y_test = digits
+    cold = TorchLogisticRegression(C=1.0, precision="fp32").fit(X_train, y_train)
+    model = TorchLogisticRegression(C=0.1, precision="fp32", warm_start=True).fit(X_train, y_train)
+    model.set_params(C=1.0).fit(X_train, y_train)
+    np.testing.assert_allclose(model.predict_proba(X_test), cold.predict_proba(X_test), atol=0.05)
+    assert model.n_iter_[0] < cold.n_iter_[0]  # started near the C=1 optimum from the C=0.1 one
+    again = TorchLogisticRegression(C=1.0, precision="fp32", warm_start=False).fit(X_train, y_train)
+    assert again.n_iter_[0] == cold.n_iter_[0]  # without warm_start every fit starts from zeros
 
 
 def test_balanced_class_weight_changes_the_fit(digits):
