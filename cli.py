@@ -16,6 +16,7 @@ from featurize.backbones import WEIGHT_CHOICES, list_backbones
 from featurize.engine import DEVICE_CHOICES, PRECISION_CHOICES
 from featurize.errors import FeaturizeError
 from featurize.store import DTYPES
+from heads.budget import DEFAULT_BUDGET_MINUTES
 from heads.errors import HeadsError
 
 USER_ERRORS = (FeaturizeError, HeadsError)
@@ -309,14 +310,97 @@ def _print_bench(result: dict) -> None:
     table.add_column("value", justify="right")
     rows = [
         ("forward_ips", "{:.1f} img/s"), ("end_to_end_ips", "{:.1f} img/s"), ("naive_ips", "{:.1f} img/s"),
-        ("decode_ips_per_worker", "{:.1f} img/s"), ("write_mb_s", "{:.1f} MB/s"),
-        ("ratio_end_to_end_vs_forward", "{:.3f}"), ("speedup_vs_naive", "{:.2f}x"),
+        ("decode_ips_per_worker", "{:.1f} img/s"), ("decode_capacity_ips", "{:.1f} img/s"),
+        ("predecoded_ips", "{:.1f} img/s"), ("write_mb_s", "{:.1f} MB/s"),
+        ("ratio_end_to_end_vs_forward", "{:.3f}"), ("ratio_predecoded_vs_forward", "{:.3f}"),
+        ("ratio_end_to_end_vs_decode_capacity", "{:.3f}"), ("speedup_vs_naive", "{:.2f}x"),
         ("bf16_min_cosine", "{:.5f}"), ("bf16_mean_cosine", "{:.5f}"), ("bf16_probe_acc_delta", "{:+.2f} points"),
     ]
     for key, fmt in rows:
         if key in result:
             table.add_row(key, fmt.format(result[key]))
     console.print(table)
+
+
+@main.command("bench-heads")
+@click.option("--store", type=click.Path(path_type=Path), help="A feature store [default: synthetic features].")
+@click.option("--n", "n_rows", type=click.IntRange(min=100), default=60_000, show_default=True,
+              help="Synthetic rows (1/6 of them the test split).")
+@click.option("--d", "dim", type=click.IntRange(min=2), default=1280, show_default=True, help="Synthetic feature width.")
+@click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True, help="Synthetic classes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cs", default="0.01,0.1,1", show_default=True, metavar="C,C,...",
+              help="C values at which scikit-learn's and torch's logistic regression are compared.")
+@click.option("--svm-rows", type=click.IntRange(min=100), default=10_000, show_default=True,
+              help="Training rows for exact RBF SVM vs its Nystroem approximation.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BUDGET_MINUTES,
+              show_default=True, metavar="MINUTES", help="Budget of the default compare-heads run.")
+@click.option("--no-compare", is_flag=True, help="Skip the whole compare-heads run.")
+@click.option("--keep-store", type=click.Path(dir_okay=False, path_type=Path),
+              help="Keep the synthetic store here (for compare-heads runs of your own).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
+def bench_heads(store, n_rows, dim, classes, seed, cs, svm_rows, budget, no_compare, keep_store, json_out):
+    """Measure what heads cost at scale: scikit-learn vs torch logistic regression, warm vs cold C paths,
+    exact RBF SVM vs its Nystroem approximation, and the whole default compare-heads run.
+
+    Runs on a store, or on realistic synthetic features (non-negative, half zeros, multi-modal classes) of
+    --n x --d when none is given. Fit times and test accuracies come from one run on this machine; on a
+    machine with CUDA, torch-logreg is also timed on the GPU.
+
+    \b
+    Examples:
+      python cli.py bench-heads --json bench-heads.json
+      python cli.py bench-heads --n 10000 --d 256 --no-compare
+      python cli.py bench-heads --store lite0.h5 --json lite0-heads.json
+    """
+    from pipelines.bench_heads import run_heads_benchmark
+
+    try:
+        Cs = tuple(float(c) for c in cs.split(",") if c.strip())
+    except ValueError:
+        raise click.ClickException(f"--cs must be comma-separated numbers, got {cs!r}") from None
+    if not Cs or min(Cs) <= 0:
+        raise click.ClickException(f"--cs needs at least one C > 0, got {cs!r}")
+    result = run_heads_benchmark(store, n=n_rows, d=dim, classes=classes, seed=seed, Cs=Cs, svm_rows=svm_rows,
+                                 budget=budget, compare=not no_compare, keep_store=keep_store, progress=True)
+    _print_bench_heads(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        click.echo(f"wrote {json_out}")
+
+
+def _print_bench_heads(result: dict) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"{result['data']}: {result['train_rows']} train / {result['test_rows']} test rows, "
+                  f"{result['features']} features -- {result['machine']['cores']} cores"
+                  + (f", {result['machine']['gpu']}" if result["machine"]["gpu"] else ""))
+    table = Table(title="logistic regression, same C and preprocessing", box=None, pad_edge=False,
+                  header_style="bold")
+    devices = [k.removeprefix("speedup_") for k in result["logreg"][0] if k.startswith("speedup_")]
+    for name in ["C", "sklearn fit s", "sklearn acc %"] + [f"torch {d} {m}" for d in devices
+                                                            for m in ("fit s", "acc %", "speed-up")]:
+        table.add_column(name, justify="right")
+    for r in result["logreg"]:
+        cells = [f"{r['C']:g}", f"{r['sklearn_fit_s']:.2f}", f"{r['sklearn_accuracy'] * 100:.2f}"]
+        for d in devices:
+            cells += [f"{r[f'torch_{d}_fit_s']:.2f}", f"{r[f'torch_{d}_accuracy'] * 100:.2f}", f"{r[f'speedup_{d}']:.1f}x"]
+        table.add_row(*cells)
+    console.print(table)
+    path = result["c_path"]
+    console.print(f"torch-logreg C path {path['Cs']}: cold {path['cold_total_s']:.2f} s, warm-started "
+                  f"{path['warm_total_s']:.2f} s ({path['speedup']:.2f}x)")
+    svm = result["rbf_svm"]
+    console.print(f"rbf-svm on {svm['train_rows']} rows (C=10, l2): exact {svm['exact_fit_s']:.1f} s "
+                  f"{svm['exact_accuracy'] * 100:.2f} %, Nystroem {svm['nystroem_fit_s']:.1f} s "
+                  f"{svm['nystroem_accuracy'] * 100:.2f} % ({svm['speedup']:.1f}x faster, "
+                  f"{svm['accuracy_delta_points']:+.2f} points)")
+    if "compare_heads" in result:
+        c = result["compare_heads"]
+        console.print(f"compare-heads (every head, budget {c['budget_minutes']:g} min): {c['seconds']:.0f} s, "
+                      f"winner {c['winner']} {c['winner_accuracy'] * 100:.2f} %, "
+                      f"{sum(h['mode'] != 'full' for h in c['heads'])} heads budgeted, {len(c['skipped'])} skipped")
 
 
 @main.command("heads")
@@ -359,8 +443,15 @@ def heads_command(pattern):
               help="Write results.json, results.csv, report.md and PNG plots here.")
 @click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the winning head (skops) with its provenance, for predict.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BUDGET_MINUTES,
+              show_default=True, metavar="MINUTES",
+              help="Time for the whole comparison. Large stores (≥ 4000 fit rows) are probed and each head is "
+                   "planned to fit: full grid search, successive halving on a tuning subset, an approximation "
+                   "(rbf-svm: Nystroem), or skipped; report.md says which and why.")
+@click.option("--exhaustive", is_flag=True, help="No budget: the full grid search for every head, however long.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_best, quiet):
+def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_best, budget,
+                          exhaustive, quiet):
     """Train and compare classical heads on one or more feature stores (one per backbone).
 
     Every backbone x head is tuned and scored under the same protocol, chosen from the store's splits: with a
@@ -370,17 +461,23 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
 
     All stores must describe the same samples; rows that failed in any store are left out of all of them.
 
+    Large stores are cost-aware: each head's fit time is probed on small subsets and extrapolated, and the
+    --budget is shared among the heads (cheapest first). A head whose full grid search would not fit is tuned
+    by successive halving on a stratified subset and refit on every training row; one that cannot be fit
+    exactly (rbf-svm on tens of thousands of rows) is approximated; the report shows predicted vs actual cost.
+
     \b
     Examples:
       python cli.py compare-heads digits.h5
       python cli.py compare-heads lite0.h5 lite2.h5 --heads logreg,knn --out results/ --save-best best.skops
+      python cli.py compare-heads big.h5 --budget 30 --out results/
     """
     from pipelines.compare import compare_heads, save_best_head
 
     heads = [h.strip() for h in head_names.split(",") if h.strip()] if head_names else None
     weight = None if class_weight == "none" else class_weight
     comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
-                               n_boot=n_boot, progress=not quiet)
+                               n_boot=n_boot, budget=None if exhaustive else budget, progress=not quiet)
     _print_leaderboard(comparison)
     if out_dir:
         from pipelines.report import write_results
@@ -392,6 +489,13 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
         click.echo(f"saved the winning head to {path} (use: python cli.py predict --head {path} SOURCE --out preds.csv)")
 
 
+def _tuned_on(row: dict) -> str:
+    if row["mode"] == "full":
+        return "all rows, full grid"
+    how = f"halving on {row['tune_rows']} rows" if row["tune_rows"] else "nothing to tune"
+    return how + (" (approximated)" if row["approximated"] else "")
+
+
 def _print_leaderboard(comparison) -> None:
     from rich.table import Table
 
@@ -399,11 +503,12 @@ def _print_leaderboard(comparison) -> None:
 
     console = _console()
     several = len(comparison.stores) > 1
+    budgeted = any(r["mode"] != "full" for r in comparison.rows) or bool(comparison.skipped)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in [("#", "right")] + ([("backbone", "left")] if several else []) + [
         ("head", "left"), ("accuracy % [95% CI]", "left"), ("bal.acc %", "right"), ("macro-F1 %", "right"),
         ("fit s", "right"), ("µs/sample", "right"), ("p vs best", "right"), ("params", "left"),
-    ]:
+    ] + ([("tuned on", "left")] if budgeted else []):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in comparison.rows:
         tie = " ≈" if r["tied_with_best"] and r["rank"] > 1 else ""
@@ -412,10 +517,15 @@ def _print_leaderboard(comparison) -> None:
             str(r["rank"]), *([r["backbone"]] if several else []), r["head"], format_ci(r) + tie,
             f"{r['balanced_accuracy'] * 100:.2f}", f"{r['macro_f1'] * 100:.2f}", f"{r['fit_seconds']:.3f}",
             f"{r['predict_us_per_sample']:.1f}", "best" if r["rank"] == 1 else f"{r['p_value_vs_best']:.3g}", params,
+            *([_tuned_on(r)] if budgeted else []),
         )
     console.print(table)
     console.print(f"protocol: {comparison.plan.description}")
     console.print("≈ = not distinguishable from the best (exact McNemar test, p ≥ 0.05, same rows)")
+    for r in comparison.skipped:
+        console.print(f"skipped {r['head']}" + (f" on {r['backbone']}" if several else "") + f": {r['reason']}")
+    if comparison.budget_seconds is not None:
+        console.print(f"took {comparison.seconds:.0f} s of a {comparison.budget_seconds / 60:g} min budget")
     if comparison.excluded_failed or comparison.excluded_unlabeled:
         console.print(f"left out: {comparison.excluded_failed} rows that failed in at least one store, "
                       f"{comparison.excluded_unlabeled} unlabeled rows")

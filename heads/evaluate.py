@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
@@ -15,7 +17,7 @@ from sklearn.pipeline import Pipeline
 from .protocol import Plan, Task
 from .registry import PREPROCESSING, HeadSpec
 
-__all__ = ["HeadRun", "run_head", "fit_head", "readable_params"]
+__all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "readable_params"]
 
 
 @dataclass
@@ -61,31 +63,90 @@ def readable_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _search(spec: HeadSpec, task: Task, jobs: int, class_weight: str | None, seed: int) -> GridSearchCV:
+@dataclass
+class Tuned:
+    """A tuned head: the chosen setting and the pipeline refit with it on all of the task's fit rows."""
+
+    best_params_: dict[str, Any]
+    best_estimator_: Pipeline
+    refit_time_: float
+
+
+def _base_pipeline(spec: HeadSpec, class_weight: str | None, seed: int) -> Pipeline:
     pipeline = spec.pipeline()
     clf_params = pipeline.named_steps["clf"].get_params()
     if "random_state" in clf_params:
         pipeline.set_params(clf__random_state=seed)
     if spec.class_weight:
         pipeline.set_params(clf__class_weight=class_weight)
-    n_train = min(len(train) for train, _ in task.cv)
-    return GridSearchCV(pipeline, spec.param_grid(n_train), cv=task.cv, scoring="accuracy", n_jobs=jobs, refit=True,
-                        error_score="raise")
+    return pipeline
 
 
-def fit_head(
-    spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, *, jobs: int = 1, class_weight: str | None = None,
-    seed: int = 0,
-) -> GridSearchCV:
-    """Tune `spec` on the task's fit rows by grid search over its CV splits, and refit the best setting."""
-    search = _search(spec, task, jobs, class_weight, seed)
+@contextlib.contextmanager
+def _quiet_fits():
     with warnings.catch_warnings():
         # Non-converged settings are scored as they are; the search picks among them honestly.
         warnings.simplefilter("ignore", ConvergenceWarning)
         # NearestCentroid warns when a feature is constant within a class (common with sparse activations).
         warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*", category=UserWarning)
+        yield
+
+
+def _subset_cv(task: Task, subset: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The task's CV splits restricted to `subset` (positions in the fit rows), re-indexed into the subset."""
+    where = np.full(len(task.fit), -1)
+    where[subset] = np.arange(len(subset))
+    return [(where[train][where[train] >= 0], where[val][where[val] >= 0]) for train, val in task.cv]
+
+
+def _halving(spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, tune_rows: int, jobs: int,
+             class_weight: str | None, seed: int) -> Tuned:
+    from sklearn.experimental import enable_halving_search_cv  # noqa: F401  (registers HalvingGridSearchCV)
+    from sklearn.model_selection import HalvingGridSearchCV
+
+    from .budget import FACTOR, halving_schedule, stratified_subset
+
+    pipeline = _base_pipeline(spec, class_weight, seed)
+    X_fit, y_fit = X[task.fit], y[task.fit]
+    params: dict[str, Any] = {}
+    if tune_rows > 0 and spec.grid_size() > 1:
+        subset = stratified_subset(y_fit, tune_rows, seed)
+        cv = _subset_cv(task, subset)
+        n_classes = len(np.unique(y_fit))
+        first_rows = halving_schedule(spec.grid_size(), len(subset), len(cv), n_classes)[0][1]
+        n_train = int(first_rows * min(len(train) for train, _ in cv) / len(subset))
+        search = HalvingGridSearchCV(pipeline, spec.param_grid(max(1, n_train)), factor=FACTOR,
+                                     resource="n_samples", min_resources="exhaust", cv=cv, scoring="accuracy",
+                                     refit=False, n_jobs=jobs, random_state=seed, error_score="raise")
+        search.fit(X_fit[subset], y_fit[subset])
+        params = search.best_params_
+    elif spec.grid_size() == 1:
+        params = {key: values[0] for key, values in spec.param_grid(len(task.fit)).items()}
+    model = clone(pipeline).set_params(**params)
+    started = time.perf_counter()
+    model.fit(X_fit, y_fit)
+    return Tuned(params, model, time.perf_counter() - started)
+
+
+def fit_head(
+    spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, *, jobs: int = 1, class_weight: str | None = None,
+    seed: int = 0, tune_rows: int | None = None,
+) -> Tuned:
+    """Tune `spec` on the task's fit rows and refit the best setting on all of them.
+
+    Args:
+        tune_rows: None: grid search over the task's CV splits on every fit row (the plain protocol). A number:
+            successive halving on a stratified subset of that many fit rows (0: nothing tuned, the grid's
+            only setting fitted), then the refit on every fit row.
+    """
+    with _quiet_fits():
+        if tune_rows is not None:
+            return _halving(spec, X, y, task, tune_rows, jobs, class_weight, seed)
+        n_train = min(len(train) for train, _ in task.cv)
+        search = GridSearchCV(_base_pipeline(spec, class_weight, seed), spec.param_grid(n_train), cv=task.cv,
+                              scoring="accuracy", n_jobs=jobs, refit=True, error_score="raise")
         search.fit(X[task.fit], y[task.fit])
-    return search
+    return Tuned(search.best_params_, search.best_estimator_, search.refit_time_)
 
 
 def _full_columns(values: np.ndarray, present: np.ndarray, n_classes: int, fill: float) -> np.ndarray:
@@ -105,14 +166,18 @@ def run_head(
     jobs: int = 1,
     class_weight: str | None = None,
     seed: int = 0,
+    tune_rows: int | None = None,
 ) -> HeadRun:
-    """Tune, refit and predict `spec` on every task of `plan` (the scored rows never take part in tuning)."""
+    """Tune, refit and predict `spec` on every task of `plan` (the scored rows never take part in tuning).
+
+    `tune_rows` as in :func:`fit_head` (None: the plain grid search).
+    """
     params, preds, scores, probas, fit_times = [], [], [], [], []
     tune_seconds = predict_seconds = 0.0
     search = None
     for task in plan.tasks:
         started = time.perf_counter()
-        search = fit_head(spec, X, y, task, jobs=jobs, class_weight=class_weight, seed=seed)
+        search = fit_head(spec, X, y, task, jobs=jobs, class_weight=class_weight, seed=seed, tune_rows=tune_rows)
         tune_seconds += time.perf_counter() - started
         fit_times.append(search.refit_time_)
         params.append(readable_params(search.best_params_))

@@ -15,7 +15,13 @@ HEAD_FORMAT_VERSION = 1
 # Types outside these namespaces are never loaded: a head file is data, not code.
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
 # Ours: plain numpy state, no code to run.
-_OWN_ESTIMATORS = ("heads.torch_logreg.TorchLogisticRegression", "heads.torch_knn.TorchKNeighborsClassifier")
+_OWN_ESTIMATORS = (
+    "heads.torch_logreg.TorchLogisticRegression",
+    "heads.torch_logreg.TorchLinearSVC",
+    "heads.torch_knn.TorchKNeighborsClassifier",
+    "heads.kernel_approx.ScaledNystroem",
+    "heads.kernel_approx.NystroemSVC",
+)
 _PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 

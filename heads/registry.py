@@ -22,6 +22,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from .errors import HeadsError
+from .kernel_approx import NystroemSVC
 from .torch_knn import TorchKNeighborsClassifier
 from .torch_logreg import TorchLogisticRegression
 
@@ -54,6 +55,10 @@ class HeadSpec:
         class_weight: whether the estimator takes ``class_weight`` (then the run's weighting is applied).
         sample_bounded: grid keys whose values cannot exceed the number of training samples (e.g. k of kNN);
             larger values are lowered to that number on small data.
+        cost_exponent: how the time of one fit on n rows plus scoring n/4 rows grows with n (``n ** exponent``):
+            1 for linear models, 2 for kernel SVMs and brute-force kNN. Used to extrapolate timed probes.
+        approximation: a cheaper stand-in for this head, used under ``--budget`` when the exact head would not
+            fit in its share (e.g. an RBF SVM through a Nystroem kernel map); None: the head is skipped instead.
     """
 
     name: str
@@ -63,6 +68,8 @@ class HeadSpec:
     grid: dict[str, list] = field(default_factory=dict)
     class_weight: bool = False
     sample_bounded: tuple[str, ...] = ()
+    cost_exponent: float = 1.0
+    approximation: "HeadSpec | None" = None
 
     def pipeline(self) -> Pipeline:
         return Pipeline([("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())])
@@ -117,19 +124,24 @@ register_head(HeadSpec(
     prep=("l2",), grid={"C": [1.0, 10.0, 100.0]}, class_weight=True,
 ))
 register_head(HeadSpec(
-    "rbf-svm", "kernel SVM, RBF kernel, gamma='scale'",
-    lambda: SVC(kernel="rbf", gamma="scale"),
-    prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True,
+    "rbf-svm", "kernel SVM, RBF kernel, gamma='scale' (large stores: Nystroem approximation under --budget)",
+    lambda: SVC(kernel="rbf", gamma="scale", cache_size=1024),
+    prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True, cost_exponent=2.0,
+    approximation=HeadSpec(
+        "rbf-svm", "RBF kernel approximated by 2000 Nystroem components, then a linear SVM (squared hinge)",
+        lambda: NystroemSVC(n_components=2000),
+        prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True,
+    ),
 ))
 register_head(HeadSpec(
     "knn", "k nearest neighbours, cosine distance, distance-weighted votes",
     lambda: KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute"),
-    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",),
+    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",), cost_exponent=2.0,
 ))
 register_head(HeadSpec(
     "torch-knn", "k nearest neighbours, cosine, distance-weighted; batched matmul + top-k in torch (CPU or CUDA)",
     lambda: TorchKNeighborsClassifier(weights="distance"),
-    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",),
+    prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",), cost_exponent=2.0,
 ))
 register_head(HeadSpec(
     "ridge", "ridge regression classifier (one-vs-rest least squares)",

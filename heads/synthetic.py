@@ -10,11 +10,10 @@ classes and an RBF kernel a little more, about what ImageNet backbones give on C
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
-__all__ = ["synthetic_features", "write_synthetic_store"]
+__all__ = ["synthetic_features"]
 
 
 def synthetic_features(
@@ -55,34 +54,3 @@ def synthetic_features(
         block += rng.normal(0.0, 0.5, size=block.shape).astype(np.float32) - 0.3
         X[start:stop] = np.maximum(block, 0.0) * scale
     return X, y.astype(np.int64)
-
-
-def write_synthetic_store(
-    path: str | Path,
-    n: int = 60_000,
-    d: int = 1280,
-    classes: int = 10,
-    *,
-    test_fraction: float = 1 / 6,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> Path:
-    """Write synthetic features as a feature store (train/test split) that every command can read."""
-    from featurize.store import StoreWriter
-
-    X, y = synthetic_features(n, d, classes, seed=seed)
-    split = np.full(n, "train", dtype=object)
-    split[np.random.default_rng(seed + 1).permutation(n)[: int(round(n * test_fraction))]] = "test"
-    config = {"synthetic": {"n": n, "d": d, "classes": classes, "seed": seed, "test_fraction": test_fraction}}
-    writer = StoreWriter(Path(path), config, n, d, dtype="float16", shard_size=8192, overwrite=overwrite)
-    try:
-        for start in range(0, n, 8192):
-            stop = min(start + 8192, n)
-            writer.add(np.arange(start, stop), X[start:stop], [""] * (stop - start))
-        return writer.finalize(
-            [f"synthetic-{i:07d}" for i in range(n)], y.tolist(), split.tolist(),
-            [f"class-{c}" for c in range(classes)], {"backbone": "synthetic", "source": f"synthetic:{n}x{d}x{classes}"},
-        )
-    except BaseException:
-        writer.abandon()
-        raise

@@ -1,6 +1,8 @@
-"""Multinomial logistic regression fitted full-batch with L-BFGS in torch (float32, CPU or CUDA).
+"""Linear classifiers fitted full-batch with L-BFGS in torch (float32 state, CPU or CUDA).
 
-A scikit-learn classifier: it drops into the heads' Pipelines, grids and skops persistence. The fitted
+``TorchLogisticRegression`` (multinomial log loss, scikit-learn's ``LogisticRegression`` objective) and
+``TorchLinearSVC`` (one-vs-rest squared hinge, ``LinearSVC``'s default loss) share the solver. They are
+scikit-learn classifiers: they drop into the heads' Pipelines, grids and skops persistence. The fitted
 parameters are numpy arrays and prediction is numpy, so a saved head runs without torch's device or a GPU.
 """
 
@@ -15,15 +17,15 @@ from sklearn.utils.extmath import softmax
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-__all__ = ["TorchLogisticRegression"]
+__all__ = ["TorchLogisticRegression", "TorchLinearSVC"]
 
 
-class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
-    """L2-penalised multinomial logistic regression, solved with torch's L-BFGS on all rows at once.
+class _TorchLinearClassifier(ClassifierMixin, BaseEstimator):
+    """An L2-penalised linear classifier solved with torch's L-BFGS on all rows at once.
 
-    Minimises ``C * sum_i w_i * CE_i + ||W||^2 / 2`` (scikit-learn's objective for ``LogisticRegression``
-    with ``penalty="l2"``; the intercept is not penalised), scaled by ``1 / (C * sum_i w_i)`` for float32
-    stability. Loss and gradient are written out (two matrix products per evaluation, no autograd graph).
+    Minimises ``C * sum_i w_i * loss_i + ||W||^2 / 2`` (the intercept is not penalised), scaled by
+    ``1 / (C * sum_i w_i)`` for float32 stability. Loss and gradient are written out (two matrix products per
+    evaluation, no autograd graph); subclasses give the per-row loss and its derivative in :meth:`_loss`.
 
     Parameters:
         C: inverse regularisation strength, > 0.
@@ -52,13 +54,13 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
 
     def _check_params(self):
         if not isinstance(self.C, numbers.Real) or not self.C > 0:
-            raise ValueError(f"The 'C' parameter of TorchLogisticRegression must be a float in the range (0.0, inf). Got {self.C!r} instead.")
+            raise ValueError(f"The 'C' parameter of {type(self).__name__} must be a float in the range (0.0, inf). Got {self.C!r} instead.")
         if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
-            raise ValueError(f"The 'max_iter' parameter of TorchLogisticRegression must be an int >= 1. Got {self.max_iter!r} instead.")
+            raise ValueError(f"The 'max_iter' parameter of {type(self).__name__} must be an int >= 1. Got {self.max_iter!r} instead.")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"The 'device' parameter of TorchLogisticRegression must be 'auto', 'cpu' or 'cuda'. Got {self.device!r} instead.")
+            raise ValueError(f"The 'device' parameter of {type(self).__name__} must be 'auto', 'cpu' or 'cuda'. Got {self.device!r} instead.")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"The 'precision' parameter of TorchLogisticRegression must be 'auto', 'bf16' or 'fp32'. Got {self.precision!r} instead.")
+            raise ValueError(f"The 'precision' parameter of {type(self).__name__} must be 'auto', 'bf16' or 'fp32'. Got {self.precision!r} instead.")
 
     def _torch_device(self):
         import torch
@@ -76,9 +78,10 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             return torch.bfloat16
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        from featurize.engine import cpu_supports_bf16
-
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        # torch's own probes of the CPU's native bf16 instructions (AVX512-BF16, AMX); absent ones count as no.
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+        return torch.bfloat16 if native else torch.float32
 
     def fit(self, X, y):
         """Fit on features X [n, d] and labels y [n]; returns self."""
@@ -118,10 +121,8 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
 
         def closure():
             logits = (Xt @ W.to(dtype).T).float() + b
-            lse = torch.logsumexp(logits, dim=1)
-            loss = (row_weight * (lse - logits[rows, yt])).sum() + 0.5 * inv_c * (W * W).sum()
-            residual = torch.softmax(logits, dim=1)
-            residual[rows, yt] -= 1.0
+            row_loss, residual = self._loss(logits, yt, rows)
+            loss = (row_weight * row_loss).sum() + 0.5 * inv_c * (W * W).sum()
             residual *= row_weight[:, None]
             W.grad.copy_(((residual.to(dtype).T @ Xt).float() + inv_c * W) / total)
             b.grad.copy_(residual.sum(0) / total)
@@ -133,24 +134,61 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         self.intercept_ = b.cpu().numpy()
         return self
 
-    def decision_function(self, X):
-        """Class scores: [n, n_classes], or [n] (positive class minus negative) for two classes."""
+    def _loss(self, logits, yt, rows):
+        """Per-row loss [n] and its derivative with respect to the logits [n, k] (a new tensor)."""
+        raise NotImplementedError
+
+    def _scores(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        scores = np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+
+    def decision_function(self, X):
+        """Class scores: [n, n_classes], or [n] (positive class minus negative) for two classes."""
+        scores = self._scores(X)
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def predict(self, X):
+        """The class with the highest score for each row."""
+        scores = self._scores(X)
+        return self.classes_[np.argmax(scores, axis=1)]
+
+
+class TorchLogisticRegression(_TorchLinearClassifier):
+    """Multinomial logistic regression: scikit-learn's ``LogisticRegression(penalty="l2")`` objective.
+
+    Parameters are those of the shared solver: ``C``, ``max_iter``, ``tol``, ``class_weight``, ``device``,
+    ``precision``, ``warm_start`` (see the module's linear classifier base).
+    """
+
+    def _loss(self, logits, yt, rows):
+        import torch
+
+        row_loss = torch.logsumexp(logits, dim=1) - logits[rows, yt]
+        residual = torch.softmax(logits, dim=1)
+        residual[rows, yt] -= 1.0
+        return row_loss, residual
 
     def predict_proba(self, X):
         """Class probabilities [n, n_classes], columns in the order of ``classes_``."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        scores = (np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_).astype(np.float64)
-        return softmax(scores)
+        return softmax(self._scores(X).astype(np.float64))
 
     def predict_log_proba(self, X):
         return np.log(np.clip(self.predict_proba(X), 1e-300, None))
 
-    def predict(self, X):
-        """The most likely class of each row."""
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class TorchLinearSVC(_TorchLinearClassifier):
+    """One-vs-rest linear SVM with the squared hinge loss (``LinearSVC``'s default), solved by L-BFGS.
+
+    The squared hinge is smooth, so the full-batch quasi-Newton solver applies; each class's margin is
+    ``1 - t * f`` with ``t = +1`` for the class's rows and ``-1`` for the others. Parameters as the base.
+    """
+
+    def _loss(self, logits, yt, rows):
+        import torch
+
+        signs = torch.full_like(logits, -1.0)
+        signs[rows, yt] = 1.0
+        slack = torch.clamp(1.0 - signs * logits, min=0.0)
+        return (slack * slack).sum(1), -2.0 * signs * slack

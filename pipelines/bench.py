@@ -5,7 +5,10 @@ Every number comes from one run on one machine, so the ratios are meaningful eve
 * ``forward_ips`` -- the model alone on synthetic tensors (the engine's batch size, precision, channels_last);
 * ``end_to_end_ips`` -- ``extract`` from a folder of JPEGs into a store (decode, transfer, model, writes);
 * ``naive_ips`` -- the hand-written loop: one image at a time, fp32, NCHW, PIL + timm transform;
-* ``decode_ips_per_worker`` -- decode + per-image transform in one process;
+* ``decode_ips_per_worker`` -- decode + per-image transform in one process; ``decode_capacity_ips`` -- that
+  times the decode workers, what the JPEG path can be fed at most;
+* ``predecoded_ips`` -- the engine from already decoded uint8 images (copy to the device, normalise, model,
+  features back), i.e. everything but decoding; ``ratio_predecoded_vs_forward`` is the engine's own overhead;
 * ``write_mb_s`` -- the store writer (shards + manifest + fsync, then the atomic final HDF5) on synthetic rows;
 * ``bf16_min_cosine`` / ``bf16_mean_cosine`` -- bf16 vs fp32 features of the same images;
 * ``bf16_probe_acc_delta`` -- logistic-regression test accuracy on builtin:digits with bf16 minus fp32
@@ -107,20 +110,46 @@ def _forward_ips(backbone, device, precision: str, batch_size: int, streams: int
         return _timed(step)
 
 
-def _naive_ips(model_name: str, weights: str, source: Source, count: int) -> float:
-    """The loop people write first: one image at a time, fp32, NCHW, PIL + timm's transform."""
+def _predecoded_ips(backbone, source: Source, count: int, device, precision: str, batch_size: int,
+                    streams: int, compile: bool) -> float:
+    """The engine's path from already decoded uint8 images: host-to-device copy, normalisation, model, features
+    back to host -- everything but decoding, at the same batch size, precision and streams as the engine."""
+    transform, draft = backbone.image_transform, draft_size(backbone.data_config)
+    images = torch.stack([transform(source.load(i % len(source), draft)) for i in range(count)])
+    batches = [images[i : i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+    forward = prepare_model(backbone, device, compile)
+
+    def one_batch(batch) -> int:
+        with torch.inference_mode(), autocast(device, precision):
+            x = backbone.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            forward(x).float().cpu().numpy()
+        return len(batch)
+
+    with intra_op_threads(stream_threads(device, streams)), ThreadPoolExecutor(streams) as pool:
+        list(pool.map(one_batch, batches[: 2 * streams]))  # warm-up
+        return _timed(lambda: sum(pool.map(one_batch, batches)))
+
+
+def _naive_ips(model_name: str, weights: str, source: Source, count: int, device: torch.device) -> float:
+    """The loop people write first: one image at a time, fp32, NCHW, PIL + timm's transform, on the device."""
     backbone = create_backbone(model_name, weights)
-    model, transform = backbone.model, backbone.transform
+    model, transform = backbone.model.to(device), backbone.transform
     paths = [source.path_of(i) for i in range(min(count, len(source)))]
     from PIL import Image
+
+    def one(path) -> None:
+        model(transform(Image.open(path).convert("RGB")).unsqueeze(0).to(device)).cpu()
 
     def loop() -> int:
         with torch.no_grad():
             for path in paths:
-                model(transform(Image.open(path).convert("RGB")).unsqueeze(0))
+                one(path)
         return len(paths)
 
-    model(transform(Image.open(paths[0]).convert("RGB")).unsqueeze(0))  # warm-up
+    with torch.no_grad():
+        one(paths[0])  # warm-up
     return _timed(loop, min_seconds=2.0, min_rounds=1)
 
 
@@ -225,8 +254,14 @@ def run_benchmark(
                                batch_size=batch, workers=n_workers, streams=n_streams, compile=compile,
                                progress=progress)
         result["end_to_end_ips"] = e2e.images_per_second
-        result["naive_ips"] = _naive_ips(model, weights, source, naive_images)
+        result["naive_ips"] = _naive_ips(model, weights, source, naive_images, dev)
         result["decode_ips_per_worker"] = _decode_ips(backbone, source, min(200, len(source)))
+        result["predecoded_ips"] = _predecoded_ips(backbone, source, min(max(4 * batch, 256), 1024), dev, prec, batch,
+                                                   n_streams, compile)
+        result["ratio_predecoded_vs_forward"] = result["predecoded_ips"] / result["forward_ips"]
+        # The JPEG path against what the decode side can feed: workers (or, with none, the streams) decoding.
+        result["decode_capacity_ips"] = result["decode_ips_per_worker"] * max(n_workers, 1)
+        result["ratio_end_to_end_vs_decode_capacity"] = result["end_to_end_ips"] / result["decode_capacity_ips"]
         result["write_mb_s"] = _write_mb_s(tmp)
         result["ratio_end_to_end_vs_forward"] = result["end_to_end_ips"] / result["forward_ips"]
         result["speedup_vs_naive"] = result["end_to_end_ips"] / result["naive_ips"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,10 +18,11 @@ from tqdm.auto import tqdm
 from featurize.store import FeatureStore, read_store
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
+from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, HeadBudget, full_plan, plan_head, probe_cost
 from heads.persist import save_head
 from pipelines.provenance import library_versions
 
-__all__ = ["Comparison", "compare_heads", "align_stores", "save_best_head", "SIGNIFICANCE"]
+__all__ = ["Comparison", "compare_heads", "align_stores", "save_best_head", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES"]
 
 SIGNIFICANCE = 0.05
 
@@ -40,6 +42,9 @@ class Comparison:
         y_scored: true labels of the scored rows (plan order).
         predictions: per row key (backbone, head): predictions on the scored rows.
         runs: per row key: what is needed to refit or save the head.
+        skipped: heads left out by the budget: backbone, head, reason, predicted_seconds.
+        budget_seconds: the time budget (None: no budget, every head runs the full protocol).
+        seconds: wall time of the whole comparison.
     """
 
     rows: list[dict[str, Any]]
@@ -52,6 +57,9 @@ class Comparison:
     y_scored: np.ndarray
     predictions: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     runs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    budget_seconds: float | None = None
+    seconds: float = 0.0
 
     @property
     def best(self) -> dict[str, Any]:
@@ -111,6 +119,7 @@ def compare_heads(
     jobs: int | None = None,
     class_weight: str | None = None,
     n_boot: int = 1000,
+    budget: float | None = DEFAULT_BUDGET_MINUTES,
     progress: bool = True,
 ) -> Comparison:
     """Train and compare every head on every store under one protocol.
@@ -123,14 +132,21 @@ def compare_heads(
         jobs: parallel CV fits (None: all cores).
         class_weight: ``balanced`` or None, for every head that accepts it.
         n_boot: bootstrap resamples for the CIs.
+        budget: minutes for the whole comparison (None: no budget, the full protocol for every head). Stores
+            with fewer than 4000 fit rows always get the full protocol; larger ones are probed and planned by
+            :mod:`heads.budget` (successive halving on tuning subsets, approximations, skips), each decision
+            reported per row.
         progress: show a progress bar.
 
     Raises:
         HeadsError, FeaturizeError: unreadable stores, stores of different samples, unknown heads, too few
             samples for the folds, a single class.
     """
+    started_at = time.perf_counter()
     if not store_paths:
         raise HeadsError("give at least one feature store")
+    if budget is not None and not budget > 0:
+        raise HeadsError(f"--budget must be a positive number of minutes, got {budget}")
     specs = resolve_heads(heads)
     if class_weight not in (None, "balanced"):
         raise HeadsError(f"--class-weight must be 'balanced' or 'none', got {class_weight!r}")
@@ -150,38 +166,90 @@ def compare_heads(
     n_classes = len(ref.classes)
     backbones = _backbone_names(stores)
 
-    rows, predictions, runs = [], {}, {}
+    rows, predictions, runs, skipped = [], {}, {}, []
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with tqdm(total=len(stores) * len(specs), desc="compare-heads", unit="head", disable=not progress) as bar, \
+    n_fit = min(len(t.fit) for t in plan.tasks)
+    budget_seconds = None if budget is None else float(budget) * 60.0
+    probing = budget_seconds is not None and n_fit >= 2 * PROBE_ROWS[-1]
+    units = [(store, backbone, spec) for store, backbone in zip(stores, backbones) for spec in specs]
+    features = {}
+    with tqdm(total=len(units), desc="compare-heads", unit="head", disable=not progress) as bar, \
             threadpool_limits(limits=threads):
-        for store, backbone in zip(stores, backbones):
-            X = store.features[usable].astype(np.float32)
-            for spec in specs:
-                bar.set_postfix_str(f"{backbone} / {spec.name}")
-                run = run_head(spec, X, y, plan, n_classes, jobs=jobs, class_weight=class_weight, seed=seed)
-                metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
-                cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
-                row = {
-                    "backbone": backbone,
-                    "store": str(store.path),
-                    "head": spec.name,
-                    **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-                    **{f"{k}_ci": list(v) for k, v in cis.items()},
-                    "top5_accuracy": metrics["top5_accuracy"],
-                    "log_loss": metrics["log_loss"],
-                    "fit_seconds": run.fit_seconds,
-                    "tune_seconds": run.tune_seconds,
-                    "predict_us_per_sample": run.predict_us_per_sample,
-                    "params": _summary_params(run.params),
-                    "n_scored": int(len(y_scored)),
-                }
-                if plan.kind == "nested-cv":
-                    row["params_per_fold"] = run.params
-                rows.append(row)
-                predictions[(backbone, spec.name)] = run.y_pred
-                runs[(backbone, spec.name)] = {"spec": spec, "store": store, "X": X, "model": run.model}
-                bar.update(1)
+        costs: dict[tuple[str, str], Any] = {}
+        probe_seconds: dict[tuple[str, str], float] = {}
+        for store, backbone, spec in units:
+            if backbone not in features:
+                features[backbone] = store.features[usable].astype(np.float32)
+            if probing:
+                bar.set_postfix_str(f"probing {backbone} / {spec.name}")
+                started = time.perf_counter()
+                costs[(backbone, spec.name)] = probe_cost(spec, features[backbone], y, class_weight=class_weight,
+                                                          seed=seed)
+                probe_seconds[(backbone, spec.name)] = time.perf_counter() - started
+        if probing:  # cheapest first: what they leave of their share flows to the expensive heads
+            units.sort(key=lambda u: full_plan(u[2], costs[(u[1], u[2].name)], plan, jobs))
 
+        for position, (store, backbone, spec) in enumerate(units):
+            X, key = features[backbone], (backbone, spec.name)
+            if probing:
+                share = (budget_seconds - (time.perf_counter() - started_at)) / (len(units) - position)
+
+                def approximation_cost(spec=spec, X=X):
+                    started = time.perf_counter()
+                    cost = probe_cost(spec.approximation, X, y, class_weight=class_weight, seed=seed)
+                    return cost, time.perf_counter() - started
+
+                decision = plan_head(spec, costs[key], plan, share, jobs=jobs, n_classes=n_classes,
+                                     approximation_cost=approximation_cost)
+                decision.probe_seconds += probe_seconds[key]
+            else:
+                why = "no budget (--exhaustive)" if budget_seconds is None else \
+                    f"small store ({n_fit} fit rows): the full protocol"
+                decision = HeadBudget("full", spec, tune_rows=n_fit, reason=why)
+            bar.set_postfix_str(f"{backbone} / {spec.name} ({decision.mode})")
+            if decision.mode == "skipped":
+                skipped.append({"backbone": backbone, "head": spec.name, "reason": decision.reason,
+                                "predicted_seconds": decision.predicted_seconds})
+                bar.update(1)
+                continue
+            tune_rows = None if decision.mode == "full" else decision.tune_rows
+            started = time.perf_counter()
+            run = run_head(decision.spec, X, y, plan, n_classes, jobs=jobs, class_weight=class_weight, seed=seed,
+                           tune_rows=tune_rows)
+            actual = time.perf_counter() - started
+            metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
+            cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
+            row = {
+                "backbone": backbone,
+                "store": str(store.path),
+                "head": spec.name,
+                **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+                **{f"{k}_ci": list(v) for k, v in cis.items()},
+                "top5_accuracy": metrics["top5_accuracy"],
+                "log_loss": metrics["log_loss"],
+                "fit_seconds": run.fit_seconds,
+                "tune_seconds": run.tune_seconds,
+                "predict_us_per_sample": run.predict_us_per_sample,
+                "params": _summary_params(run.params),
+                "n_scored": int(len(y_scored)),
+                "mode": decision.mode,
+                "tune_rows": decision.tune_rows,
+                "approximated": decision.approximated,
+                "method": decision.spec.description,
+                "predicted_seconds": decision.predicted_seconds,
+                "actual_seconds": actual,
+                "probe_seconds": decision.probe_seconds,
+                "budget_note": decision.reason,
+            }
+            if plan.kind == "nested-cv":
+                row["params_per_fold"] = run.params
+            rows.append(row)
+            predictions[key] = run.y_pred
+            runs[key] = {"spec": decision.spec, "store": store, "X": X, "model": run.model, "tune_rows": tune_rows}
+            bar.update(1)
+
+    if not rows:
+        raise HeadsError(f"every head was skipped by the budget of {budget} minutes; raise --budget or use --exhaustive")
     rows.sort(key=lambda r: (-r["accuracy"], -r["balanced_accuracy"], r["fit_seconds"]))
     best_correct = predictions[(rows[0]["backbone"], rows[0]["head"])] == y_scored
     for rank, row in enumerate(rows, start=1):
@@ -200,6 +268,9 @@ def compare_heads(
         y_scored=y_scored,
         predictions=predictions,
         runs=runs,
+        skipped=skipped,
+        budget_seconds=budget_seconds,
+        seconds=time.perf_counter() - started_at,
     )
 
 
@@ -213,7 +284,8 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
     if model is None:  # nested CV: tune by CV on every usable row, refit on all of them
         y = store.labels[comparison.usable]
         model = fit_head(run["spec"], run["X"], y, comparison.plan.final, jobs=jobs or os.cpu_count() or 1,
-                         class_weight=class_weight, seed=comparison.plan.seed).best_estimator_
+                         class_weight=class_weight, seed=comparison.plan.seed,
+                         tune_rows=run["tune_rows"]).best_estimator_
     attrs = store.attrs
     provenance = {
         "head": best["head"],

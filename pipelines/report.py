@@ -14,8 +14,38 @@ __all__ = ["write_results", "format_ci", "CSV_FIELDS"]
 CSV_FIELDS = (
     "rank", "backbone", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
     "macro_f1", "top5_accuracy", "log_loss", "fit_seconds", "tune_seconds", "predict_us_per_sample",
-    "p_value_vs_best", "tied_with_best", "params",
+    "p_value_vs_best", "tied_with_best", "params", "mode", "tune_rows", "approximated", "predicted_seconds",
+    "actual_seconds", "probe_seconds",
 )
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _cost_section(comparison: Comparison) -> list[str]:
+    """Per head: how it was run under the budget, on how many tuning rows, predicted vs actual cost."""
+    budget = comparison.budget_seconds
+    lines = [
+        "## Cost and budget",
+        "",
+        f"Budget: {'none (--exhaustive)' if budget is None else f'{budget / 60:g} min'}; "
+        f"whole comparison took {comparison.seconds:.0f} s. Costs are wall seconds of tuning + refit + scoring "
+        "(probes listed apart); predictions come from timed probes extrapolated by each head's complexity.",
+        "",
+        "| backbone | head | mode | tuning rows | approximated | predicted s | actual s | probe s | why |",
+        "|---|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for r in comparison.rows:
+        lines.append(
+            f"| {r['backbone']} | {r['head']} | {r['mode']} | {r['tune_rows']} | "
+            f"{'yes: ' + r['method'] if r['approximated'] else 'no'} | {_seconds(r['predicted_seconds'])} | "
+            f"{r['actual_seconds']:.1f} | {r['probe_seconds']:.1f} | {r['budget_note']} |"
+        )
+    for r in comparison.skipped:
+        lines.append(f"| {r['backbone']} | {r['head']} | skipped | – | – | {_seconds(r['predicted_seconds'])} | – "
+                     f"| – | {r['reason']} |")
+    return lines + [""]
 
 
 def format_ci(row: dict[str, Any], metric: str = "accuracy") -> str:
@@ -109,8 +139,8 @@ def _markdown(comparison: Comparison) -> str:
             f"{'best' if r['rank'] == 1 else format(r['p_value_vs_best'], '.3g')} | "
             f"`{json.dumps(r['params'], sort_keys=True)}` |"
         )
+    lines += ["", *_cost_section(comparison)]
     lines += [
-        "",
         "## Plots",
         "",
         "![accuracy vs fit time](accuracy_vs_fit_time.png)",
@@ -136,6 +166,9 @@ def write_results(comparison: Comparison, out_dir: str | Path) -> list[Path]:
         "excluded_unlabeled": comparison.excluded_unlabeled,
         "n_scored": int(len(comparison.y_scored)),
         "stores": [str(s.path) for s in comparison.stores],
+        "budget_seconds": comparison.budget_seconds,
+        "seconds": comparison.seconds,
+        "skipped": comparison.skipped,
     }
     written = [out / name for name in
                ("results.json", "results.csv", "report.md", "accuracy_vs_fit_time.png", "confusion_matrix.png")]

@@ -10,7 +10,8 @@ from cli import main
 
 KEYS = ("forward_ips", "end_to_end_ips", "naive_ips", "decode_ips_per_worker", "write_mb_s",
         "ratio_end_to_end_vs_forward", "speedup_vs_naive", "bf16_min_cosine", "bf16_mean_cosine",
-        "bf16_probe_acc_delta")
+        "bf16_probe_acc_delta", "predecoded_ips", "ratio_predecoded_vs_forward", "decode_capacity_ips",
+        "ratio_end_to_end_vs_decode_capacity")
 
 
 def test_bench_cli_writes_every_measure(runner, tmp_path):
@@ -26,6 +27,9 @@ def test_bench_cli_writes_every_measure(runner, tmp_path):
         assert data[key] > 0
     assert data["ratio_end_to_end_vs_forward"] == pytest.approx(data["end_to_end_ips"] / data["forward_ips"])
     assert data["speedup_vs_naive"] == pytest.approx(data["end_to_end_ips"] / data["naive_ips"])
+    assert data["ratio_predecoded_vs_forward"] == pytest.approx(data["predecoded_ips"] / data["forward_ips"])
+    assert data["ratio_end_to_end_vs_decode_capacity"] == pytest.approx(
+        data["end_to_end_ips"] / data["decode_capacity_ips"])
     assert 0.9 < data["bf16_min_cosine"] <= data["bf16_mean_cosine"] <= 1.0
     assert abs(data["bf16_probe_acc_delta"]) < 10
     assert data["images"] == 24 and data["machine"]["cores"] >= 1

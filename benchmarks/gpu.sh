@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md in one script: the extraction engine on CUDA (cli.py bench) and
+# torch-logreg on CUDA against scikit-learn on the same machine's CPU cores (cli.py bench-heads).
+#
+#   OUT=gpu-results bash benchmarks/gpu.sh
+#
+# Needs this repo's dependencies importable by $PYTHON (default python3) and a CUDA GPU.
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, sklearn, timm, numpy; print('torch', torch.__version__, 'sklearn', sklearn.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
+timeout "${BENCH_TIMEOUT:-300}" $PY cli.py bench --num-images "${NUM_IMAGES:-3000}" --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
+timeout "${HEADS_TIMEOUT:-240}" $PY cli.py bench-heads --no-compare --json "$OUT/bench-heads-gpu.json" 2>&1 | tee "$OUT/bench-heads-gpu.log"

@@ -1,0 +1,209 @@
+"""Cost-aware compare-heads: cost models, successive-halving plans, approximations, and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.dummy import DummyClassifier
+from sklearn.experimental import enable_halving_search_cv  # noqa: F401
+from sklearn.model_selection import HalvingGridSearchCV, StratifiedKFold, train_test_split
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import heads.budget as budget
+from heads import HEADS, get_head, plan_protocol
+from heads.budget import CostModel, halving_schedule, plan_head, stratified_subset
+from heads.evaluate import fit_head
+from heads.kernel_approx import NystroemSVC, ScaledNystroem
+from heads.persist import load_head, save_head
+from heads.synthetic import synthetic_features
+from heads.torch_logreg import TorchLinearSVC
+from pipelines.bench_heads import write_synthetic_store
+
+from conftest import assert_one_line_error, invoke
+
+
+@parametrize_with_checks([TorchLinearSVC(), NystroemSVC(n_components=20), ScaledNystroem(n_components=10)])
+def test_sklearn_estimator_contract(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
+    scaler = StandardScaler().fit(X_train)
+    return scaler.transform(X_train).astype(np.float32), scaler.transform(X_test).astype(np.float32), y_train, y_test
+
+
+def test_torch_linear_svc_matches_liblinear(digits):
+    X_train, X_test, y_train, y_test = digits
+    ours = TorchLinearSVC(C=0.1, precision="fp32").fit(X_train, y_train).score(X_test, y_test)
+    ref = LinearSVC(C=0.1, max_iter=20000).fit(X_train, y_train).score(X_test, y_test)
+    assert abs(ours - ref) <= 0.01
+
+
+def test_nystroem_svc_approximates_the_exact_rbf_svm(digits, tmp_path):
+    X_train, X_test, y_train, y_test = digits
+    exact = SVC(C=10.0, gamma="scale").fit(X_train, y_train).score(X_test, y_test)
+    approx = NystroemSVC(C=10.0, n_components=1000, random_state=0).fit(X_train, y_train)
+    assert approx.kernel_map_.gamma_ == pytest.approx(1 / (X_train.shape[1] * X_train.var()), rel=1e-4)
+    assert approx.score(X_test, y_test) >= exact - 0.015
+    path = save_head(tmp_path / "h.skops", approx, {"head": "rbf-svm"})
+    loaded, _ = load_head(path)
+    np.testing.assert_array_equal(loaded.predict(X_test), approx.predict(X_test))
+
+
+def test_synthetic_features_look_like_pooled_cnn_features():
+    X, y = synthetic_features(3000, 128, 5, seed=1)
+    assert X.shape == (3000, 128) and X.dtype == np.float16 and set(np.unique(y)) == set(range(5))
+    assert X.min() >= 0 and 0.3 < (X == 0).mean() < 0.7  # rectified, about half zeros
+    again, _ = synthetic_features(3000, 128, 5, seed=1)
+    np.testing.assert_array_equal(X, again)
+    from sklearn.linear_model import LogisticRegression
+
+    Xf = StandardScaler().fit_transform(X.astype(np.float32))
+    accuracy = LogisticRegression(C=0.1, max_iter=2000).fit(Xf[:2000], y[:2000]).score(Xf[2000:], y[2000:])
+    assert 0.7 < accuracy < 0.995  # learnable, not trivial
+
+
+def test_cost_model_through_two_points():
+    true = CostModel(2.0, 3e-6, 0.2)
+    model = CostModel.through((1000, 2000), (true.seconds(1000), true.seconds(2000)), 2.0)
+    assert model.seconds(50_000) == pytest.approx(true.seconds(50_000))
+    noisy = CostModel.through((1000, 2000), (0.5, 0.4), 1.0)  # the larger probe was faster: no negative slope
+    assert noisy.scale > 0 and noisy.seconds(4000) > noisy.seconds(2000)
+
+
+@pytest.mark.parametrize("candidates,rows", [(3, 900), (4, 3000), (8, 5000), (2, 700), (1, 500)])
+def test_halving_schedule_is_what_sklearn_runs(candidates, rows):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(rows, 3)), np.arange(rows) % 4
+    cv = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    search = HalvingGridSearchCV(DummyClassifier(), {"constant": list(range(candidates)), "strategy": ["prior"]},
+                                 factor=budget.FACTOR, min_resources="exhaust", cv=cv, refit=False).fit(X, y)
+    expected = list(zip(search.n_candidates_, search.n_resources_))
+    assert halving_schedule(candidates, rows, 3, 4) == expected
+
+
+def _plan(n=10_000, classes=10, folds=5):
+    y = np.arange(n) % classes
+    split = np.where(np.arange(n) < n * 5 // 6, "train", "test")
+    return plan_protocol(y, split, folds=folds)
+
+
+def test_cheap_heads_get_the_full_protocol_and_expensive_ones_halving():
+    plan = _plan()
+    spec = get_head("logreg")
+    cheap = plan_head(spec, CostModel(1.0, 1e-6, 0.0), plan, 60.0, jobs=2, n_classes=10)
+    assert cheap.mode == "full" and cheap.tune_rows == len(plan.tasks[0].fit) and not cheap.approximated
+
+    costly = CostModel(1.0, 4e-4, 0.0)  # 3.3 s per fit on 8333 rows: 3 x 5 fits do not fit in 20 s
+    decision = plan_head(spec, costly, plan, 20.0, jobs=2, n_classes=10)
+    assert decision.mode == "halving" and 1000 <= decision.tune_rows < len(plan.tasks[0].fit)
+    assert decision.predicted_seconds <= 20.0 * budget.PLANNED_FRACTION
+    assert "successive halving" in decision.reason
+
+
+def test_a_head_that_cannot_fit_is_approximated_or_skipped():
+    plan = _plan()
+    spec = get_head("rbf-svm")
+    huge = CostModel(2.0, 1e-5, 0.0)  # ~1000 s for one fit on 10 000 rows
+    calls = []
+
+    def approximation_cost():
+        calls.append(1)
+        return CostModel(1.0, 1e-4, 0.0), 0.5
+
+    decision = plan_head(spec, huge, plan, 60.0, jobs=2, n_classes=10, approximation_cost=approximation_cost)
+    assert decision.approximated and decision.spec is spec.approximation and calls == [1]
+    assert decision.mode in ("full", "halving") and decision.probe_seconds == 0.5
+    assert "approximated" in decision.reason and "rbf-svm" in decision.reason
+
+    skipped = plan_head(get_head("knn"), huge, plan, 60.0, jobs=2, n_classes=10)
+    assert skipped.mode == "skipped" and "no approximation" in skipped.reason
+    assert skipped.predicted_seconds > 60
+
+
+def test_halving_tunes_on_a_subset_and_refits_on_every_fit_row():
+    X, y = synthetic_features(3000, 32, 4, seed=0)
+    X = X.astype(np.float32)
+    plan = plan_protocol(y, np.where(np.arange(3000) < 2500, "train", "test"), folds=3)
+    task = plan.tasks[0]
+    tuned = fit_head(get_head("knn"), X, y, task, jobs=1, tune_rows=900)
+    assert tuned.best_estimator_.named_steps["clf"].n_samples_fit_ == len(task.fit)
+    assert set(tuned.best_params_) == {"prep", "clf__n_neighbors"}
+    only = fit_head(get_head("lda"), X, y, task, tune_rows=0)  # nothing to tune: one fit on every row
+    assert only.best_params_ and only.best_estimator_.score(X[task.score], y[task.score]) > 0.5
+
+
+def test_stratified_subset_keeps_class_shares():
+    y = np.repeat([0, 1, 2], [600, 300, 100])
+    subset = stratified_subset(y, 100, seed=0)
+    assert len(subset) == 100 and np.all(np.diff(subset) > 0)
+    assert np.bincount(y[subset]).tolist() == [60, 30, 10]
+    assert len(stratified_subset(y, 5000, seed=0)) == 1000
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("s") / "synthetic.h5", 6000, 48, 4, seed=0)
+
+
+def test_budgeted_compare_reports_every_decision(runner, synthetic_store, tmp_path, monkeypatch):
+    # Deterministic planning: probes return fixed costs; the fits themselves are real.
+    costs = {"rbf-svm": CostModel(2.0, 1e-3, 0.0), "knn": CostModel(2.0, 1e-3, 0.0),
+             "logreg": CostModel(1.0, 1e-3, 0.0)}
+    rbf = get_head("rbf-svm")  # a smaller kernel map keeps the test fast; the planning is the same
+    small_map = dataclasses.replace(rbf.approximation, estimator=lambda: NystroemSVC(n_components=100))
+    monkeypatch.setitem(HEADS, "rbf-svm", dataclasses.replace(rbf, approximation=small_map))
+
+    def fake_probe(spec, X, y, **kwargs):
+        return costs.get(spec.name, CostModel(1.0, 1e-6, 0.0)) if spec is get_head(spec.name) else \
+            CostModel(1.0, 1e-5, 0.0)
+
+    monkeypatch.setattr("pipelines.compare.probe_cost", fake_probe)
+    out = tmp_path / "r"
+    result = invoke(runner, ["compare-heads", synthetic_store, "--heads", "logreg,rbf-svm,knn,ridge", "--budget",
+                             "1", "--out", out, "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["head"]: r for r in data["rows"]}
+    assert rows["ridge"]["mode"] == "full" and rows["ridge"]["tune_rows"] == 5000
+    assert rows["logreg"]["mode"] == "halving" and 1000 <= rows["logreg"]["tune_rows"] < 5000
+    assert rows["rbf-svm"]["approximated"] and "Nystroem" in rows["rbf-svm"]["method"]
+    assert "knn" not in rows and data["meta"]["skipped"][0]["head"] == "knn"
+    for r in rows.values():
+        assert r["predicted_seconds"] is not None and r["actual_seconds"] > 0 and r["budget_note"]
+    assert data["meta"]["budget_seconds"] == 60
+    report = (out / "report.md").read_text()
+    assert "## Cost and budget" in report and "| synthetic | knn | skipped |" in report
+    assert "skipped knn:" in result.output and "halving on" in result.output
+
+
+def test_small_stores_keep_the_full_protocol(runner, synthetic_store, tmp_path, monkeypatch):
+    def no_probe(*args, **kwargs):
+        raise AssertionError("small stores are not probed")
+
+    monkeypatch.setattr("pipelines.compare.probe_cost", no_probe)
+    small = write_synthetic_store(tmp_path / "small.h5", 1200, 16, 3)
+    result = invoke(runner, ["compare-heads", small, "--heads", "logreg,ridge", "--budget", "0.01", "--out",
+                             tmp_path / "r", "-q"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
+    assert all(r["mode"] == "full" and "small store" in r["budget_note"] for r in rows)
+    result = invoke(runner, ["compare-heads", synthetic_store, "--heads", "ridge", "--exhaustive", "--out",
+                             tmp_path / "e", "-q"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "e" / "results.json").read_text())["rows"][0]
+    assert row["mode"] == "full" and row["budget_note"] == "no budget (--exhaustive)"
+
+
+def test_bad_budget_is_one_line(runner, synthetic_store):
+    result = invoke(runner, ["compare-heads", synthetic_store, "--budget", "0"])
+    assert result.exit_code == 2 and "--budget" in result.output  # click's usage error for a bad option value
