@@ -274,9 +274,10 @@ def iter_features(
     streams = (1 if compile else default_streams(device)) if streams is None else streams
     if streams < 1:
         raise FeaturizeError(f"--streams must be at least 1, got {streams}")
-    forward = prepare_model(backbone, device, compile)
     dataset = _DecodeDataset(source, backbone, jpeg_draft)
     if workers:
+        # Workers are forked before the model moves to the device: a process that has loaded the GPU's
+        # libraries is slower to fork.
         items: Iterator = iter(DataLoader(
             dataset,
             batch_size=batch_size,
@@ -288,6 +289,7 @@ def iter_features(
         ))
     else:
         items = _chunks(indices, batch_size)
+    forward = prepare_model(backbone, device, compile)
     dim = backbone.num_features
 
     def run(item) -> FeatureBatch:

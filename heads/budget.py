@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.base import clone
 from sklearn.model_selection import train_test_split
 
+from .evaluate import base_pipeline, quiet_fits
 from .protocol import Plan, Task
-from .registry import PREPROCESSING, HeadSpec
+from .registry import HeadSpec
 
 __all__ = [
     "DEFAULT_BUDGET_MINUTES",
@@ -39,6 +39,7 @@ __all__ = [
     "halving_schedule",
     "probe_cost",
     "plan_head",
+    "minimum_share",
     "stratified_subset",
     "full_plan",
 ]
@@ -51,23 +52,23 @@ PROBE_ROWS = (1000, 2000)  # timed probe sizes; stores with fewer than 2x the la
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds of one fit on n rows plus scoring n/4 rows: ``offset + scale * n ** exponent``."""
+    """Mean seconds of one fit on n rows plus scoring n/4 rows: ``seconds_at * (n / rows_at) ** exponent``."""
 
     exponent: float
-    scale: float
-    offset: float
+    rows_at: int
+    seconds_at: float
 
     def seconds(self, n: float) -> float:
-        return self.offset + self.scale * max(n, 0.0) ** self.exponent
+        return self.seconds_at * (max(n, 1.0) / self.rows_at) ** self.exponent
 
     @classmethod
     def through(cls, sizes: tuple[int, int], seconds: tuple[float, float], exponent: float) -> "CostModel":
-        """The model through two timed sizes (a noisy, non-increasing pair falls back to a pure power law)."""
+        """The power law through the larger probe, with the exponent the two probes show, kept within
+        [`exponent`, `exponent` + 1]: never below the head's known complexity (fixed overheads make small
+        probes look cheap), and superlinear solvers (liblinear's iterations grow with n) are caught."""
         (n1, n2), (t1, t2) = sizes, seconds
-        scale = (t2 - t1) / (n2**exponent - n1**exponent)
-        if scale <= 0:
-            return cls(exponent, max(t1, t2) / n2**exponent, 0.0)
-        return cls(exponent, scale, max(0.0, t1 - scale * n1**exponent))
+        measured = math.log(max(t2, 1e-9) / max(t1, 1e-9)) / math.log(n2 / n1)
+        return cls(min(max(measured, exponent), exponent + 1.0), n2, max(t2, 1e-6))
 
 
 @dataclass
@@ -107,42 +108,44 @@ def stratified_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 def _fit_and_score_seconds(pipeline, X: np.ndarray, y: np.ndarray, rows: np.ndarray, scored: np.ndarray) -> float:
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*", category=UserWarning)
+    with quiet_fits():
         pipeline.fit(X[rows], y[rows])
         pipeline.predict(X[scored])
     return time.perf_counter() - started
 
 
-def _middle(values: list) -> object:
-    return values[len(values) // 2]
+def _settings(spec: HeadSpec, n_train: int) -> list[dict]:
+    from sklearn.model_selection import ParameterGrid
+
+    return list(ParameterGrid(spec.param_grid(n_train)))
 
 
 def probe_cost(spec: HeadSpec, X: np.ndarray, y: np.ndarray, *, class_weight: str | None = None,
                seed: int = 0, sizes: tuple[int, int] = PROBE_ROWS) -> CostModel:
-    """Time `spec` at two sizes (per preprocessing choice, middle of the grid) and fit its cost model."""
-    times = []
-    for n in sizes:
+    """Time every grid setting of `spec` on stratified subsets of two sizes and fit its cost model.
+
+    When the larger probe is quick (under a second a setting) and the store is big enough, a probe at twice
+    that size is added and the upper pair is used: fixed overheads then distort the exponent less.
+    """
+    pipeline = base_pipeline(spec, class_weight, seed)
+    timed: dict[int, float] = {}
+
+    def probe(n: int) -> float:
         rows = stratified_subset(y, n, seed)
         rest = np.setdiff1d(np.arange(len(y)), rows)
         scored = rest[: max(1, n // 4)] if len(rest) else rows[: max(1, n // 4)]
-        total = 0.0
-        for prep in spec.prep:
-            pipeline = spec.pipeline().set_params(prep=PREPROCESSING[prep]())
-            params = {f"clf__{k}": _middle(v) for k, v in spec.grid.items()}
-            for key in spec.sample_bounded:
-                if f"clf__{key}" in params:
-                    params[f"clf__{key}"] = min(params[f"clf__{key}"], len(rows))
-            pipeline.set_params(**params)
-            clf_params = pipeline.named_steps["clf"].get_params()
-            if "random_state" in clf_params:
-                pipeline.set_params(clf__random_state=seed)
-            if spec.class_weight:
-                pipeline.set_params(clf__class_weight=class_weight)
-            total += _fit_and_score_seconds(pipeline, X, y, rows, scored)
-        times.append(total / len(spec.prep))
-    return CostModel.through(sizes, (times[0], times[1]), spec.cost_exponent)
+        settings = _settings(spec, len(rows))
+        total = sum(_fit_and_score_seconds(clone(pipeline).set_params(**params), X, y, rows, scored)
+                    for params in settings)
+        return total / len(settings)
+
+    for n in sizes:
+        timed[n] = probe(n)
+    pair = sizes
+    if timed[sizes[1]] < 1.0 and len(y) >= 4 * sizes[1]:
+        pair = (sizes[1], 2 * sizes[1])
+        timed[pair[1]] = probe(pair[1])
+    return CostModel.through(pair, (timed[pair[0]], timed[pair[1]]), spec.cost_exponent)
 
 
 def halving_schedule(n_candidates: int, max_rows: int, n_splits: int, n_classes: int,
@@ -159,8 +162,12 @@ def halving_schedule(n_candidates: int, max_rows: int, n_splits: int, n_classes:
     return [(math.ceil(n_candidates / factor**i), min_rows * factor**i) for i in range(min(possible, required))]
 
 
-def _parallel(fits: int, jobs: int) -> int:
-    return max(1, min(jobs, fits))
+PARALLEL_EFFICIENCY = 0.7  # parallel fits share memory bandwidth and caches: 2 jobs give ~1.4x, not 2x
+
+
+def _parallel(fits: int, jobs: int) -> float:
+    workers = max(1, min(jobs, fits))
+    return 1.0 + (workers - 1) * PARALLEL_EFFICIENCY
 
 
 def _task_shape(task: Task) -> tuple[int, int, float]:
@@ -226,9 +233,23 @@ def _fit_in_share(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, job
                              f"on {low} of {n_fit} rows, refit on all")
 
 
+def _cheapest_seconds(spec: HeadSpec, cost: CostModel, plan: Plan, jobs: int, n_classes: int) -> float:
+    rows = _smallest_tuning_rows(spec, plan, n_classes) if spec.grid_size() > 1 else 0
+    return min(full_plan(spec, cost, plan, jobs), _halving_seconds(spec, cost, plan, rows, jobs, n_classes))
+
+
+def minimum_share(spec: HeadSpec, cost: CostModel, plan: Plan, *, jobs: int, n_classes: int,
+                  approximation_cost: CostModel | None = None) -> float:
+    """The smallest share with which :func:`plan_head` runs the head at all (exactly or approximated)."""
+    seconds = _cheapest_seconds(spec, cost, plan, jobs, n_classes)
+    if spec.approximation is not None and approximation_cost is not None:
+        seconds = min(seconds, _cheapest_seconds(spec.approximation, approximation_cost, plan, jobs, n_classes))
+    return seconds / PLANNED_FRACTION
+
+
 def plan_head(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, *, jobs: int, n_classes: int,
-              approximation_cost: "callable | None" = None) -> HeadBudget:
-    """Decide how `spec` runs within `share` seconds; `approximation_cost()` probes the approximation on demand.
+              approximation_cost: CostModel | None = None) -> HeadBudget:
+    """Decide how `spec` runs within `share` seconds (`approximation_cost`: the probed approximation's).
 
     Returns a :class:`HeadBudget` (``skipped`` when neither the head nor its approximation fits).
     """
@@ -241,14 +262,10 @@ def plan_head(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, *, jobs
     why = f"exact {spec.name} needs {refit:.0f}s just to fit {n_fit} rows" if refit > share else \
         f"exact {spec.name} cannot be tuned in {share:.0f}s"
     if spec.approximation is not None and approximation_cost is not None:
-        approx_cost, probe_seconds = approximation_cost()
-        approx = _fit_in_share(spec.approximation, approx_cost, plan, max(0.0, share - probe_seconds), jobs,
-                               n_classes)
+        approx = _fit_in_share(spec.approximation, approximation_cost, plan, share, jobs, n_classes)
         if approx is not None:
             approx.approximated = True
-            approx.probe_seconds = probe_seconds
-            approx.reason = f"{why} (share {share:.0f}s): approximated; {approx.reason}"
+            approx.reason = f"{why}: approximated; {approx.reason}"
             return approx
     return HeadBudget("skipped", spec, predicted_seconds=full_plan(spec, cost, plan, jobs),
                       reason=f"{why}, over its share of {share:.0f}s, and it has no approximation that fits")
-

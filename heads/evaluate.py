@@ -17,7 +17,7 @@ from sklearn.pipeline import Pipeline
 from .protocol import Plan, Task
 from .registry import PREPROCESSING, HeadSpec
 
-__all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "readable_params"]
+__all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "readable_params", "base_pipeline", "quiet_fits"]
 
 
 @dataclass
@@ -72,7 +72,8 @@ class Tuned:
     refit_time_: float
 
 
-def _base_pipeline(spec: HeadSpec, class_weight: str | None, seed: int) -> Pipeline:
+def base_pipeline(spec: HeadSpec, class_weight: str | None, seed: int) -> Pipeline:
+    """`spec`'s pipeline with the run's seed and class weighting applied where the estimator takes them."""
     pipeline = spec.pipeline()
     clf_params = pipeline.named_steps["clf"].get_params()
     if "random_state" in clf_params:
@@ -83,7 +84,8 @@ def _base_pipeline(spec: HeadSpec, class_weight: str | None, seed: int) -> Pipel
 
 
 @contextlib.contextmanager
-def _quiet_fits():
+def quiet_fits():
+    """Silence the expected warnings of grid fits (non-convergence, constant features within a class)."""
     with warnings.catch_warnings():
         # Non-converged settings are scored as they are; the search picks among them honestly.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -106,7 +108,7 @@ def _halving(spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, tune_rows
 
     from .budget import FACTOR, halving_schedule, stratified_subset
 
-    pipeline = _base_pipeline(spec, class_weight, seed)
+    pipeline = base_pipeline(spec, class_weight, seed)
     X_fit, y_fit = X[task.fit], y[task.fit]
     params: dict[str, Any] = {}
     if tune_rows > 0 and spec.grid_size() > 1:
@@ -139,11 +141,11 @@ def fit_head(
             successive halving on a stratified subset of that many fit rows (0: nothing tuned, the grid's
             only setting fitted), then the refit on every fit row.
     """
-    with _quiet_fits():
+    with quiet_fits():
         if tune_rows is not None:
             return _halving(spec, X, y, task, tune_rows, jobs, class_weight, seed)
         n_train = min(len(train) for train, _ in task.cv)
-        search = GridSearchCV(_base_pipeline(spec, class_weight, seed), spec.param_grid(n_train), cv=task.cv,
+        search = GridSearchCV(base_pipeline(spec, class_weight, seed), spec.param_grid(n_train), cv=task.cv,
                               scoring="accuracy", n_jobs=jobs, refit=True, error_score="raise")
         search.fit(X[task.fit], y[task.fit])
     return Tuned(search.best_params_, search.best_estimator_, search.refit_time_)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from featurize.store import FeatureStore, read_store
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
-from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, HeadBudget, full_plan, plan_head, probe_cost
+from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, HeadBudget, full_plan, minimum_share, plan_head, probe_cost
 from heads.persist import save_head
 from pipelines.provenance import library_versions
 
@@ -183,25 +183,40 @@ def compare_heads(
             if probing:
                 bar.set_postfix_str(f"probing {backbone} / {spec.name}")
                 started = time.perf_counter()
-                costs[(backbone, spec.name)] = probe_cost(spec, features[backbone], y, class_weight=class_weight,
-                                                          seed=seed)
-                probe_seconds[(backbone, spec.name)] = time.perf_counter() - started
-        if probing:  # cheapest first: what they leave of their share flows to the expensive heads
+                key, X = (backbone, spec.name), features[backbone]
+                costs[key] = probe_cost(spec, X, y, class_weight=class_weight, seed=seed)
+                if spec.approximation is not None:
+                    costs[key + ("approximation",)] = probe_cost(spec.approximation, X, y, class_weight=class_weight,
+                                                                 seed=seed)
+                probe_seconds[key] = time.perf_counter() - started
+        floors: dict[tuple[str, str], float] = {}
+        if probing:
+            for _, backbone, spec in units:
+                key = (backbone, spec.name)
+                floors[key] = minimum_share(spec, costs[key], plan, jobs=jobs, n_classes=n_classes,
+                                            approximation_cost=costs.get(key + ("approximation",)))
+            # Cheapest first: what a head leaves of its share flows to the more expensive ones after it.
             units.sort(key=lambda u: full_plan(u[2], costs[(u[1], u[2].name)], plan, jobs))
 
         for position, (store, backbone, spec) in enumerate(units):
             X, key = features[backbone], (backbone, spec.name)
             if probing:
-                share = (budget_seconds - (time.perf_counter() - started_at)) / (len(units) - position)
-
-                def approximation_cost(spec=spec, X=X):
-                    started = time.perf_counter()
-                    cost = probe_cost(spec.approximation, X, y, class_weight=class_weight, seed=seed)
-                    return cost, time.perf_counter() - started
-
+                # Each head gets the least it needs to run at all, plus an equal part of what is left after
+                # every remaining head's least -- so an expensive head late in the order is never starved.
+                # A head that cannot run even alone in the budget reserves nothing and is skipped; when the
+                # budget is overdrawn, the cheap heads still run and the expensive ones at the end are skipped.
+                later = [floors[(b, s.name)] for _, b, s in units[position:] if floors[(b, s.name)] <= budget_seconds]
+                remaining = budget_seconds - (time.perf_counter() - started_at)
+                surplus = remaining - sum(later)
+                if floors[key] > budget_seconds:
+                    share = max(0.0, surplus) / max(1, len(later))
+                elif surplus >= 0:
+                    share = floors[key] + surplus / len(later)
+                else:
+                    share = min(floors[key], max(0.0, remaining))
                 decision = plan_head(spec, costs[key], plan, share, jobs=jobs, n_classes=n_classes,
-                                     approximation_cost=approximation_cost)
-                decision.probe_seconds += probe_seconds[key]
+                                     approximation_cost=costs.get(key + ("approximation",)))
+                decision.probe_seconds = probe_seconds[key]
             else:
                 why = "no budget (--exhaustive)" if budget_seconds is None else \
                     f"small store ({n_fit} fit rows): the full protocol"

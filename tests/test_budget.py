@@ -73,11 +73,12 @@ def test_synthetic_features_look_like_pooled_cnn_features():
 
 
 def test_cost_model_through_two_points():
-    true = CostModel(2.0, 3e-6, 0.2)
-    model = CostModel.through((1000, 2000), (true.seconds(1000), true.seconds(2000)), 2.0)
-    assert model.seconds(50_000) == pytest.approx(true.seconds(50_000))
-    noisy = CostModel.through((1000, 2000), (0.5, 0.4), 1.0)  # the larger probe was faster: no negative slope
-    assert noisy.scale > 0 and noisy.seconds(4000) > noisy.seconds(2000)
+    model = CostModel.through((1000, 2000), (0.5, 2.0), 1.0)  # quadratic growth shows through a linear prior
+    assert model.exponent == pytest.approx(2.0) and model.seconds(4000) == pytest.approx(8.0)
+    capped = CostModel.through((1000, 2000), (0.1, 10.0), 1.0)  # noise: at most one power above the prior
+    assert capped.exponent == 2.0
+    overhead = CostModel.through((1000, 2000), (0.5, 0.55), 1.0)  # fixed overheads: never below the prior
+    assert overhead.exponent == 1.0 and overhead.seconds(20_000) == pytest.approx(5.5)
 
 
 @pytest.mark.parametrize("candidates,rows", [(3, 900), (4, 3000), (8, 5000), (2, 700), (1, 500)])
@@ -100,10 +101,10 @@ def _plan(n=10_000, classes=10, folds=5):
 def test_cheap_heads_get_the_full_protocol_and_expensive_ones_halving():
     plan = _plan()
     spec = get_head("logreg")
-    cheap = plan_head(spec, CostModel(1.0, 1e-6, 0.0), plan, 60.0, jobs=2, n_classes=10)
+    cheap = plan_head(spec, CostModel(1.0, 1000, 1e-3), plan, 60.0, jobs=2, n_classes=10)
     assert cheap.mode == "full" and cheap.tune_rows == len(plan.tasks[0].fit) and not cheap.approximated
 
-    costly = CostModel(1.0, 4e-4, 0.0)  # 3.3 s per fit on 8333 rows: 3 x 5 fits do not fit in 20 s
+    costly = CostModel(1.0, 1000, 0.4)  # 3.3 s per fit on 8333 rows: 3 x 5 fits do not fit in 20 s
     decision = plan_head(spec, costly, plan, 20.0, jobs=2, n_classes=10)
     assert decision.mode == "halving" and 1000 <= decision.tune_rows < len(plan.tasks[0].fit)
     assert decision.predicted_seconds <= 20.0 * budget.PLANNED_FRACTION
@@ -113,17 +114,14 @@ def test_cheap_heads_get_the_full_protocol_and_expensive_ones_halving():
 def test_a_head_that_cannot_fit_is_approximated_or_skipped():
     plan = _plan()
     spec = get_head("rbf-svm")
-    huge = CostModel(2.0, 1e-5, 0.0)  # ~1000 s for one fit on 10 000 rows
-    calls = []
-
-    def approximation_cost():
-        calls.append(1)
-        return CostModel(1.0, 1e-4, 0.0), 0.5
-
-    decision = plan_head(spec, huge, plan, 60.0, jobs=2, n_classes=10, approximation_cost=approximation_cost)
-    assert decision.approximated and decision.spec is spec.approximation and calls == [1]
-    assert decision.mode in ("full", "halving") and decision.probe_seconds == 0.5
+    huge = CostModel(2.0, 1000, 10.0)  # ~1000 s for one fit on 10 000 rows
+    cheap = CostModel(1.0, 1000, 0.1)
+    decision = plan_head(spec, huge, plan, 60.0, jobs=2, n_classes=10, approximation_cost=cheap)
+    assert decision.approximated and decision.spec is spec.approximation
+    assert decision.mode in ("full", "halving") and decision.predicted_seconds <= 60.0
     assert "approximated" in decision.reason and "rbf-svm" in decision.reason
+    assert budget.minimum_share(spec, huge, plan, jobs=2, n_classes=10, approximation_cost=cheap) < 60.0
+    assert budget.minimum_share(spec, huge, plan, jobs=2, n_classes=10) > 600.0  # the exact refit alone
 
     skipped = plan_head(get_head("knn"), huge, plan, 60.0, jobs=2, n_classes=10)
     assert skipped.mode == "skipped" and "no approximation" in skipped.reason
@@ -157,15 +155,15 @@ def synthetic_store(tmp_path_factory):
 
 def test_budgeted_compare_reports_every_decision(runner, synthetic_store, tmp_path, monkeypatch):
     # Deterministic planning: probes return fixed costs; the fits themselves are real.
-    costs = {"rbf-svm": CostModel(2.0, 1e-3, 0.0), "knn": CostModel(2.0, 1e-3, 0.0),
-             "logreg": CostModel(1.0, 1e-3, 0.0)}
+    costs = {"rbf-svm": CostModel(2.0, 1000, 1000.0), "knn": CostModel(2.0, 1000, 1000.0),
+             "logreg": CostModel(1.0, 1000, 1.0)}
     rbf = get_head("rbf-svm")  # a smaller kernel map keeps the test fast; the planning is the same
     small_map = dataclasses.replace(rbf.approximation, estimator=lambda: NystroemSVC(n_components=100))
     monkeypatch.setitem(HEADS, "rbf-svm", dataclasses.replace(rbf, approximation=small_map))
 
     def fake_probe(spec, X, y, **kwargs):
-        return costs.get(spec.name, CostModel(1.0, 1e-6, 0.0)) if spec is get_head(spec.name) else \
-            CostModel(1.0, 1e-5, 0.0)
+        return costs.get(spec.name, CostModel(1.0, 1000, 1e-3)) if spec is get_head(spec.name) else \
+            CostModel(1.0, 1000, 0.01)
 
     monkeypatch.setattr("pipelines.compare.probe_cost", fake_probe)
     out = tmp_path / "r"
