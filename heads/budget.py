@@ -41,12 +41,15 @@ __all__ = [
     "plan_head",
     "minimum_share",
     "stratified_subset",
+    "head_jobs",
+    "Allocator",
     "full_plan",
 ]
 
 DEFAULT_BUDGET_MINUTES = 15.0  # compare-heads --budget: leaves room for probes, bootstrap and reports in 20 min
 FACTOR = 3  # successive halving: keep the best third of the candidates, triple their rows
 PLANNED_FRACTION = 0.85  # plan predicted costs into 85 % of a share: the rest absorbs prediction error
+PROBE_SECONDS = 0.5  # probes double in size while one setting takes less than this
 PROBE_ROWS = (1000, 2000)  # timed probe sizes; stores with fewer than 2x the largest keep the full protocol
 
 
@@ -60,6 +63,10 @@ class CostModel:
 
     def seconds(self, n: float) -> float:
         return self.seconds_at * (max(n, 1.0) / self.rows_at) ** self.exponent
+
+    def scaled(self, factor: float) -> "CostModel":
+        """The same growth, every cost multiplied by `factor` (a calibration from measured runs)."""
+        return CostModel(self.exponent, self.rows_at, self.seconds_at * factor)
 
     @classmethod
     def through(cls, sizes: tuple[int, int], seconds: tuple[float, float], exponent: float) -> "CostModel":
@@ -124,8 +131,9 @@ def probe_cost(spec: HeadSpec, X: np.ndarray, y: np.ndarray, *, class_weight: st
                seed: int = 0, sizes: tuple[int, int] = PROBE_ROWS) -> CostModel:
     """Time every grid setting of `spec` on stratified subsets of two sizes and fit its cost model.
 
-    When the larger probe is quick (under a second a setting) and the store is big enough, a probe at twice
-    that size is added and the upper pair is used: fixed overheads then distort the exponent less.
+    While the largest probe is quick (under ``PROBE_SECONDS`` a setting) and a quarter of the store is larger,
+    a probe at twice that size is added and the upper pair is used: the closer the probes come to the real
+    size, the less fixed overheads and cache effects distort the extrapolation.
     """
     pipeline = base_pipeline(spec, class_weight, seed)
     timed: dict[int, float] = {}
@@ -142,8 +150,8 @@ def probe_cost(spec: HeadSpec, X: np.ndarray, y: np.ndarray, *, class_weight: st
     for n in sizes:
         timed[n] = probe(n)
     pair = sizes
-    if timed[sizes[1]] < 1.0 and len(y) >= 4 * sizes[1]:
-        pair = (sizes[1], 2 * sizes[1])
+    while timed[pair[1]] < PROBE_SECONDS and len(y) >= 8 * pair[1]:
+        pair = (pair[1], 2 * pair[1])
         timed[pair[1]] = probe(pair[1])
     return CostModel.through(pair, (timed[pair[0]], timed[pair[1]]), spec.cost_exponent)
 
@@ -165,6 +173,11 @@ def halving_schedule(n_candidates: int, max_rows: int, n_splits: int, n_classes:
 PARALLEL_EFFICIENCY = 0.7  # parallel fits share memory bandwidth and caches: 2 jobs give ~1.4x, not 2x
 
 
+def head_jobs(spec: HeadSpec, jobs: int) -> int:
+    """Parallel fits for `spec`: one at a time for heads that use every core in one fit (``threaded``)."""
+    return 1 if spec.threaded else jobs
+
+
 def _parallel(fits: int, jobs: int) -> float:
     workers = max(1, min(jobs, fits))
     return 1.0 + (workers - 1) * PARALLEL_EFFICIENCY
@@ -179,7 +192,7 @@ def _task_shape(task: Task) -> tuple[int, int, float]:
 
 def full_plan(spec: HeadSpec, cost: CostModel, plan: Plan, jobs: int) -> float:
     """Predicted wall seconds of the plain protocol (grid search on every fit row, refit, score)."""
-    total = 0.0
+    total, jobs = 0.0, head_jobs(spec, jobs)
     for task in plan.tasks:
         n_fit, splits, fraction = _task_shape(task)
         fits = spec.grid_size() * splits
@@ -188,7 +201,7 @@ def full_plan(spec: HeadSpec, cost: CostModel, plan: Plan, jobs: int) -> float:
 
 
 def _halving_seconds(spec: HeadSpec, cost: CostModel, plan: Plan, rows: int, jobs: int, n_classes: int) -> float:
-    total = 0.0
+    total, jobs = 0.0, head_jobs(spec, jobs)
     for task in plan.tasks:
         n_fit, splits, fraction = _task_shape(task)
         if spec.grid_size() > 1:
@@ -269,3 +282,72 @@ def plan_head(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, *, jobs
             return approx
     return HeadBudget("skipped", spec, predicted_seconds=full_plan(spec, cost, plan, jobs),
                       reason=f"{why}, over its share of {share:.0f}s, and it has no approximation that fits")
+
+
+class Allocator:
+    """Hands a time budget to heads in turn, charging what they actually took.
+
+    Each head gets its :func:`minimum_share` plus an equal part of what remains after the minimum shares of
+    every head still to run -- so an expensive head late in the order is approximated rather than starved. A
+    head that could not run even alone in the budget reserves nothing (and is skipped); when the budget is
+    overdrawn, the heads still to run get at most their minimum, and the last ones are skipped. Predictions
+    are calibrated by the runs so far: once a head predicted to take over ``CALIBRATE_ABOVE`` seconds has run,
+    later predictions are multiplied by the median of actual / predicted (kept within [1, 4]), which absorbs
+    what probes cannot see (memory bandwidth shared by parallel fits, a busy machine).
+    """
+
+    CALIBRATE_ABOVE = 2.0
+
+    def __init__(self, budget_seconds: float, plan: Plan, *, jobs: int, n_classes: int):
+        self.budget_seconds = budget_seconds
+        self.plan = plan
+        self.jobs = jobs
+        self.n_classes = n_classes
+        self.calibration = 1.0
+        self._heads: dict = {}
+        self._ratios: list[float] = []
+
+    def add(self, key, spec: HeadSpec, cost: CostModel, approximation_cost: CostModel | None = None) -> None:
+        self._heads[key] = (spec, cost, approximation_cost)
+
+    def _costs(self, key) -> tuple[HeadSpec, CostModel, CostModel | None]:
+        spec, cost, approx = self._heads[key]
+        return spec, cost.scaled(self.calibration), approx.scaled(self.calibration) if approx else None
+
+    def full_seconds(self, key) -> float:
+        spec, cost, _ = self._costs(key)
+        return full_plan(spec, cost, self.plan, self.jobs)
+
+    def minimum(self, key) -> float:
+        spec, cost, approx = self._costs(key)
+        return minimum_share(spec, cost, self.plan, jobs=self.jobs, n_classes=self.n_classes,
+                             approximation_cost=approx)
+
+    def order(self, keys: list) -> list:
+        """Cheapest full protocol first: what a head leaves of its share flows to the ones after it."""
+        return sorted(keys, key=self.full_seconds)
+
+    def share(self, key, remaining: float, pending: list) -> float:
+        """Seconds for `key` given `remaining` seconds and the `pending` heads (itself included)."""
+        floors = {k: self.minimum(k) for k in pending}
+        affordable = [f for f in floors.values() if f <= self.budget_seconds]
+        surplus = remaining - sum(affordable)
+        if floors[key] > self.budget_seconds:
+            return max(0.0, surplus) / max(1, len(affordable))
+        if surplus >= 0:
+            return floors[key] + surplus / len(affordable)
+        return min(floors[key], max(0.0, remaining))
+
+    def decide(self, key, remaining: float, pending: list) -> HeadBudget:
+        spec, cost, approx = self._costs(key)
+        decision = plan_head(spec, cost, self.plan, self.share(key, remaining, pending), jobs=self.jobs,
+                             n_classes=self.n_classes, approximation_cost=approx)
+        if self.calibration > 1.0:
+            decision.reason += f" (predictions x{self.calibration:.2f}, calibrated on the heads run so far)"
+        return decision
+
+    def record(self, predicted: float | None, actual: float) -> None:
+        """Learn from a finished head (`predicted` as planned, calibration included)."""
+        if predicted is not None and predicted >= self.CALIBRATE_ABOVE:
+            self._ratios.append(actual / (predicted / self.calibration))
+            self.calibration = min(4.0, max(1.0, float(np.median(self._ratios))))

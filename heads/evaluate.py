@@ -130,6 +130,53 @@ def _halving(spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, tune_rows
     return Tuned(params, model, time.perf_counter() - started)
 
 
+def _path_scores(pipeline: Pipeline, path_key: str, values: list, others: list[dict], X: np.ndarray,
+                 y: np.ndarray, train: np.ndarray, val: np.ndarray) -> dict[tuple[int, Any], float]:
+    """Validation accuracy of every (other setting, path value) on one split, walking the path warm-started."""
+    scores = {}
+    for i, params in enumerate(others):
+        model = clone(pipeline).set_params(**params)
+        prep = model.named_steps["prep"]
+        X_train, X_val = X[train], X[val]
+        if prep != "passthrough":
+            prep.fit(X_train, y[train])
+            X_train, X_val = prep.transform(X_train), prep.transform(X_val)
+        clf = model.named_steps["clf"].set_params(warm_start=True)
+        for value in values:
+            clf.set_params(**{path_key: value}).fit(X_train, y[train])
+            scores[(i, value)] = float((clf.predict(X_val) == y[val]).mean())
+    return scores
+
+
+def _path_search(spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, jobs: int, class_weight: str | None,
+                 seed: int) -> Tuned:
+    """Grid search for a head with a warm-startable path parameter: per split, each preprocessing is fitted
+    once and the path values are fitted in increasing order from the previous solution. Scores and the choice
+    (mean validation accuracy, first best in grid order) are those of ``GridSearchCV``."""
+    from joblib import Parallel, delayed
+    from sklearn.model_selection import ParameterGrid
+
+    pipeline = base_pipeline(spec, class_weight, seed)
+    grid = spec.param_grid(min(len(train) for train, _ in task.cv))
+    path_key = f"clf__{spec.path_param}"
+    values = sorted(grid.pop(path_key))
+    others = list(ParameterGrid(grid))
+    X_fit, y_fit = X[task.fit], y[task.fit]
+    per_split = Parallel(n_jobs=min(jobs, len(task.cv)))(
+        delayed(_path_scores)(pipeline, spec.path_param, values, others, X_fit, y_fit, train, val)
+        for train, val in task.cv
+    )
+    # GridSearchCV's candidate order (path value, then the other settings); ties go to the first.
+    order = [(i, value) for value in values for i in range(len(others))]
+    mean = {key: float(np.mean([scores[key] for scores in per_split])) for key in order}
+    best_other, best_value = max(order, key=lambda key: mean[key])
+    params = {**others[best_other], path_key: best_value}
+    model = clone(pipeline).set_params(**params)
+    started = time.perf_counter()
+    model.fit(X_fit, y_fit)
+    return Tuned(params, model, time.perf_counter() - started)
+
+
 def fit_head(
     spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, *, jobs: int = 1, class_weight: str | None = None,
     seed: int = 0, tune_rows: int | None = None,
@@ -144,6 +191,8 @@ def fit_head(
     with quiet_fits():
         if tune_rows is not None:
             return _halving(spec, X, y, task, tune_rows, jobs, class_weight, seed)
+        if spec.path_param is not None and spec.grid_size() > 1:
+            return _path_search(spec, X, y, task, jobs, class_weight, seed)
         n_train = min(len(train) for train, _ in task.cv)
         search = GridSearchCV(base_pipeline(spec, class_weight, seed), spec.param_grid(n_train), cv=task.cv,
                               scoring="accuracy", n_jobs=jobs, refit=True, error_score="raise")

@@ -59,6 +59,11 @@ class HeadSpec:
             1 for linear models, 2 for kernel SVMs and brute-force kNN. Used to extrapolate timed probes.
         approximation: a cheaper stand-in for this head, used under ``--budget`` when the exact head would not
             fit in its share (e.g. an RBF SVM through a Nystroem kernel map); None: the head is skipped instead.
+        threaded: the estimator spreads one fit over every core itself (torch): searches then run its fits one
+            at a time with all threads instead of one fit per core.
+        path_param: a grid key the estimator can follow as a path with ``warm_start`` (e.g. ``C``): the grid
+            search then fits each split's preprocessing once and walks the values in increasing order, each
+            fit starting from the previous solution.
     """
 
     name: str
@@ -70,6 +75,8 @@ class HeadSpec:
     sample_bounded: tuple[str, ...] = ()
     cost_exponent: float = 1.0
     approximation: "HeadSpec | None" = None
+    path_param: str | None = None
+    threaded: bool = False
 
     def pipeline(self) -> Pipeline:
         return Pipeline([("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())])
@@ -116,7 +123,7 @@ register_head(HeadSpec(
 register_head(HeadSpec(
     "torch-logreg", "multinomial logistic regression, full-batch L-BFGS in torch (float32, CPU or CUDA)",
     lambda: TorchLogisticRegression(),
-    prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True,
+    prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True, path_param="C", threaded=True,
 ))
 register_head(HeadSpec(
     "linear-svm", "linear SVM (liblinear, one-vs-rest)",
@@ -130,7 +137,7 @@ register_head(HeadSpec(
     approximation=HeadSpec(
         "rbf-svm", "RBF kernel approximated by 2000 Nystroem components, then a linear SVM (squared hinge)",
         lambda: NystroemSVC(n_components=2000),
-        prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True,
+        prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True, threaded=True,
     ),
 ))
 register_head(HeadSpec(
@@ -142,6 +149,7 @@ register_head(HeadSpec(
     "torch-knn", "k nearest neighbours, cosine, distance-weighted; batched matmul + top-k in torch (CPU or CUDA)",
     lambda: TorchKNeighborsClassifier(weights="distance"),
     prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",), cost_exponent=2.0,
+    threaded=True,
 ))
 register_head(HeadSpec(
     "ridge", "ridge regression classifier (one-vs-rest least squares)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import time
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from featurize.store import FeatureStore, read_store
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
-from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, HeadBudget, full_plan, minimum_share, plan_head, probe_cost
+from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, head_jobs, probe_cost
 from heads.persist import save_head
 from pipelines.provenance import library_versions
 
@@ -104,6 +105,11 @@ def _backbone_names(stores: list[FeatureStore]) -> list[str]:
     return [f"{n} ({s.path.stem})" if counts[n] > 1 else n for n, s in zip(names, stores)]
 
 
+def _threads_for(spec):
+    """All cores for a head that spreads one fit over them itself; the comparison's per-fit limit otherwise."""
+    return threadpool_limits(limits=os.cpu_count() or 1) if spec.threaded else contextlib.nullcontext()
+
+
 def _summary_params(params: list[dict[str, Any]]) -> dict[str, Any]:
     """The chosen setting (holdout), or the one chosen most often across outer folds (nested CV)."""
     as_json = [json.dumps(p, sort_keys=True) for p in params]
@@ -175,7 +181,7 @@ def compare_heads(
     features = {}
     with tqdm(total=len(units), desc="compare-heads", unit="head", disable=not progress) as bar, \
             threadpool_limits(limits=threads):
-        costs: dict[tuple[str, str], Any] = {}
+        allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes)
         probe_seconds: dict[tuple[str, str], float] = {}
         for store, backbone, spec in units:
             if backbone not in features:
@@ -183,39 +189,24 @@ def compare_heads(
             if probing:
                 bar.set_postfix_str(f"probing {backbone} / {spec.name}")
                 started = time.perf_counter()
-                key, X = (backbone, spec.name), features[backbone]
-                costs[key] = probe_cost(spec, X, y, class_weight=class_weight, seed=seed)
+                X = features[backbone]
+                with _threads_for(spec):
+                    cost = probe_cost(spec, X, y, class_weight=class_weight, seed=seed)
+                approx = None
                 if spec.approximation is not None:
-                    costs[key + ("approximation",)] = probe_cost(spec.approximation, X, y, class_weight=class_weight,
-                                                                 seed=seed)
-                probe_seconds[key] = time.perf_counter() - started
-        floors: dict[tuple[str, str], float] = {}
+                    with _threads_for(spec.approximation):
+                        approx = probe_cost(spec.approximation, X, y, class_weight=class_weight, seed=seed)
+                allocator.add((backbone, spec.name), spec, cost, approx)
+                probe_seconds[(backbone, spec.name)] = time.perf_counter() - started
         if probing:
-            for _, backbone, spec in units:
-                key = (backbone, spec.name)
-                floors[key] = minimum_share(spec, costs[key], plan, jobs=jobs, n_classes=n_classes,
-                                            approximation_cost=costs.get(key + ("approximation",)))
-            # Cheapest first: what a head leaves of its share flows to the more expensive ones after it.
-            units.sort(key=lambda u: full_plan(u[2], costs[(u[1], u[2].name)], plan, jobs))
+            order = allocator.order([(b, s.name) for _, b, s in units])
+            units.sort(key=lambda u: order.index((u[1], u[2].name)))
 
         for position, (store, backbone, spec) in enumerate(units):
             X, key = features[backbone], (backbone, spec.name)
             if probing:
-                # Each head gets the least it needs to run at all, plus an equal part of what is left after
-                # every remaining head's least -- so an expensive head late in the order is never starved.
-                # A head that cannot run even alone in the budget reserves nothing and is skipped; when the
-                # budget is overdrawn, the cheap heads still run and the expensive ones at the end are skipped.
-                later = [floors[(b, s.name)] for _, b, s in units[position:] if floors[(b, s.name)] <= budget_seconds]
                 remaining = budget_seconds - (time.perf_counter() - started_at)
-                surplus = remaining - sum(later)
-                if floors[key] > budget_seconds:
-                    share = max(0.0, surplus) / max(1, len(later))
-                elif surplus >= 0:
-                    share = floors[key] + surplus / len(later)
-                else:
-                    share = min(floors[key], max(0.0, remaining))
-                decision = plan_head(spec, costs[key], plan, share, jobs=jobs, n_classes=n_classes,
-                                     approximation_cost=costs.get(key + ("approximation",)))
+                decision = allocator.decide(key, remaining, [(b, s.name) for _, b, s in units[position:]])
                 decision.probe_seconds = probe_seconds[key]
             else:
                 why = "no budget (--exhaustive)" if budget_seconds is None else \
@@ -229,9 +220,11 @@ def compare_heads(
                 continue
             tune_rows = None if decision.mode == "full" else decision.tune_rows
             started = time.perf_counter()
-            run = run_head(decision.spec, X, y, plan, n_classes, jobs=jobs, class_weight=class_weight, seed=seed,
-                           tune_rows=tune_rows)
+            with _threads_for(decision.spec):
+                run = run_head(decision.spec, X, y, plan, n_classes, jobs=head_jobs(decision.spec, jobs),
+                               class_weight=class_weight, seed=seed, tune_rows=tune_rows)
             actual = time.perf_counter() - started
+            allocator.record(decision.predicted_seconds, actual)
             metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
             cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
             row = {

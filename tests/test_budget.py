@@ -205,3 +205,24 @@ def test_small_stores_keep_the_full_protocol(runner, synthetic_store, tmp_path, 
 def test_bad_budget_is_one_line(runner, synthetic_store):
     result = invoke(runner, ["compare-heads", synthetic_store, "--budget", "0"])
     assert result.exit_code == 2 and "--budget" in result.output  # click's usage error for a bad option value
+
+
+def test_allocator_reserves_minimum_shares_and_calibrates_on_actual_times():
+    plan = _plan()
+    allocator = budget.Allocator(120.0, plan, jobs=2, n_classes=10)
+    allocator.add("cheap", get_head("ridge"), CostModel(1.0, 1000, 0.01))
+    allocator.add("rbf", get_head("rbf-svm"), CostModel(2.0, 1000, 10.0), CostModel(1.0, 1000, 0.3))
+    allocator.add("knn", get_head("knn"), CostModel(2.0, 1000, 10.0))  # cannot run even alone: reserves nothing
+    keys = allocator.order(["rbf", "knn", "cheap"])
+    assert keys[0] == "cheap"
+    share = allocator.share("cheap", 120.0, keys)
+    assert allocator.minimum("cheap") <= share < 120.0 - allocator.minimum("rbf")  # rbf's minimum stays reserved
+    assert allocator.decide("knn", 120.0, ["knn"]).mode == "skipped"
+    assert allocator.decide("rbf", 100.0, ["rbf"]).approximated
+
+    before = allocator.full_seconds("cheap")
+    allocator.record(10.0, 20.0)  # a head took twice its prediction
+    assert allocator.calibration == 2.0 and allocator.full_seconds("cheap") == pytest.approx(2 * before)
+    allocator.record(1.0, 50.0)  # too short to learn from
+    assert allocator.calibration == 2.0
+    assert "calibrated" in allocator.decide("cheap", 100.0, ["cheap"]).reason

@@ -101,3 +101,19 @@ def test_knn_saved_with_skops(tmp_path, digits):
     model = TorchKNeighborsClassifier(n_neighbors=5).fit(X_train, y_train)
     loaded, _ = load_head(save_head(tmp_path / "k.skops", model, {}))
     np.testing.assert_array_equal(loaded.predict(X_test), model.predict(X_test))
+
+
+def test_warm_started_path_search_chooses_like_grid_search():
+    import dataclasses
+
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32)
+    plan = plan_protocol(y, np.where(np.arange(len(y)) % 4 == 0, "test", "train"), folds=3)
+    spec = get_head("torch-logreg")
+    assert spec.path_param == "C"
+    path = fit_head(spec, X, y, plan.tasks[0], jobs=1)
+    grid = fit_head(dataclasses.replace(spec, path_param=None), X, y, plan.tasks[0], jobs=1)
+    assert path.best_params_["clf__C"] == grid.best_params_["clf__C"]
+    scored = plan.tasks[0].score
+    agree = (path.best_estimator_.predict(X[scored]) == grid.best_estimator_.predict(X[scored])).mean()
+    assert agree >= 0.99
