@@ -128,7 +128,7 @@ def _settings(spec: HeadSpec, n_train: int) -> list[dict]:
 
 
 def probe_cost(spec: HeadSpec, X: np.ndarray, y: np.ndarray, *, class_weight: str | None = None,
-               seed: int = 0, sizes: tuple[int, int] = PROBE_ROWS) -> CostModel:
+               seed: int = 0, sizes: tuple[int, int] | None = None) -> CostModel:
     """Time every grid setting of `spec` on stratified subsets of two sizes and fit its cost model.
 
     While the largest probe is quick (under ``PROBE_SECONDS`` a setting) and a quarter of the store is larger,
@@ -137,6 +137,9 @@ def probe_cost(spec: HeadSpec, X: np.ndarray, y: np.ndarray, *, class_weight: st
     """
     pipeline = base_pipeline(spec, class_weight, seed)
     timed: dict[int, float] = {}
+    small, large = sizes or spec.probe_rows or PROBE_ROWS
+    large = max(2, min(large, len(y) // 2))  # a store smaller than the probes: probe within it
+    sizes = (max(1, min(small, large // 2)), large)
 
     def probe(n: int) -> float:
         rows = stratified_subset(y, n, seed)

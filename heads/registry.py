@@ -59,6 +59,9 @@ class HeadSpec:
             1 for linear models, 2 for kernel SVMs and brute-force kNN. Used to extrapolate timed probes.
         approximation: a cheaper stand-in for this head, used under ``--budget`` when the exact head would not
             fit in its share (e.g. an RBF SVM through a Nystroem kernel map); None: the head is skipped instead.
+        probe_rows: the two sizes its cost is first timed at under ``--budget`` (None: 1 000 and 2 000); larger
+            for estimators whose cost changes shape above some size (a kernel map of 2 000 components is exact,
+            and quadratic, below 2 000 rows).
         threaded: the estimator spreads one fit over every core itself (torch): searches then run its fits one
             at a time with all threads instead of one fit per core.
         path_param: a grid key the estimator can follow as a path with ``warm_start`` (e.g. ``C``): the grid
@@ -77,6 +80,7 @@ class HeadSpec:
     approximation: "HeadSpec | None" = None
     path_param: str | None = None
     threaded: bool = False
+    probe_rows: tuple[int, int] | None = None
 
     def pipeline(self) -> Pipeline:
         return Pipeline([("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())])
@@ -138,6 +142,7 @@ register_head(HeadSpec(
         "rbf-svm", "RBF kernel approximated by 2000 Nystroem components, then a linear SVM (squared hinge)",
         lambda: NystroemSVC(n_components=2000),
         prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True, threaded=True,
+        probe_rows=(4000, 8000),
     ),
 ))
 register_head(HeadSpec(
