@@ -226,3 +226,30 @@ def test_allocator_reserves_minimum_shares_and_calibrates_on_actual_times():
     allocator.record(1.0, 50.0)  # too short to learn from
     assert allocator.calibration == 2.0
     assert "calibrated" in allocator.decide("cheap", 100.0, ["cheap"]).reason
+
+
+def test_bench_heads_measures_every_part(runner, tmp_path):
+    out = tmp_path / "bench-heads.json"
+    result = invoke(runner, ["bench-heads", "--n", "1500", "--d", "16", "--classes", "3", "--cs", "0.1,1",
+                             "--svm-rows", "300", "--keep-store", tmp_path / "synthetic.h5", "--json", out])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["train_rows"] == 1250 and data["test_rows"] == 250 and data["features"] == 16
+    assert [r["C"] for r in data["logreg"]] == [0.1, 1.0]
+    for r in data["logreg"]:
+        assert r["speedup_cpu"] == pytest.approx(r["sklearn_fit_s"] / r["torch_cpu_fit_s"])
+        assert r["clf_speedup_cpu"] == pytest.approx(r["sklearn_clf_fit_s"] / r["torch_cpu_clf_fit_s"])
+        assert abs(r["accuracy_delta_cpu_points"]) < 3
+    assert data["c_path"]["Cs"] == [0.1, 1.0] and len(data["c_path"]["warm_fit_s"]) == 2
+    assert data["rbf_svm"]["train_rows"] == 300 and 0.5 < data["rbf_svm"]["nystroem_accuracy"] <= 1
+    compare = data["compare_heads"]
+    assert len(compare["heads"]) == 9 and not compare["skipped"]  # a small store: every head, full protocol
+    assert all(h["mode"] == "full" for h in compare["heads"])
+    assert (tmp_path / "synthetic.h5").exists() and "compare-heads (every head" in result.output
+
+
+def test_bench_heads_bad_input(runner, tmp_path):
+    assert_one_line_error(invoke(runner, ["bench-heads", "--cs", "0.1,x"]), "--cs must be comma-separated numbers")
+    assert_one_line_error(invoke(runner, ["bench-heads", "--cs", "0"]), "--cs needs at least one C > 0")
+    assert_one_line_error(invoke(runner, ["bench-heads", "--store", tmp_path / "missing.h5", "--no-compare"]),
+                          "missing.h5")
