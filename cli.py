@@ -292,9 +292,14 @@ def bench(model, weights, images, num_images, device, precision, batch_size, wor
                            precision=precision, batch_size=batch_size, workers=workers, streams=streams,
                            compile=compile_model, quality=not no_quality)
     _print_bench(result)
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
-        click.echo(f"wrote {json_out}")
+    _write_json(result, json_out)
+
+
+def _write_json(result: dict, path: Path | None) -> None:
+    """Write a benchmark's results to `path` (--json), if one was given."""
+    if path:
+        path.write_text(json.dumps(result, indent=2))
+        click.echo(f"wrote {path}")
 
 
 def _print_bench(result: dict) -> None:
@@ -364,9 +369,7 @@ def bench_heads(store, n_rows, dim, classes, seed, cs, svm_rows, budget, no_comp
     result = run_heads_benchmark(store, n=n_rows, d=dim, classes=classes, seed=seed, Cs=Cs, svm_rows=svm_rows,
                                  budget=budget, compare=not no_compare, keep_store=keep_store, progress=True)
     _print_bench_heads(result)
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
-        click.echo(f"wrote {json_out}")
+    _write_json(result, json_out)
 
 
 def _print_bench_heads(result: dict) -> None:

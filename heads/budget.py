@@ -159,12 +159,18 @@ def probe_cost(spec: HeadSpec, X: np.ndarray, y: np.ndarray, *, class_weight: st
     return CostModel.through(pair, (timed[pair[0]], timed[pair[1]]), spec.cost_exponent)
 
 
+def _halving_rounds(n_candidates: int, factor: int = FACTOR) -> int:
+    """Rounds successive halving needs to narrow `n_candidates` down to the last factor or fewer."""
+    rounds = 1
+    while factor**rounds <= n_candidates:
+        rounds += 1
+    return rounds
+
+
 def halving_schedule(n_candidates: int, max_rows: int, n_splits: int, n_classes: int,
                      factor: int = FACTOR) -> list[tuple[int, int]]:
     """(candidates, rows) per iteration, as ``HalvingGridSearchCV(min_resources="exhaust")`` runs them."""
-    required = 1
-    while factor**required <= n_candidates:
-        required += 1
+    required = _halving_rounds(n_candidates, factor)
     smallest = 2 * n_splits * n_classes
     min_rows = max(smallest, max_rows // factor ** (required - 1))
     possible = 1
@@ -216,8 +222,10 @@ def _halving_seconds(spec: HeadSpec, cost: CostModel, plan: Plan, rows: int, job
 
 
 def _smallest_tuning_rows(spec: HeadSpec, plan: Plan, n_classes: int) -> int:
-    splits = len(plan.tasks[0].cv)
-    return max(1000, 2 * splits * n_classes * FACTOR ** max(0, len(halving_schedule(spec.grid_size(), 10**9, splits, n_classes)) - 1))
+    """The fewest tuning rows worth halving on: every round has scikit-learn's minimum rows (2 per class
+    per split) or more, and never under 1 000."""
+    smallest = 2 * len(plan.tasks[0].cv) * n_classes
+    return max(1000, smallest * FACTOR ** (_halving_rounds(spec.grid_size()) - 1))
 
 
 def _fit_in_share(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, jobs: int,

@@ -61,13 +61,9 @@ def _accuracy(model, X: np.ndarray, y: np.ndarray) -> float:
     return float((model.predict(X) == y).mean())
 
 
-def _logreg(X_train, y_train, X_test, y_test, C: float, devices: list[str]) -> dict[str, Any]:
-    """Pipelines (standardize + classifier, as compare-heads fits them) and the classifiers alone on
-    already standardized rows, scikit-learn's lbfgs vs torch-logreg on each device, at the same C."""
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(X_train)
-    Z_train, Z_test = scaler.transform(X_train), scaler.transform(X_test)
+def _logreg(X_train, y_train, X_test, y_test, Z_train, C: float, devices: list[str]) -> dict[str, Any]:
+    """Pipelines (standardize + classifier, as compare-heads fits them) and the classifiers alone on the
+    standardized rows `Z_train`, scikit-learn's lbfgs vs torch-logreg on each device, at the same C."""
     out: dict[str, Any] = {"C": C}
     sk = get_head("logreg").pipeline().set_params(clf__C=C)
     out["sklearn_fit_s"] = _timed_fit(sk, X_train, y_train)
@@ -88,13 +84,10 @@ def _logreg(X_train, y_train, X_test, y_test, C: float, devices: list[str]) -> d
     return out
 
 
-def _c_path(X_train, y_train, Cs: list[float]) -> dict[str, Any]:
-    """torch-logreg fitted at each C from zeros vs warm-started from the previous (smaller) C."""
-    from sklearn.preprocessing import StandardScaler
-
+def _c_path(Z: np.ndarray, y_train, Cs: list[float]) -> dict[str, Any]:
+    """torch-logreg on standardized rows `Z`, fitted at each C from zeros vs warm-started from the previous C."""
     from heads.torch_logreg import TorchLogisticRegression
 
-    Z = StandardScaler().fit_transform(X_train).astype(np.float32)
     TorchLogisticRegression(max_iter=2).fit(Z[:256], y_train[:256])  # warm-up: torch's first-call costs
     cold = [_timed_fit(TorchLogisticRegression(C=C), Z, y_train) for C in sorted(Cs)]
     model = TorchLogisticRegression(warm_start=True)
@@ -167,8 +160,11 @@ def run_heads_benchmark(
                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
             "library_versions": library_versions(),
         }
-        result["logreg"] = [_logreg(X_train, y_train, X_test, y_test, C, devices) for C in Cs]
-        result["c_path"] = _c_path(X_train, y_train, list(Cs))
+        from sklearn.preprocessing import StandardScaler
+
+        Z_train = StandardScaler().fit_transform(X_train).astype(np.float32)  # once, for every classifier-alone fit
+        result["logreg"] = [_logreg(X_train, y_train, X_test, y_test, Z_train, C, devices) for C in Cs]
+        result["c_path"] = _c_path(Z_train, y_train, list(Cs))
         result["rbf_svm"] = _rbf_svm(X_train, y_train, X_test, y_test, min(svm_rows, len(y_train)), seed)
         if compare:
             comparison = compare_heads([store], budget=budget, seed=seed, progress=progress)

@@ -80,6 +80,19 @@ def assert_one_line_error(result, expected: str) -> None:
     assert expected in lines[0], lines[0]
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits, stratified 75/25 split, standardized on the train part, float32."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
+    scaler = StandardScaler().fit(X_train)
+    return scaler.transform(X_train).astype(np.float32), scaler.transform(X_test).astype(np.float32), y_train, y_test
+
+
 @pytest.fixture
 def runner():
     from click.testing import CliRunner

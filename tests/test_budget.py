@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 from sklearn.dummy import DummyClassifier
 from sklearn.experimental import enable_halving_search_cv  # noqa: F401
-from sklearn.model_selection import HalvingGridSearchCV, StratifiedKFold, train_test_split
+from sklearn.model_selection import HalvingGridSearchCV, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -31,14 +30,6 @@ from conftest import assert_one_line_error, invoke
 @parametrize_with_checks([TorchLinearSVC(), NystroemSVC(n_components=20), ScaledNystroem(n_components=10)])
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
-    scaler = StandardScaler().fit(X_train)
-    return scaler.transform(X_train).astype(np.float32), scaler.transform(X_test).astype(np.float32), y_train, y_test
 
 
 def test_torch_linear_svc_matches_liblinear(digits):

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from heads import get_head, plan_protocol, fit_head
@@ -19,14 +17,6 @@ from heads.torch_logreg import TorchLogisticRegression
 @parametrize_with_checks([TorchLogisticRegression(), TorchKNeighborsClassifier()])
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
-    scaler = StandardScaler().fit(X_train)
-    return scaler.transform(X_train).astype(np.float32), scaler.transform(X_test).astype(np.float32), y_train, y_test
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
