@@ -18,8 +18,18 @@ from featurize.errors import FeaturizeError
 from featurize.store import DTYPES
 from heads.budget import DEFAULT_BUDGET_MINUTES
 from heads.errors import HeadsError
+from pipelines.cluster import LOCAL, ClusterError
 
-USER_ERRORS = (FeaturizeError, HeadsError)
+USER_ERRORS = (FeaturizeError, HeadsError, ClusterError)
+
+
+def _ray_option(what: str):
+    return click.option(
+        "--ray", "ray_address", is_flag=False, flag_value=LOCAL, default=None, metavar="[ADDRESS]",
+        help=f"{what} on a Ray cluster: --ray HOST:PORT (or auto) joins a running one; a bare --ray joins the one "
+             "this machine is part of, or starts a local Ray runtime. Needs: pip install 'headbench[ray]' "
+             "(docs/scaling.md).",
+    )
 
 
 class _Group(click.Group):
@@ -107,9 +117,10 @@ def main():
     help="Fail the run (writing no store) when more images than this cannot be decoded: a count or a share.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store (and discard an unfinished run).")
+@_ray_option("Spread the shards over actors (one per GPU, or one per CPU core)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(source, model, weights, out, image_size, batch_size, workers, device, precision, dtype, shard_size,
-            jpeg_draft, streams, compile_model, max_failures, overwrite, quiet):
+            jpeg_draft, streams, compile_model, max_failures, overwrite, ray_address, quiet):
     """Embed every image of SOURCE with a frozen backbone into an HDF5 feature store.
 
     SOURCE is an image folder (ROOT/<class>/<image>, ROOT/<split>/<class>/<image> with split folders
@@ -125,6 +136,7 @@ def extract(source, model, weights, out, image_size, batch_size, workers, device
       python cli.py extract builtin:digits --model tf_efficientnet_lite0 --out digits.h5
       python cli.py extract photos/ --model resnet50 --weights hub --out photos-r50.h5
       python cli.py extract list.csv --model vit_small_patch16_224 --weights vit.safetensors --out list.h5
+      python cli.py extract /shared/photos --model resnet50 --out /shared/photos-r50.h5 --ray 10.0.0.1:6379
     """
     from pipelines.extract import extract_features
 
@@ -145,6 +157,7 @@ def extract(source, model, weights, out, image_size, batch_size, workers, device
         compile=compile_model,
         max_failures=max_failures,
         overwrite=overwrite,
+        ray=ray_address,
         progress=not quiet,
     )
     resumed = f", {result.resumed_rows} resumed from an earlier run" if result.resumed_rows else ""
@@ -455,9 +468,10 @@ def heads_command(pattern):
                    "planned to fit: full grid search, successive halving on a tuning subset, an approximation "
                    "(rbf-svm: Nystroem), or skipped; report.md says which and why.")
 @click.option("--exhaustive", is_flag=True, help="No budget: the full grid search for every head, however long.")
+@_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_best, budget,
-                          exhaustive, quiet):
+                          exhaustive, ray_address, quiet):
     """Train and compare classical heads on one or more feature stores (one per backbone).
 
     Every backbone x head is tuned and scored under the same protocol, chosen from the store's splits: with a
@@ -477,22 +491,33 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads digits.h5
       python cli.py compare-heads lite0.h5 lite2.h5 --heads logreg,knn --out results/ --save-best best.skops
       python cli.py compare-heads big.h5 --budget 30 --out results/
+      python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
     """
+    import contextlib
+
     from pipelines.compare import compare_heads, save_best_head
 
     heads = [h.strip() for h in head_names.split(",") if h.strip()] if head_names else None
     weight = None if class_weight == "none" else class_weight
-    comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
-                               n_boot=n_boot, budget=None if exhaustive else budget, progress=not quiet)
-    _print_leaderboard(comparison)
-    if out_dir:
-        from pipelines.report import write_results
+    if ray_address is not None:
+        from pipelines.cluster import joblib_on_ray
 
-        written = write_results(comparison, out_dir)
-        click.echo(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
-    if save_best:
-        path = save_best_head(comparison, save_best, jobs=jobs, class_weight=weight)
-        click.echo(f"saved the winning head to {path} (use: python cli.py predict --head {path} SOURCE --out preds.csv)")
+        backend = joblib_on_ray(ray_address)
+    else:
+        backend = contextlib.nullcontext(None)
+    with backend as cluster_cpus:
+        jobs = jobs or cluster_cpus
+        comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
+                                   n_boot=n_boot, budget=None if exhaustive else budget, progress=not quiet)
+        _print_leaderboard(comparison)
+        if out_dir:
+            from pipelines.report import write_results
+
+            written = write_results(comparison, out_dir)
+            click.echo(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
+        if save_best:
+            path = save_best_head(comparison, save_best, jobs=jobs, class_weight=weight)
+            click.echo(f"saved the winning head to {path} (use: python cli.py predict --head {path} SOURCE --out preds.csv)")
 
 
 def _tuned_on(row: dict) -> str:

@@ -204,9 +204,13 @@ class StoreWriter:
     def _shard_file(self, k: int) -> Path:
         return self.partial / f"shard-{k:06d}.npz"
 
+    def pending_shards(self) -> list[range]:
+        """The row ranges of the shards not committed yet, in order (one unit of distributed work each)."""
+        return [self._shard_range(k) for k in range(self.num_shards) if k not in self.committed]
+
     def pending_indices(self) -> list[int]:
         """Sample indices whose shards are not committed yet, in order."""
-        return [i for k in range(self.num_shards) if k not in self.committed for i in self._shard_range(k)]
+        return [i for rows in self.pending_shards() for i in rows]
 
     def _resume(self) -> None:
         try:

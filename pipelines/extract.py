@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,16 +103,23 @@ def extract_features(
     compile: bool = False,
     max_failures: str | int = DEFAULT_MAX_FAILURES,
     overwrite: bool = False,
+    ray: str | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Embed every sample of `source` with a frozen timm backbone into the HDF5 store `out`.
 
-    A run that was interrupted resumes from its committed shards when called again with the same settings.
-    Batch size and worker count do not change the features, so they may differ between the runs.
+    A run that was interrupted resumes from its committed shards when called again with the same settings
+    (with or without Ray). Batch size, worker count and Ray do not change the features, so they may differ
+    between the runs.
+
+    Args:
+        ray: None: run here. An address (``HOST:PORT``, ``auto``, ``ray://...``) or ``local``: spread the shards
+            over a Ray cluster's actors (:mod:`pipelines.cluster`); the store is the same as a local run's.
 
     Raises:
         FeaturizeError: bad source, model, weights, device or options; store exists or was started with
             other settings.
+        ClusterError: Ray missing or unreachable, or the cluster could not finish.
     """
     out = Path(out)
     check_writable(out, overwrite)
@@ -119,50 +127,75 @@ def extract_features(
     check_model_name(model)  # cheap, so a typo fails before a large folder is scanned
     src = open_source(source)
     allowed = allowed_failures(limit_spec, len(src))
-    backbone = create_backbone(model, weights, image_size=image_size)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    config: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "backbone": backbone.name,
-        "weights": backbone.weights,
-        "data_config": backbone.data_config,
-        "pooling": backbone.pooling,
-        "decode": {"jpeg_draft": jpeg_draft},
-        "precision": prec,
-        "dtype": dtype,
-        "dataset": {"kind": src.kind, "fingerprint": src.fingerprint(), "num_rows": len(src)},
-    }
-    writer = StoreWriter(
-        out, config, len(src), backbone.num_features, dtype=dtype, shard_size=shard_size, overwrite=overwrite
-    )
-    pending = writer.pending_indices()
-    started = time.perf_counter()
-    with tqdm(
-        total=len(src), initial=writer.resumed_rows, unit="img", desc=f"extract {backbone.name}", disable=not progress
-    ) as bar, _commit_on_error(writer):
-        for batch in iter_features(
-            src,
-            backbone,
-            pending,
-            device=dev,
-            precision=prec,
-            batch_size=batch_size or default_batch_size(dev),
-            workers=default_workers(dev) if workers is None else workers,
-            streams=streams,
-            jpeg_draft=jpeg_draft,
-            compile=compile,
-        ):
-            writer.add(batch.indices, batch.features, batch.errors)
-            bar.update(len(batch.indices))
-            if writer.failed_rows > allowed:
-                example = next((f"{src.samples[i].id}: {e}" for i, e in zip(batch.indices, batch.errors) if e), "")
-                raise FeaturizeError(
-                    f"{writer.failed_rows} images failed, more than --max-failures {limit_spec} allows "
-                    f"({allowed} of {len(src)}); e.g. {example}. {out} was not written; fix the inputs or "
-                    "raise --max-failures"
+    fingerprint = src.fingerprint()
+    with contextlib.ExitStack() as stack:
+        if ray is None:
+            backbone = create_backbone(model, weights, image_size=image_size)
+            dev = resolve_device(device)
+            prec = resolve_precision(precision, dev)
+            computed = {"backbone": backbone.name, "weights": backbone.weights, "data_config": backbone.data_config,
+                        "pooling": backbone.pooling, "num_features": backbone.num_features, "precision": prec}
+            placement = str(dev)
+
+            def batches(shards: list[range]):
+                return iter_features(
+                    src, backbone, [i for rows in shards for i in rows], device=dev, precision=prec,
+                    batch_size=batch_size or default_batch_size(dev),
+                    workers=default_workers(dev) if workers is None else workers, streams=streams,
+                    jpeg_draft=jpeg_draft, compile=compile,
                 )
-    seconds = time.perf_counter() - started
+        else:
+            from pipelines.cluster import RayExtractPool, ray_session
+
+            stack.enter_context(ray_session(ray))
+            pool = RayExtractPool(source, model, {
+                "weights": weights, "image_size": image_size, "device": device, "precision": precision,
+                "batch_size": batch_size, "workers": workers, "streams": streams, "jpeg_draft": jpeg_draft,
+                "compile": compile,
+            }, report=lambda line: tqdm.write(line, file=sys.stderr))
+            stack.callback(pool.shutdown)
+            computed = pool.description
+            if computed["dataset"]["fingerprint"] != fingerprint:
+                raise FeaturizeError(
+                    f"the Ray workers see other data under {source} than this machine does (different "
+                    "fingerprint); put the source on storage every node mounts at the same path"
+                )
+            placement = pool.placement
+
+            def batches(shards: list[range]):
+                return pool.batches(shards, dtype)
+
+        config: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "backbone": computed["backbone"],
+            "weights": computed["weights"],
+            "data_config": computed["data_config"],
+            "pooling": computed["pooling"],
+            "decode": {"jpeg_draft": jpeg_draft},
+            "precision": computed["precision"],
+            "dtype": dtype,
+            "dataset": {"kind": src.kind, "fingerprint": fingerprint, "num_rows": len(src)},
+        }
+        writer = StoreWriter(
+            out, config, len(src), computed["num_features"], dtype=dtype, shard_size=shard_size, overwrite=overwrite
+        )
+        pending = writer.pending_shards()
+        started = time.perf_counter()
+        with tqdm(
+            total=len(src), initial=writer.resumed_rows, unit="img", desc=f"extract {computed['backbone']}",
+            disable=not progress,
+        ) as bar, _commit_on_error(writer):
+            for batch in batches(pending):
+                writer.add(batch.indices, batch.features, batch.errors)
+                bar.update(len(batch.indices))
+                if writer.failed_rows > allowed:
+                    example = next((f"{src.samples[i].id}: {e}" for i, e in zip(batch.indices, batch.errors) if e), "")
+                    raise FeaturizeError(
+                        f"{writer.failed_rows} images failed, more than --max-failures {limit_spec} allows "
+                        f"({allowed} of {len(src)}); e.g. {example}. {out} was not written; fix the inputs or "
+                        "raise --max-failures"
+                    )
+        seconds = time.perf_counter() - started
 
     samples = src.samples
     path = writer.finalize(
@@ -171,28 +204,29 @@ def extract_features(
         split=[s.split for s in samples],
         classes=src.classes,
         attrs={
-            "backbone": backbone.name,
-            "weights_source": backbone.weights["source"],
-            "weights_sha256": backbone.weights["sha256"],
-            "data_config": backbone.data_config,
-            "pooling": backbone.pooling,
+            "backbone": computed["backbone"],
+            "weights_source": computed["weights"]["source"],
+            "weights_sha256": computed["weights"]["sha256"],
+            "data_config": computed["data_config"],
+            "pooling": computed["pooling"],
             "decode": config["decode"],
-            "precision": prec,
-            "device": str(dev),
-            "num_features": backbone.num_features,
+            "precision": computed["precision"],
+            "device": placement,
+            "num_features": computed["num_features"],
             "dataset_fingerprint": config["dataset"]["fingerprint"],
             "source": src.describe(),
             "library_versions": library_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
+    computed_rows = sum(len(rows) for rows in pending)
     return ExtractResult(
         path=path,
         num_rows=len(src),
         num_failed=writer.num_failed,
         resumed_rows=writer.resumed_rows,
         seconds=seconds,
-        images_per_second=len(pending) / seconds if seconds > 0 else 0.0,
+        images_per_second=computed_rows / seconds if seconds > 0 else 0.0,
         config_hash=writer.config_hash,
         failure_reasons=writer.failure_reasons,
     )

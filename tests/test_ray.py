@@ -1,0 +1,159 @@
+"""Ray, on a small local runtime (num_cpus=2): a Ray extraction equals a local one (failure ledger included),
+a run interrupted locally resumes on Ray, an actor killed mid-run is replaced and its shards redone, and
+compare-heads gives the local leaderboard through joblib's Ray backend. The two-node cluster with a node
+killed mid-run is in test_ray_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import ray
+
+from featurize.store import read_store
+from pipelines.cluster import ClusterError, RayExtractPool
+from pipelines.extract import extract_features
+
+from conftest import ROOT, assert_one_line_error, invoke, photo, write_image
+
+SHARD = 4
+OPTIONS = dict(model="test_resnet", weights="random", precision="fp32", shard_size=SHARD, batch_size=2,
+               max_failures=1)
+POOL_OPTIONS = {"weights": "random", "image_size": None, "device": "cpu", "precision": "fp32", "batch_size": 2,
+                "workers": None, "streams": None, "jpeg_draft": True, "compile": False}
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """14 real photo crops in 2 classes, plus one truncated JPEG (a failed row with its reason)."""
+    root = tmp_path_factory.mktemp("ray-src")
+    for i, name in enumerate(["chelsea", "coffee"] * 7):
+        img = photo(name)
+        write_image(root / name / f"{i:02d}.png", img[i * 10 : i * 10 + 96, i * 12 : i * 12 + 128])
+    (root / "coffee" / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_store(folder, tmp_path_factory):
+    return read_store(extract_features(str(folder), tmp_path_factory.mktemp("local") / "local.h5", progress=False,
+                                       **OPTIONS).path)
+
+
+def assert_same_store(path, reference):
+    store = read_store(path)
+    np.testing.assert_array_equal(store.ids, reference.ids)
+    np.testing.assert_array_equal(store.labels, reference.labels)
+    np.testing.assert_array_equal(store.split, reference.split)
+    np.testing.assert_array_equal(store.status, reference.status)
+    np.testing.assert_array_equal(store.errors, reference.errors)
+    np.testing.assert_allclose(store.features.astype(np.float32), reference.features.astype(np.float32),
+                               rtol=1e-3, atol=1e-3)
+    assert store.attrs["config_hash"] == reference.attrs["config_hash"]
+    return store
+
+
+def test_a_ray_extraction_equals_the_local_one(ray_runtime, folder, local_store, tmp_path):
+    result = extract_features(str(folder), tmp_path / "ray.h5", ray="local", progress=False, **OPTIONS)
+    store = assert_same_store(result.path, local_store)
+    assert result.num_failed == 1 and store.ids[store.status == 1][0] == "coffee/zz-broken.jpg"
+    assert store.attrs["device"] == "ray: 2 CPU actor(s) on cpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray.h5"]  # shards committed and cleaned up as locally
+    assert _cpus_freed(ray_runtime)  # the actors were stopped: the cluster has its CPUs back
+
+
+def _cpus_freed(runtime, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while runtime.available_resources().get("CPU", 0) < 2:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_run_interrupted_locally_resumes_on_ray(ray_runtime, folder, local_store, tmp_path):
+    out = tmp_path / "resumed.h5"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "extract", str(folder), "--model", "test_resnet", "--weights",
+           "random", "--precision", "fp32", "--shard-size", str(SHARD), "--batch-size", "2", "--max-failures", "1", "--out", str(out), "-q"]
+    killed = subprocess.run(cmd, env={**os.environ, "HEADBENCH_FAULT": "after-shard:1"}, cwd=ROOT, timeout=300,
+                            capture_output=True)
+    assert killed.returncode == -9
+    result = extract_features(str(folder), out, ray="local", progress=False, **OPTIONS)
+    assert result.resumed_rows == 2 * SHARD
+    assert_same_store(out, local_store)
+
+
+def test_an_actor_killed_mid_run_is_replaced_and_its_shards_redone(ray_runtime, folder, local_store):
+    lines = []
+    pool = RayExtractPool(str(folder), "test_resnet", POOL_OPTIONS, report=lines.append)
+    try:
+        n = len(local_store.ids)
+        shards = [range(start, min(start + SHARD, n)) for start in range(0, n, SHARD)]
+        seen = []
+        for batch in pool.batches(shards, "float16"):
+            if not seen:
+                ray_runtime.kill(pool.working[0], no_restart=True)
+            seen.append(batch)
+        assert pool.lost_actors == 1 and len(lines) == 1 and "requeued" in lines[0]
+    finally:
+        pool.shutdown()
+    indices = np.concatenate([b.indices for b in seen])
+    assert sorted(indices.tolist()) == list(range(n))  # every row exactly once, none lost, none twice
+    features = np.concatenate([b.features for b in seen])[np.argsort(indices)].astype(np.float32)
+    ok = local_store.status == 0
+    np.testing.assert_allclose(features[ok], local_store.features[ok].astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_workers_that_would_compute_different_features_are_refused():
+    pool = object.__new__(RayExtractPool)
+    pool.actors = []
+    same = {"backbone": "test_resnet", "weights": {"sha256": "a"}, "data_config": {}, "pooling": "avg",
+            "num_features": 8, "precision": "fp32", "dataset": {"fingerprint": "f"}, "device": "cpu"}
+    pool._reference = {**same, "node": "10.0.0.1"}
+    assert pool._check({**same, "node": "10.0.0.9", "device": "cuda"})["node"] == "10.0.0.9"
+    with pytest.raises(ClusterError, match="nodes 10.0.0.1 and 10.0.0.2 .* differ in weights, dataset"):
+        pool._check({**same, "weights": {"sha256": "b"}, "dataset": {"fingerprint": "g"}, "node": "10.0.0.2"})
+    with pytest.raises(ClusterError, match="on node 10.0.0.3 could not start: FeaturizeError: source x does not"):
+        pool._check({"node": "10.0.0.3", "error": "FeaturizeError: source x does not exist"})
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from pipelines.bench_heads import write_synthetic_store
+
+    return write_synthetic_store(tmp_path_factory.mktemp("heads") / "synthetic.h5", n=400, d=24, classes=4)
+
+
+def test_compare_heads_on_ray_gives_the_local_leaderboard(ray_runtime, runner, small_store, tmp_path):
+    rows = {}
+    for name, extra in [("local", []), ("ray", ["--ray"])]:
+        result = invoke(runner, ["compare-heads", small_store, "--heads", "logreg,knn,rbf-svm", "--bootstrap", "200",
+                                 "--out", tmp_path / name, "-q", *extra])
+        assert result.exit_code == 0, result.output
+        rows[name] = json.loads((tmp_path / name / "results.json").read_text())["rows"]
+    keys = ("head", "rank", "accuracy", "balanced_accuracy", "macro_f1", "params", "p_value_vs_best", "accuracy_ci")
+    assert [{k: r[k] for k in keys} for r in rows["ray"]] == [{k: r[k] for k in keys} for r in rows["local"]]
+
+
+@pytest.mark.parametrize("command", ["extract", "compare-heads"])
+def test_ray_not_installed_is_one_line_saying_how_to_install_it(runner, monkeypatch, small_store, tmp_path, command):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    args = (["extract", "builtin:digits", "-m", "test_resnet", "--weights", "random", "--out", tmp_path / "x.h5"]
+            if command == "extract" else ["compare-heads", small_store])
+    result = invoke(runner, [*args, "--ray", "-q"])
+    assert_one_line_error(result, "--ray needs Ray, which is not installed here; install it with: pip install "
+                                  "'headbench[ray]'")
+    assert not (tmp_path / "x.h5").exists()
