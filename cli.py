@@ -555,8 +555,11 @@ def _print_leaderboard(comparison) -> None:
     console.print("≈ = not distinguishable from the best (exact McNemar test, p ≥ 0.05, same rows)")
     for r in comparison.skipped:
         console.print(f"skipped {r['head']}" + (f" on {r['backbone']}" if several else "") + f": {r['reason']}")
+    where = f" ({comparison.parallel})" if not comparison.parallel.startswith("loky") else ""
     if comparison.budget_seconds is not None:
-        console.print(f"took {comparison.seconds:.0f} s of a {comparison.budget_seconds / 60:g} min budget")
+        console.print(f"took {comparison.seconds:.0f} s of a {comparison.budget_seconds / 60:g} min budget{where}")
+    elif where:
+        console.print(f"took {comparison.seconds:.0f} s{where}")
     if comparison.excluded_failed or comparison.excluded_unlabeled:
         console.print(f"left out: {comparison.excluded_failed} rows that failed in at least one store, "
                       f"{comparison.excluded_unlabeled} unlabeled rows")

@@ -122,8 +122,9 @@ def ray_session(address: str | None = LOCAL):
     except Exception as e:  # ConnectionError, ValueError, RuntimeError, ... depending on the way it fails
         where = f"the Ray cluster at {target}" if target else "a local Ray runtime"
         raise ClusterError(
-            f"could not connect to {where} ({_first_line(e)}); start one with `ray start --head` and pass its "
-            "address, e.g. --ray 127.0.0.1:6379"
+            f"could not connect to {where} ({_first_line(e)}); check the address (`ray status` on the head node "
+            "prints it) and, when the cluster uses token authentication, that this machine has its token "
+            "(docs/scaling.md)"
         ) from None
     try:
         yield ray

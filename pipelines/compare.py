@@ -46,6 +46,8 @@ class Comparison:
         skipped: heads left out by the budget: backbone, head, reason, predicted_seconds.
         budget_seconds: the time budget (None: no budget, every head runs the full protocol).
         seconds: wall time of the whole comparison.
+        parallel: where the parallel fits ran: joblib's backend (``loky`` locally, ``ray`` on a cluster) and
+            the number of parallel fits.
     """
 
     rows: list[dict[str, Any]]
@@ -61,6 +63,7 @@ class Comparison:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     budget_seconds: float | None = None
     seconds: float = 0.0
+    parallel: str = ""
 
     @property
     def best(self) -> dict[str, Any]:
@@ -279,7 +282,17 @@ def compare_heads(
         skipped=skipped,
         budget_seconds=budget_seconds,
         seconds=time.perf_counter() - started_at,
+        parallel=_parallel_backend(jobs),
     )
+
+
+def _parallel_backend(jobs: int) -> str:
+    """joblib's active backend (``ray`` inside :func:`pipelines.cluster.joblib_on_ray`) and the fits at once."""
+    from joblib.parallel import get_active_backend
+
+    backend, _ = get_active_backend()
+    name = type(backend).__name__.removesuffix("Backend").lower()
+    return f"{name}, {jobs} parallel fit{'s' if jobs > 1 else ''}"
 
 
 def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None = None,

@@ -30,7 +30,7 @@ def _cost_section(comparison: Comparison) -> list[str]:
         "## Cost and budget",
         "",
         f"Budget: {'none (--exhaustive)' if budget is None else f'{budget / 60:g} min'}; "
-        f"whole comparison took {comparison.seconds:.0f} s. Costs are wall seconds of tuning + refit + scoring "
+        f"whole comparison took {comparison.seconds:.0f} s ({comparison.parallel}). Costs are wall seconds of tuning + refit + scoring "
         "(probes listed apart); predictions come from timed probes extrapolated by each head's complexity.",
         "",
         "| backbone | head | mode | tuning rows | approximated | predicted s | actual s | probe s | why |",
@@ -168,6 +168,7 @@ def write_results(comparison: Comparison, out_dir: str | Path) -> list[Path]:
         "stores": [str(s.path) for s in comparison.stores],
         "budget_seconds": comparison.budget_seconds,
         "seconds": comparison.seconds,
+        "parallel": comparison.parallel,
         "skipped": comparison.skipped,
     }
     written = [out / name for name in

@@ -143,7 +143,9 @@ def test_compare_heads_on_ray_gives_the_local_leaderboard(ray_runtime, runner, s
         result = invoke(runner, ["compare-heads", small_store, "--heads", "logreg,knn,rbf-svm", "--bootstrap", "200",
                                  "--out", tmp_path / name, "-q", *extra])
         assert result.exit_code == 0, result.output
-        rows[name] = json.loads((tmp_path / name / "results.json").read_text())["rows"]
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["meta"]["parallel"] == {"local": "loky", "ray": "ray"}[name] + ", 2 parallel fits"
+        rows[name] = results["rows"]
     keys = ("head", "rank", "accuracy", "balanced_accuracy", "macro_f1", "params", "p_value_vs_best", "accuracy_ci")
     assert [{k: r[k] for k in keys} for r in rows["ray"]] == [{k: r[k] for k in keys} for r in rows["local"]]
 
