@@ -182,7 +182,7 @@ class StoreWriter:
             self._write_manifest()
         else:
             self._resume()
-        self._buffers: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         # Complete shards are written by one background thread, overlapped with compute; the bounded queue
         # keeps memory flat (at most two shards wait) and the single writer keeps manifest updates ordered.
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -256,31 +256,49 @@ class StoreWriter:
     def add(self, indices: np.ndarray, features: np.ndarray, errors: Sequence[str]) -> None:
         """Buffer rows (features float32, NaN where failed); commit every shard that becomes complete.
 
-        Rows whose features are not finite after the cast to the storage dtype are recorded as failed.
+        Rows whose features are not finite after the cast to the storage dtype are recorded as failed. Rows
+        are copied a shard at a time (numpy, no per-row Python), so one writer keeps up with many GPUs.
         """
+        indices = np.asarray(indices, dtype=np.int64)
         with np.errstate(over="ignore"):  # overflow to inf is caught below and recorded per row
             stored = features.astype(self.dtype)
-        for row, index in enumerate(indices):
-            k = int(index) // self.shard_size
+        errs = np.array(list(errors), dtype=object)
+        non_finite = (errs == "") & ~np.isfinite(stored).all(axis=1)
+        errs[non_finite] = f"non-finite features (NaN or Inf) in {self.dtype.name}"
+        cut = self._fault_row(len(indices))
+        for part in (slice(0, cut), slice(cut, None)) if cut else (slice(None),):
+            self._add_rows(indices[part], stored[part], errs[part])
+            _fault(f"after-rows:{self._rows_added}")
+
+    def _fault_row(self, rows: int) -> int | None:
+        """Where an ``after-rows:N`` crash point falls inside the next `rows` rows (crash tests only)."""
+        point = os.environ.get(_FAULT_ENV, "")
+        if point.startswith("after-rows:"):
+            cut = int(point.split(":", 1)[1]) - self._rows_added
+            if 0 < cut < rows:
+                return cut
+        return None
+
+    def _add_rows(self, indices: np.ndarray, stored: np.ndarray, errs: np.ndarray) -> None:
+        shards = indices // self.shard_size
+        for k in np.unique(shards).tolist():
+            rows = np.flatnonzero(shards == k)
             if k not in self._buffers:
                 n = len(self._shard_range(k))
-                self._buffers[k] = (np.full((n, self.num_features), np.nan, self.dtype), np.zeros(n, bool), [""] * n)
-            feats, filled, errs = self._buffers[k]
-            pos = int(index) - k * self.shard_size
-            error = errors[row]
-            if not error and not np.isfinite(stored[row]).all():
-                error = f"non-finite features (NaN or Inf) in {self.dtype.name}"
-            if not error:
-                feats[pos] = stored[row]
-            errs[pos] = error
+                self._buffers[k] = (np.full((n, self.num_features), np.nan, self.dtype), np.zeros(n, bool),
+                                    np.full(n, "", dtype=object))
+            feats, filled, shard_errs = self._buffers[k]
+            pos = indices[rows] - k * self.shard_size
+            ok = errs[rows] == ""
+            feats[pos[ok]] = stored[rows[ok]]
+            shard_errs[pos] = errs[rows]
             filled[pos] = True
-            self.failed_rows += bool(error)
-            self._rows_added += 1
-            _fault(f"after-rows:{self._rows_added}")
+            self.failed_rows += int((~ok).sum())
+            self._rows_added += len(rows)
             if filled.all():
-                feats, _, errs = self._buffers.pop(k)
+                feats, _, shard_errs = self._buffers.pop(k)
                 self._raise_writer_error()
-                self._queue.put((k, feats, errs))
+                self._queue.put((k, feats, shard_errs.tolist()))
 
     def _raise_writer_error(self) -> None:
         if self._writer_error is not None:
