@@ -6,6 +6,7 @@ killed again resumes locally, without Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -148,6 +149,33 @@ def test_an_unreachable_cluster_is_one_line(runner, tmp_path):
     result = invoke(runner, ["extract", "builtin:digits", "-m", "test_resnet", "--weights", "random", "--out",
                              tmp_path / "x.h5", "--ray", "127.0.0.1:1", "-q"])
     assert_one_line_error(result, "no Ray cluster answers at 127.0.0.1:1")
+
+
+def _no_ray_processes(timeout: float = 30.0) -> bool:
+    """Whether no raylet or GCS server runs on this machine (waiting a little for ones shutting down)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = []
+        for p in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error):
+                if p.info["name"] in ("raylet", "gcs_server"):
+                    names.append(p.info["name"])
+        if not names:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+def test_a_bare_ray_flag_starts_a_local_runtime_and_stops_it(local_store, tmp_path):
+    assert _no_ray_processes(), "a Ray cluster is already running on this machine"
+    out = tmp_path / "bare.h5"
+    run = _cli(*EXTRACT, "--out", out, "--ray")
+    stdout, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    _assert_same_store(out, local_store)
+    assert re.fullmatch(r"ray: \d+ CPU actor\(s\) on cpu", read_store(out).attrs["device"])
+    assert _no_ray_processes()  # the runtime it started was shut down with it
 
 
 @pytest.mark.slow
