@@ -23,9 +23,23 @@ from pipelines.cluster import LOCAL, ClusterError
 USER_ERRORS = (FeaturizeError, HeadsError, ClusterError)
 
 
+def _check_ray_address(ctx, param, value):
+    """A bare --ray takes the next word as its value: refuse one that is not an address (a SOURCE, say)."""
+    if value is None or value in (LOCAL, "auto"):
+        return value
+    host, sep, port = value.split("://", 1)[-1].rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise ClusterError(
+            f"--ray {value}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto); a bare --ray must come after "
+            "the arguments or before another option"
+        )
+    return value
+
+
 def _ray_option(what: str):
     return click.option(
         "--ray", "ray_address", is_flag=False, flag_value=LOCAL, default=None, metavar="[ADDRESS]",
+        callback=_check_ray_address,
         help=f"{what} on a Ray cluster: --ray HOST:PORT (or auto) joins a running one; a bare --ray joins the one "
              "this machine is part of, or starts a local Ray runtime. Needs: pip install 'headbench[ray]' "
              "(docs/scaling.md).",

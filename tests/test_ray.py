@@ -159,3 +159,11 @@ def test_ray_not_installed_is_one_line_saying_how_to_install_it(runner, monkeypa
     assert_one_line_error(result, "--ray needs Ray, which is not installed here; install it with: pip install "
                                   "'headbench[ray]'")
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("args", [["extract", "--ray", "builtin:digits", "-m", "test_resnet", "--out", "x.h5"],
+                                  ["compare-heads", "--ray", "store.h5"]])
+def test_a_bare_ray_flag_before_an_argument_is_not_taken_for_an_address(runner, args):
+    result = invoke(runner, args)
+    assert_one_line_error(result, f"--ray {args[2]}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto); a bare "
+                                  "--ray must come after the arguments")
