@@ -1,7 +1,8 @@
 """Ray: extraction spread over a cluster, and the joblib backend that runs compare-heads' fits on it.
 
 Extraction runs as **Ray actors over the store's shards**. Each actor holds one frozen backbone (loaded once)
-and opens the source itself (the images sit on storage every node sees); a task is one shard's row range,
+and opens the source itself (the images sit on storage every node sees); a task is one shard's row range
+(on GPU actors, several shards: :data:`GPU_ROWS_PER_CALL` rows amortise starting the decode processes),
 which the actor decodes and embeds with the same engine as a local run (CPU actors: one core each, decoding
 inside the stream; GPU actors: one GPU each, a node's CPUs shared among its GPUs, decoding in DataLoader
 processes beside the GPU). Features come back to the driver (2.5 KB per image in float16), which commits each
@@ -43,6 +44,7 @@ __all__ = [
     "ray_session",
     "joblib_on_ray",
     "RayExtractPool",
+    "group_shards",
     "MAX_SHARD_LOSSES",
     "ACTOR_WAIT_SECONDS",
 ]
@@ -52,6 +54,7 @@ INSTALL_HINT = "pip install 'headbench[ray]'"
 MAX_SHARD_LOSSES = 3  # a shard whose actor died this often is given up (a sample that kills its worker, say)
 ACTOR_WAIT_SECONDS = 300.0  # with no actor working: how long to wait for one to come up (imports, weights)
 CONNECT_TIMEOUT_SECONDS = 5.0
+GPU_ROWS_PER_CALL = 16_384  # rows per call to a GPU actor (CPU actors: one shard per call)
 IN_FLIGHT_PER_ACTOR = 2  # the next shard waits in the actor's queue while the current one runs
 
 
@@ -195,13 +198,15 @@ class _Extractor:
                         "num_rows": len(self.source)},
         }
 
-    def embed(self, start: int, stop: int, dtype: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Features (in the storage dtype: half the bytes on the wire) and per-row errors of rows [start, stop)."""
+    def embed(self, spans: list[tuple[int, int]], dtype: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Features (in the storage dtype: half the bytes on the wire) and per-row errors of the rows in
+        `spans` ([start, stop) ranges, one per shard), in one pass of the engine."""
         from featurize.engine import iter_features
 
         o = self.options
+        rows = [i for start, stop in spans for i in range(start, stop)]
         indices, features, errors = [], [], []
-        for batch in iter_features(self.source, self.backbone, range(start, stop), device=self.device,
+        for batch in iter_features(self.source, self.backbone, rows, device=self.device,
                                    precision=self.precision, batch_size=o["batch_size"], workers=o["workers"],
                                    streams=o["streams"], jpeg_draft=o["jpeg_draft"], compile=o["compile"]):
             indices.append(batch.indices)
@@ -209,6 +214,21 @@ class _Extractor:
                 features.append(batch.features.astype(dtype))
             errors.extend(batch.errors)
         return np.concatenate(indices), np.concatenate(features), errors
+
+
+def group_shards(shards: list[range], rows_per_call: int) -> list[tuple[range, ...]]:
+    """Shards packed, in order, into calls of at least one shard and at most `rows_per_call` rows (when more
+    than one shard)."""
+    groups: list[tuple[range, ...]] = []
+    current: list[range] = []
+    for shard in shards:
+        if current and sum(len(r) for r in current) + len(shard) > rows_per_call:
+            groups.append(tuple(current))
+            current = []
+        current.append(shard)
+    if current:
+        groups.append(tuple(current))
+    return groups
 
 
 # What an actor reports that must be the same on every node (the rest: where it runs).
@@ -251,6 +271,9 @@ class RayExtractPool:
             count, self.resources = cpus, {"num_cpus": 1}
         if count < 1:
             raise ClusterError("the Ray cluster has no CPUs to run extraction actors on; add a worker node")
+        # Work per call: a shard on CPU actors; on GPU actors enough shards to amortise starting the
+        # DataLoader's decode processes (a second or two) over many seconds of decoding.
+        self.rows_per_call = GPU_ROWS_PER_CALL if "num_gpus" in self.resources else 1
         self._actor_class = ray.remote(max_restarts=0, **self.resources)(_Extractor)
         self._args = (source, model, options)
         self.actors: list[Any] = []
@@ -311,7 +334,8 @@ class RayExtractPool:
         return f"ray: {self.requested} {kind} actor(s) on {self.description['device']}"
 
     def batches(self, shards: list[range], dtype: str) -> Iterator[FeatureBatch]:
-        """Embed `shards`, yielding one :class:`FeatureBatch` per shard as each finishes (in any order).
+        """Embed `shards`, yielding one :class:`FeatureBatch` per call (a shard, or several on GPU actors) as
+        each finishes, in any order.
 
         Raises:
             ClusterError: every actor is gone and none could be replaced in time, or a shard lost its actor
@@ -319,15 +343,15 @@ class RayExtractPool:
             FeaturizeError: an actor failed on a shard for a reason other than losing its node.
         """
         ray = self.ray
-        todo = collections.deque(shards)
-        in_flight: dict[Any, tuple[Any, range]] = {}  # result ref -> (actor, shard)
+        todo = collections.deque(group_shards(shards, self.rows_per_call))
+        in_flight: dict[Any, tuple[Any, tuple[range, ...]]] = {}  # result ref -> (actor, its shards)
         losses: collections.Counter = collections.Counter()
         live, starting = self._live, self._starting
         while todo or in_flight:
             for actor in live:
                 while todo and sum(a is actor for a, _ in in_flight.values()) < IN_FLIGHT_PER_ACTOR:
-                    rows = todo.popleft()
-                    in_flight[actor.embed.remote(rows.start, rows.stop, dtype)] = (actor, rows)
+                    work = todo.popleft()
+                    in_flight[actor.embed.remote([(r.start, r.stop) for r in work], dtype)] = (actor, work)
             timeout = None if in_flight else ACTOR_WAIT_SECONDS
             ready, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=timeout)
             if not ready:
@@ -344,25 +368,26 @@ class RayExtractPool:
                 except self._lost_errors:
                     pass  # it died while starting: its node is gone
                 continue
-            actor, rows = in_flight.pop(ref)
+            actor, work = in_flight.pop(ref)
             try:
                 indices, features, errors = ray.get(ref)
             except self._lost_errors as e:
                 if actor in live:  # the first loss seen for this actor: requeue all its shards, ask for another
                     live.remove(actor)
-                    requeue = [rows] + [r for a, r in in_flight.values() if a is actor]
+                    requeue = [work] + [w for a, w in in_flight.values() if a is actor]
                     for other in [k for k, (a, _) in in_flight.items() if a is actor]:
                         del in_flight[other]
-                    for r in requeue:
-                        losses[r.start] += 1
-                        if losses[r.start] >= MAX_SHARD_LOSSES:
+                    for w in requeue:
+                        losses[w[0].start] += 1
+                        if losses[w[0].start] >= MAX_SHARD_LOSSES:
                             raise ClusterError(
-                                f"rows {r.start}-{r.stop - 1} lost their Ray worker {MAX_SHARD_LOSSES} times "
-                                f"(last: {_first_line(e)}); find the sample that kills it, or rerun to retry"
+                                f"rows {w[0].start}-{w[-1].stop - 1} lost their Ray worker {MAX_SHARD_LOSSES} "
+                                f"times (last: {_first_line(e)}); find the sample that kills it, or rerun to retry"
                             ) from None
                     todo.extendleft(reversed(requeue))
                     self.lost_actors += 1
-                    self.report(f"lost a Ray worker ({_first_line(e)[:120]}); {len(requeue)} shard(s) requeued on "
+                    shards_lost = sum(len(w) for w in requeue)
+                    self.report(f"lost a Ray worker ({_first_line(e)[:120]}); {shards_lost} shard(s) requeued on "
                                 f"the {len(live)} remaining, a replacement was requested")
                     self._start_actor()
                 continue

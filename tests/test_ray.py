@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from featurize.store import read_store
-from pipelines.cluster import ClusterError, RayExtractPool
+from pipelines.cluster import ClusterError, RayExtractPool, group_shards
 from pipelines.extract import extract_features
 
 from conftest import ROOT, assert_one_line_error, invoke, photo, write_image
@@ -115,6 +115,30 @@ def test_an_actor_killed_mid_run_is_replaced_and_its_shards_redone(ray_runtime, 
     features = np.concatenate([b.features for b in seen])[np.argsort(indices)].astype(np.float32)
     ok = local_store.status == 0
     np.testing.assert_allclose(features[ok], local_store.features[ok].astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_several_shards_per_call_give_the_same_rows(ray_runtime, folder, local_store):
+    pool = RayExtractPool(str(folder), "test_resnet", POOL_OPTIONS)
+    pool.rows_per_call = 3 * SHARD  # what GPU actors do, with GPU_ROWS_PER_CALL
+    try:
+        n = len(local_store.ids)
+        batches = list(pool.batches([range(s, min(s + SHARD, n)) for s in range(0, n, SHARD)], "float16"))
+    finally:
+        pool.shutdown()
+    assert [len(b.indices) for b in batches if len(b.indices) == 3 * SHARD]  # shards did travel together
+    indices = np.concatenate([b.indices for b in batches])
+    assert sorted(indices.tolist()) == list(range(n))
+    features = np.concatenate([b.features for b in batches])[np.argsort(indices)].astype(np.float32)
+    ok = local_store.status == 0
+    np.testing.assert_allclose(features[ok], local_store.features[ok].astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_group_shards():
+    shards = [range(0, 4), range(4, 8), range(12, 16), range(16, 18)]  # a hole where a shard was committed
+    assert group_shards(shards, 1) == [(s,) for s in shards]
+    assert group_shards(shards, 8) == [(range(0, 4), range(4, 8)), (range(12, 16), range(16, 18))]
+    assert group_shards(shards, 100) == [tuple(shards)]
+    assert group_shards([], 8) == []
 
 
 def test_workers_that_would_compute_different_features_are_refused():
