@@ -18,7 +18,7 @@ from featurize.errors import FeaturizeError
 from featurize.store import DTYPES
 from heads.budget import DEFAULT_BUDGET_MINUTES
 from heads.errors import HeadsError
-from pipelines.cluster import LOCAL, ClusterError
+from pipelines.cluster import LOCAL, ClusterError, host_and_port
 
 USER_ERRORS = (FeaturizeError, HeadsError, ClusterError)
 
@@ -27,8 +27,7 @@ def _check_ray_address(ctx, param, value):
     """A bare --ray takes the next word as its value: refuse one that is not an address (a SOURCE, say)."""
     if value is None or value in (LOCAL, "auto"):
         return value
-    host, sep, port = value.split("://", 1)[-1].rpartition(":")
-    if not (sep and host and port.isdigit()):
+    if host_and_port(value) is None:
         raise ClusterError(
             f"--ray {value}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto); a bare --ray must come after "
             "the arguments or before another option"

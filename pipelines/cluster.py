@@ -41,6 +41,7 @@ __all__ = [
     "LOCAL",
     "INSTALL_HINT",
     "import_ray",
+    "host_and_port",
     "ray_session",
     "joblib_on_ray",
     "RayExtractPool",
@@ -76,13 +77,19 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
+def host_and_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; None for anything else (``auto``, a path, ...)."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    return (host.strip("[]"), int(port)) if sep and host and port.isdigit() else None
+
+
 def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
     """Fail fast on a HOST:PORT nobody listens on (``ray.init`` retries such an address for minutes)."""
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not port.isdigit():
+    where = host_and_port(address)
+    if where is None:
         return  # "auto" and other forms: Ray resolves them itself
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection(where, timeout=timeout).close()
     except OSError as e:
         raise ClusterError(
             f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__}); start one with "
