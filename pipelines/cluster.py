@@ -286,6 +286,8 @@ class RayExtractPool:
         self.actors: list[Any] = []
         self._starting: dict[Any, Any] = {}  # describe ref -> actor not yet working
         self._live: list[Any] = []
+        self._reference: dict[str, Any] | None = None  # the first description: what every actor must compute
+        self.requested = count
         for _ in range(count):
             self._start_actor()
         # The first actor to come up defines what is computed; the others join as they come up (a node that
@@ -297,23 +299,29 @@ class RayExtractPool:
                 f"no Ray worker came up within {ACTOR_WAIT_SECONDS:.0f} s (asked for {count} with "
                 f"{self.resources} each); check `ray status` for free resources"
             )
-        actor = self._starting.pop(ready[0])
-        self._reference = self._check(ray.get(ready[0]))
-        self._live.append(actor)
+        self._join(ready[0])
         self.description = {k: self._reference[k] for k in (*_AGREED, "device")}
-        self.requested = count
 
     def _start_actor(self) -> None:
         actor = self._actor_class.remote(*self._args)
         self.actors.append(actor)
         self._starting[actor.describe.remote()] = actor
 
+    def _join(self, describe_ref) -> None:
+        """Put a started actor to work once its description checks out (raises if it does not)."""
+        actor = self._starting.pop(describe_ref)
+        self._check(self.ray.get(describe_ref))
+        self._live.append(actor)
+
     def _check(self, description: dict[str, Any]) -> dict[str, Any]:
-        """`description` when it has no error and agrees with the first actor's; else a one-line error."""
+        """`description` when it has no error and agrees with the first actor's (or is the first); else a
+        one-line error."""
         if "error" in description:
             self.shutdown()
             raise ClusterError(f"a Ray worker on node {description['node']} could not start: {description['error']}")
-        ref = getattr(self, "_reference", description)
+        if self._reference is None:
+            self._reference = description
+        ref = self._reference
         differs = [k for k in _AGREED if description[k] != ref[k]]
         if differs:
             self.shutdown()
@@ -325,10 +333,8 @@ class RayExtractPool:
 
     def wait_for_all(self) -> None:
         """Block until every requested actor is up (benchmarks: to time the shards without start-up)."""
-        for ref, actor in list(self._starting.items()):
-            self._check(self.ray.get(ref))
-            self._live.append(actor)
-            del self._starting[ref]
+        for ref in list(self._starting):
+            self._join(ref)
 
     @property
     def working(self) -> list[Any]:
@@ -368,12 +374,8 @@ class RayExtractPool:
                 )
             ref = ready[0]
             if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    self._check(ray.get(ref))
-                    live.append(actor)
-                except self._lost_errors:
-                    pass  # it died while starting: its node is gone
+                with contextlib.suppress(*self._lost_errors):  # one that died while starting: its node is gone
+                    self._join(ref)
                 continue
             actor, work = in_flight.pop(ref)
             try:
@@ -381,9 +383,8 @@ class RayExtractPool:
             except self._lost_errors as e:
                 if actor in live:  # the first loss seen for this actor: requeue all its shards, ask for another
                     live.remove(actor)
-                    requeue = [work] + [w for a, w in in_flight.values() if a is actor]
-                    for other in [k for k, (a, _) in in_flight.items() if a is actor]:
-                        del in_flight[other]
+                    theirs = [k for k, (a, _) in in_flight.items() if a is actor]
+                    requeue = [work] + [in_flight.pop(k)[1] for k in theirs]
                     for w in requeue:
                         losses[w[0].start] += 1
                         if losses[w[0].start] >= MAX_SHARD_LOSSES:
