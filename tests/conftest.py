@@ -64,6 +64,22 @@ def split_folder(tmp_path_factory) -> Path:
     return root
 
 
+def assert_same_store(path, reference):
+    """The store at `path` holds what `reference` (a FeatureStore) holds: same rows, labels, splits, status,
+    error messages and config hash, features within float tolerance; and its run left no partial folder or
+    temp file behind. Returns the store."""
+    from featurize.store import partial_dir, read_store
+
+    store = read_store(path)
+    for name in ("ids", "labels", "split", "status", "errors"):
+        np.testing.assert_array_equal(getattr(store, name), getattr(reference, name), err_msg=name)
+    np.testing.assert_allclose(store.features.astype(np.float32), reference.features.astype(np.float32),
+                               rtol=1e-3, atol=1e-3)
+    assert store.attrs["config_hash"] == reference.attrs["config_hash"]
+    assert not partial_dir(path).exists() and not list(path.parent.glob("*.tmp"))
+    return store
+
+
 def invoke(runner, args):
     """Run the CLI in-process with string arguments; exceptions that are bugs propagate as tracebacks."""
     from cli import main

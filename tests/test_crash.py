@@ -17,7 +17,7 @@ import pytest
 
 from featurize.store import partial_dir, read_store
 
-from conftest import ROOT, photo, write_image
+from conftest import ROOT, assert_same_store, photo, write_image
 
 N_IMAGES, SHARD = 240, 40  # 6 shards
 
@@ -58,13 +58,7 @@ def reference(image_dir, tmp_path_factory):
 
 
 def _assert_same_store(path, reference_store):
-    store = read_store(path)
-    np.testing.assert_array_equal(store.ids, reference_store.ids)
-    np.testing.assert_array_equal(store.labels, reference_store.labels)
-    np.testing.assert_array_equal(store.status, reference_store.status)
-    np.testing.assert_allclose(store.features.astype(np.float32), reference_store.features.astype(np.float32),
-                               rtol=1e-3, atol=1e-3)
-    assert store.attrs["config_hash"] == reference_store.attrs["config_hash"]
+    assert_same_store(path, reference_store)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp files, no lock, no shards
 
 

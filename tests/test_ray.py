@@ -18,7 +18,7 @@ from featurize.store import read_store
 from pipelines.cluster import ClusterError, RayExtractPool, group_shards
 from pipelines.extract import extract_features
 
-from conftest import ROOT, assert_one_line_error, invoke, photo, write_image
+from conftest import ROOT, assert_one_line_error, assert_same_store, invoke, photo, write_image
 
 SHARD = 4
 OPTIONS = dict(model="test_resnet", weights="random", precision="fp32", shard_size=SHARD, batch_size=2,
@@ -49,19 +49,6 @@ def folder(tmp_path_factory):
 def local_store(folder, tmp_path_factory):
     return read_store(extract_features(str(folder), tmp_path_factory.mktemp("local") / "local.h5", progress=False,
                                        **OPTIONS).path)
-
-
-def assert_same_store(path, reference):
-    store = read_store(path)
-    np.testing.assert_array_equal(store.ids, reference.ids)
-    np.testing.assert_array_equal(store.labels, reference.labels)
-    np.testing.assert_array_equal(store.split, reference.split)
-    np.testing.assert_array_equal(store.status, reference.status)
-    np.testing.assert_array_equal(store.errors, reference.errors)
-    np.testing.assert_allclose(store.features.astype(np.float32), reference.features.astype(np.float32),
-                               rtol=1e-3, atol=1e-3)
-    assert store.attrs["config_hash"] == reference.attrs["config_hash"]
-    return store
 
 
 def test_a_ray_extraction_equals_the_local_one(ray_runtime, folder, local_store, tmp_path):

@@ -20,13 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
 from featurize.store import partial_dir, read_store
 
-from conftest import ROOT, assert_one_line_error, invoke
+from conftest import ROOT, assert_one_line_error, assert_same_store, invoke
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SHARD = 64  # builtin:digits: 1 797 rows, 29 shards
@@ -134,17 +133,6 @@ def local_store(tmp_path_factory):
     return read_store(out)
 
 
-def _assert_same_store(path, reference):
-    store = read_store(path)
-    np.testing.assert_array_equal(store.ids, reference.ids)
-    np.testing.assert_array_equal(store.labels, reference.labels)
-    np.testing.assert_array_equal(store.status, reference.status)
-    np.testing.assert_allclose(store.features.astype(np.float32), reference.features.astype(np.float32),
-                               rtol=1e-3, atol=1e-3)
-    assert store.attrs["config_hash"] == reference.attrs["config_hash"]
-    assert not partial_dir(path).exists() and not list(path.parent.glob("*.tmp"))  # committed and cleaned up
-
-
 def test_an_unreachable_cluster_is_one_line(runner, tmp_path):
     result = invoke(runner, ["extract", "builtin:digits", "-m", "test_resnet", "--weights", "random", "--out",
                              tmp_path / "x.h5", "--ray", "127.0.0.1:1", "-q"])
@@ -173,7 +161,7 @@ def test_a_bare_ray_flag_starts_a_local_runtime_and_stops_it(local_store, tmp_pa
     run = _cli(*EXTRACT, "--out", out, "--ray")
     stdout, err = run.communicate(timeout=600)
     assert run.returncode == 0, err
-    _assert_same_store(out, local_store)
+    assert_same_store(out, local_store)
     assert re.fullmatch(r"ray: \d+ CPU actor\(s\) on cpu", read_store(out).attrs["device"])
     assert _no_ray_processes()  # the runtime it started was shut down with it
 
@@ -202,7 +190,7 @@ def test_a_worker_node_killed_mid_run_still_ends_with_the_local_store(cluster, l
     assert resumed.returncode == 0, err
     assert "lost a Ray worker" in err and "requeued on the 1 remaining" in err
     assert f"{survived * SHARD} resumed from an earlier run" in stdout
-    _assert_same_store(out, local_store)
+    assert_same_store(out, local_store)
 
     # 3. A cluster run killed again resumes without Ray, on this machine alone.
     again = tmp_path / "again.h5"
@@ -214,4 +202,4 @@ def test_a_worker_node_killed_mid_run_still_ends_with_the_local_store(cluster, l
     stdout, err = local.communicate(timeout=600)
     assert local.returncode == 0, err
     assert f"{survived * SHARD} resumed from an earlier run" in stdout
-    _assert_same_store(again, local_store)
+    assert_same_store(again, local_store)
