@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from featurize.backbones import WEIGHT_CHOICES, list_backbones
+from featurize.backbones import list_backbones
 from featurize.engine import DEVICE_CHOICES, PRECISION_CHOICES
 from featurize.errors import FeaturizeError
 from featurize.store import DTYPES
