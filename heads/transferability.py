@@ -1,0 +1,242 @@
+"""Transferability scores: how well a representation suits a labeled task, estimated without tuning heads.
+
+Each score maps (X, y) to one number, larger is better:
+
+* :func:`logme` -- LogME (You et al., ICML 2021): the log marginal likelihood (evidence) of a Bayesian linear
+  regression from the features to each class's one-vs-rest target, maximised over the prior precision alpha and
+  the noise precision beta by the paper's fixed-point iteration, divided by the number of rows and averaged
+  over classes. Computed in float64 on the features as given.
+* :func:`hscore` -- the shrinkage-regularised H-score (Ibrahim et al., 2022): ``tr(cov_f^-1 (1 - a) cov_g)``
+  with ``cov_f`` the Ledoit-Wolf shrunk feature covariance (shrinkage ``a``) and ``cov_g`` the covariance of
+  each row's class-mean feature.
+* :func:`knn_loo` -- leave-one-out accuracy of a cosine k-nearest-neighbour vote.
+* :func:`linear_cv` -- stratified K-fold CV accuracy of one fixed linear probe (standardize + ridge classifier).
+
+:func:`score_representation` computes any of them with the seconds each took. Kendall's tau between scores and
+accuracies, with a bootstrap CI over candidates, is :func:`rank_agreement`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from .errors import HeadsError
+
+__all__ = [
+    "SCORES",
+    "logme",
+    "hscore",
+    "knn_loo",
+    "linear_cv",
+    "score_representation",
+    "rank_agreement",
+    "stratified_subsample",
+]
+
+
+def _one_hot_targets(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    classes, codes = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise HeadsError(f"transferability scores need at least two classes, got {len(classes)}")
+    return classes, codes
+
+
+def _posterior(S: np.ndarray, sigma: np.ndarray, ut: np.ndarray, outside: float, lam: float):
+    """|m|^2, |F m - t|^2 and gamma for the posterior mean m at alpha/beta = lam, in the SVD basis of F."""
+    fitted = sigma / (sigma + lam)  # share of t kept along each singular direction
+    m2 = float(((S / (sigma + lam) * ut) ** 2).sum())
+    residual = float((((1.0 - fitted) * ut) ** 2).sum()) + outside
+    return m2, residual, float(fitted.sum())
+
+
+def logme(X: np.ndarray, y: np.ndarray, *, tol: float = 1e-8, max_iter: int = 200) -> float:
+    """LogME: the maximised evidence per row of Bayesian linear regression onto one-vs-rest targets, averaged
+    over classes.
+
+    For features F (n x D) and a target t, the evidence of ``t = F m + noise`` with prior ``m ~ N(0, I/alpha)``
+    and noise precision beta is
+
+        n/2 log beta + D/2 log alpha - n/2 log 2 pi - beta/2 |F m - t|^2 - alpha/2 |m|^2 - 1/2 log|A|,
+
+    with ``A = alpha I + beta F^T F`` and ``m = beta A^-1 F^T t``. alpha and beta are found by the paper's
+    fixed-point iteration (``gamma = sum beta s_i / (alpha + beta s_i)``, ``alpha = gamma / |m|^2``,
+    ``beta = (n - gamma) / |F m - t|^2``, where s_i are the eigenvalues of F^T F), run until alpha/beta moves by
+    less than `tol` relative (the authors stop at 1 %; the fixed point is the same). One thin SVD of F serves
+    every class.
+    """
+    F = np.asarray(X, dtype=np.float64)
+    n, d = F.shape
+    _, codes = _one_hot_targets(y)
+    U, S, _ = np.linalg.svd(F, full_matrices=False)
+    sigma = S**2
+    rank_deficit = d - len(sigma)  # eigenvalues of F^T F that are zero (n < D)
+    evidences = []
+    for k in range(codes.max() + 1):
+        t = (codes == k).astype(np.float64)
+        ut = U.T @ t  # t in the left singular basis
+        outside = float(t @ t - ut @ ut)  # the part of t that no m can reach
+        alpha, beta = 1.0, 1.0
+        for _ in range(max_iter):
+            lam = alpha / beta
+            m2, residual, gamma = _posterior(S, sigma, ut, outside, lam)
+            alpha = gamma / max(m2, np.finfo(float).tiny)
+            beta = (n - gamma) / max(residual, np.finfo(float).tiny)
+            if abs(alpha / beta - lam) <= tol * lam:
+                break
+        m2, residual, _ = _posterior(S, sigma, ut, outside, alpha / beta)
+        log_det = float(np.log(alpha + beta * sigma).sum()) + rank_deficit * np.log(alpha)
+        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - n / 2 * np.log(2 * np.pi)
+                    - beta / 2 * residual - alpha / 2 * m2 - log_det / 2)
+        evidences.append(evidence / n)
+    return float(np.mean(evidences))
+
+
+def hscore(X: np.ndarray, y: np.ndarray) -> float:
+    """Shrinkage-regularised H-score: ``tr(cov_f^-1 (1 - a) cov_g)``.
+
+    ``cov_f`` is the features' covariance shrunk towards ``tr(cov)/D * I`` by the Ledoit-Wolf shrinkage ``a``;
+    ``cov_g`` is the covariance of each row replaced by its class's mean feature (both with 1/n
+    normalisation). Since ``cov_g = sum_c p_c mu_c mu_c^T`` (centred class means), the trace is
+    ``(1 - a) sum_c p_c mu_c^T cov_f^-1 mu_c``: one linear solve, no D x D inverse.
+    """
+    from sklearn.covariance import ledoit_wolf
+
+    F = np.asarray(X, dtype=np.float64)
+    _, codes = _one_hot_targets(y)
+    F = F - F.mean(axis=0)
+    cov, shrinkage = ledoit_wolf(F, assume_centered=True)
+    counts = np.bincount(codes)
+    means = np.zeros((len(counts), F.shape[1]))
+    np.add.at(means, codes, F)
+    means /= counts[:, None]
+    weights = counts / counts.sum()
+    solved = np.linalg.lstsq(cov, means.T, rcond=None)[0] if shrinkage == 0 else np.linalg.solve(cov, means.T)
+    return float((1.0 - shrinkage) * np.einsum("c,dc,cd->", weights, solved, means))
+
+
+def knn_loo(X: np.ndarray, y: np.ndarray, *, k: int = 5, block: int = 2048) -> float:
+    """Leave-one-out accuracy of a k-nearest-neighbour majority vote under cosine similarity.
+
+    Ties between classes go to the class whose tied neighbours are most similar in sum. Blocked, so memory is
+    ``block x n``.
+    """
+    F = np.asarray(X, dtype=np.float32)
+    _, codes = _one_hot_targets(y)
+    n = len(F)
+    if n < 2:
+        raise HeadsError("knn_loo needs at least two rows")
+    k = min(k, n - 1)
+    norms = np.linalg.norm(F, axis=1, keepdims=True)
+    F = F / np.where(norms > 0, norms, 1.0)
+    n_classes = codes.max() + 1
+    hits = 0
+    for start in range(0, n, block):
+        sims = F[start : start + block] @ F.T
+        rows = np.arange(len(sims))
+        sims[rows, start + rows] = -np.inf  # leave the row itself out
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        votes = np.zeros((len(sims), n_classes))
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        np.add.at(votes, (rows[:, None], codes[top]), 1.0 + 1e-6 * top_sims)
+        hits += int((votes.argmax(axis=1) == codes[start : start + block]).sum())
+    return hits / n
+
+
+def linear_cv(X: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
+    """Stratified `folds`-fold CV accuracy of one fixed, fast linear probe: standardize, then a ridge classifier
+    (alpha = number of features: a strong enough penalty for wide features, no tuning)."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    F = np.asarray(X, dtype=np.float32)
+    _, codes = _one_hot_targets(y)
+    folds = min(folds, int(np.bincount(codes).min()))
+    if folds < 2:
+        raise HeadsError("linear_cv needs at least two rows of every class")
+    probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=float(F.shape[1])))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, F, codes, cv=cv).mean())
+
+
+SCORES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "logme": logme,
+    "hscore": hscore,
+    "knn_loo": knn_loo,
+    "linear_cv": linear_cv,
+}
+
+
+def stratified_subsample(y: np.ndarray, max_rows: int | None, seed: int = 0) -> np.ndarray:
+    """Positions of at most `max_rows` rows keeping class proportions (all rows, in order, when they fit)."""
+    n = len(y)
+    if max_rows is None or n <= max_rows:
+        return np.arange(n)
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(n), train_size=max_rows, stratify=y, random_state=seed)
+    return np.sort(keep)
+
+
+def score_representation(X: np.ndarray, y: np.ndarray, scores: list[str] | None = None) -> tuple[dict, dict]:
+    """Every requested score of (X, y) and the seconds each took.
+
+    Returns:
+        (values, seconds), both keyed by score name.
+
+    Raises:
+        HeadsError: an unknown score name, fewer than two classes.
+    """
+    names = list(SCORES) if scores is None else scores
+    unknown = [s for s in names if s not in SCORES]
+    if unknown:
+        raise HeadsError(f"unknown score {unknown[0]!r}; available: {', '.join(SCORES)}")
+    values, seconds = {}, {}
+    for name in names:
+        started = time.perf_counter()
+        values[name] = SCORES[name](X, y)
+        seconds[name] = time.perf_counter() - started
+    return values, seconds
+
+
+def rank_agreement(scores: np.ndarray, accuracies: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """How well `scores` order candidates the way their measured `accuracies` do.
+
+    Kendall's tau-b and weighted tau (scipy's hyperbolic weights: agreement among the best candidates counts
+    most), each with a 95 % percentile bootstrap CI over candidates (resampled with replacement; resamples where
+    tau is undefined, e.g. all one candidate, are dropped).
+    """
+    from scipy.stats import kendalltau, weightedtau
+
+    scores = np.asarray(scores, dtype=float)
+    accuracies = np.asarray(accuracies, dtype=float)
+    n = len(scores)
+    if n < 3:
+        raise HeadsError(f"rank agreement needs at least 3 candidates, got {n}")
+    rng = np.random.default_rng(seed)
+    taus, wtaus = [], []
+    for _ in range(n_boot):
+        pick = rng.integers(0, n, n)
+        s, a = scores[pick], accuracies[pick]
+        if np.ptp(s) == 0 or np.ptp(a) == 0:
+            continue
+        taus.append(kendalltau(s, a).statistic)
+        wtaus.append(weightedtau(s, a).statistic)
+
+    def ci(values: list[float]) -> list[float | None]:
+        values = [v for v in values if np.isfinite(v)]
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else [None, None]
+
+    tau = kendalltau(scores, accuracies).statistic
+    wtau = weightedtau(scores, accuracies).statistic
+    return {
+        "kendall_tau": None if not np.isfinite(tau) else float(tau),
+        "kendall_tau_ci": ci(taus),
+        "weighted_tau": None if not np.isfinite(wtau) else float(wtau),
+        "weighted_tau_ci": ci(wtaus),
+        "candidates": n,
+    }
