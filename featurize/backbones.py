@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import importlib.util
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,9 +42,19 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "check_model_name",
+    "PIXELS",
+    "LAST_LAYER",
+    "resolve_layers",
 ]
 
 WEIGHT_CHOICES = ("auto", "packaged", "hub", "random")
+# The pseudo-backbone whose features are the resized pixels themselves: the baseline every backbone must beat.
+PIXELS = "pixels"
+PIXELS_DEFAULT_SIZE = 32
+# The name of the default representation (pooled pre-logits, the store's /features) in layer lists.
+LAST_LAYER = "last"
+# ITU-R 601 luma weights, as Pillow's convert("L") uses.
+_LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
@@ -107,17 +118,20 @@ def packaged_weights_available(model: str) -> bool:
 
 
 def check_model_name(model: str) -> None:
-    """Raise a FeaturizeError with close suggestions when `model` is not a timm model name."""
-    if timm.is_model(model):
+    """Raise a FeaturizeError with close suggestions when `model` is neither a timm model name nor ``pixels``."""
+    if model == PIXELS or timm.is_model(model):
         return
-    close = difflib.get_close_matches(model, timm.list_models(), n=4, cutoff=0.6)
+    close = difflib.get_close_matches(model, timm.list_models() + [PIXELS], n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; list names with: python cli.py models PATTERN"
     raise FeaturizeError(f"unknown model {model!r}{hint}")
 
 
 def list_backbones(pattern: str = "*") -> list[dict[str, Any]]:
-    """timm model names matching an fnmatch `pattern`, each with where offline weights would come from."""
+    """timm model names (and ``pixels``) matching an fnmatch `pattern`, each with where offline weights would
+    come from (``builtin`` for pixels, which has none)."""
     rows = []
+    if fnmatch.fnmatchcase(PIXELS, pattern):
+        rows.append({"name": PIXELS, "packaged_package": None, "packaged_installed": False, "builtin": True})
     for name in timm.list_models(pattern):
         entry = PACKAGED_WEIGHTS.get(name)
         rows.append(
@@ -125,6 +139,7 @@ def list_backbones(pattern: str = "*") -> list[dict[str, Any]]:
                 "name": name,
                 "packaged_package": entry.package if entry else None,
                 "packaged_installed": bool(entry and entry.installed()),
+                "builtin": False,
             }
         )
     return rows
@@ -288,10 +303,10 @@ def split_transform(transform: Callable) -> tuple[Callable, torch.Tensor | None,
 
 @dataclass
 class Backbone:
-    """A frozen timm model that maps preprocessed images to pooled pre-logit features.
+    """A frozen timm model that maps preprocessed images to pooled pre-logit features (and tapped layers).
 
     Attributes:
-        name: timm model name.
+        name: timm model name (or ``pixels``).
         model: the module, in eval mode, gradients off, classifier removed unless kept.
         weights: ``{"source": ..., "sha256": ...}`` describing where the weights came from.
         data_config: timm's resolved preprocessing config (input size, interpolation, mean, std, crop).
@@ -300,6 +315,8 @@ class Backbone:
         pooling: how the features are pooled, recorded in the store.
         image_transform: the per-image part of `transform` run by decode workers (see :func:`split_transform`).
         mean, std: the batched normalisation that completes `image_transform` (None when it is complete).
+        layers: intermediate layers tapped in the same forward pass, each ``{"name", "width", "pooling"}``
+            (see :func:`resolve_layers`); their pooled outputs come from :meth:`take_layers`.
     """
 
     name: str
@@ -312,10 +329,13 @@ class Backbone:
     image_transform: Callable | None = None
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         if self.image_transform is None:
             self.image_transform, self.mean, self.std = split_transform(self.transform)
+        # Tapped outputs, per thread: the engine runs several batches at once on one model.
+        self._tapped = threading.local()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Finish preprocessing a batch from `image_transform` (uint8 -> normalised float32), on its device."""
@@ -329,6 +349,142 @@ class Backbone:
         if self.pooling["kind"] == "logits":
             return self.model(x)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def take_layers(self) -> dict[str, torch.Tensor]:
+        """The pooled outputs of the tapped layers from this thread's last :meth:`features` call ([B, width]
+        each), handed over once."""
+        values = getattr(self._tapped, "values", {})
+        self._tapped.values = {}
+        return values
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        if not hasattr(self._tapped, "values"):
+            self._tapped.values = {}
+        self._tapped.values[name] = value
+
+
+class PixelsModel(torch.nn.Module):
+    """The ``pixels`` pseudo-backbone: its features are the preprocessed image itself, flattened (C, H, W order),
+    optionally reduced to grey levels first. With mean 0 and std 1 the values are the pixels scaled to [0, 1]."""
+
+    def __init__(self, grayscale: bool = False):
+        super().__init__()
+        self.grayscale = grayscale
+        self.register_buffer("luma", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.luma.to(x.dtype)).sum(dim=1, keepdim=True) if self.grayscale else x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _stage_modules(model: torch.nn.Module) -> list[dict[str, Any]]:
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info and all(isinstance(i, dict) and "module" in i for i in info):
+        return info
+    return []
+
+
+def _layer_pooling(model: torch.nn.Module, output: torch.Tensor, channels: int | None) -> str:
+    """How one tapped output becomes a vector: ``avg`` over H and W (NCHW, or ``avg_nhwc``), ``token`` (the
+    class token) or ``avg_tokens`` (mean of the patch tokens) for token sequences as the model's own head
+    pools them, ``none`` for outputs that are already vectors."""
+    if output.ndim == 4:
+        nhwc = channels is not None and output.shape[-1] == channels and output.shape[1] != channels
+        return "avg_nhwc" if nhwc else "avg"
+    if output.ndim == 3:
+        return "token" if getattr(model, "global_pool", None) == "token" else "avg_tokens"
+    if output.ndim == 2:
+        return "none"
+    raise FeaturizeError(f"cannot pool a layer output of shape {tuple(output.shape)}")
+
+
+def _pool(output: torch.Tensor, pooling: str, prefix_tokens: int) -> torch.Tensor:
+    if pooling == "avg":
+        return output.float().mean(dim=(2, 3))
+    if pooling == "avg_nhwc":
+        return output.float().mean(dim=(1, 2))
+    if pooling == "token":
+        return output[:, 0].float()
+    if pooling == "avg_tokens":
+        return output[:, prefix_tokens:].float().mean(dim=1)
+    return output.float()
+
+
+def resolve_layers(model: torch.nn.Module, spec: str | list[str] | None) -> list[str]:
+    """Module names for a ``--layers`` value.
+
+    `spec` is ``last`` (none beyond the default pre-logits), ``stages`` (every stage timm's ``feature_info``
+    reports), or a comma-separated list of module names and stage indices (``blocks.2``, ``1``, ``-2``); ``last``
+    may appear in a list and adds nothing.
+
+    Raises:
+        FeaturizeError: an unknown module name (with close matches) or an index outside the stages.
+    """
+    items = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec or [])
+    items = [p for p in items if p]
+    stages = [info["module"] for info in _stage_modules(model)]
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    for item in items:
+        if item == LAST_LAYER:
+            continue
+        if item == "stages":
+            if not stages:
+                raise FeaturizeError("--layers stages: this model reports no stages (timm feature_info); name "
+                                     "its modules instead, e.g. --layers blocks.2")
+            names += stages
+        elif item.lstrip("-").isdigit():
+            index = int(item)
+            if not -len(stages) <= index < len(stages):
+                raise FeaturizeError(f"--layers {item}: stage index out of range; this model has {len(stages)} "
+                                     f"stages (0..{len(stages) - 1}): {', '.join(stages)}")
+            names.append(stages[index])
+        elif item in modules and item:
+            names.append(item)
+        else:
+            known = list(dict.fromkeys(stages + [n for n in modules if n]))
+            close = difflib.get_close_matches(item, known, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise FeaturizeError(f"--layers {item}: no such module in this model; {hint}use last, stages, stage "
+                                 f"indices, or module names such as {', '.join(stages[:3]) or 'blocks.0'}")
+    return list(dict.fromkeys(names))
+
+
+def _tap_layers(backbone: Backbone, names: list[str]) -> None:
+    """Hook `names` so that one forward pass also records their pooled outputs; sets ``backbone.layers``."""
+    if not names:
+        return
+    model = backbone.model
+    modules = dict(model.named_modules())
+    channels = {info["module"]: info.get("num_chs") for info in _stage_modules(model)}
+    prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    shapes: dict[str, torch.Tensor] = {}
+    handles = [modules[n].register_forward_hook(
+        lambda _m, _i, out, n=n: shapes.setdefault(n, out[0] if isinstance(out, (tuple, list)) else out))
+        for n in names]
+    with torch.inference_mode():
+        backbone.features(torch.zeros(1, *backbone.data_config["input_size"]))
+    for handle in handles:
+        handle.remove()
+    layers = []
+    for name in names:
+        if name not in shapes:
+            raise FeaturizeError(f"--layers {name}: the module is not run by the model's forward pass")
+        pooling = _layer_pooling(model, shapes[name], channels.get(name))
+        width = int(_pool(shapes[name], pooling, prefix_tokens).shape[-1])
+        layers.append({"name": name, "width": width, "pooling": pooling})
+
+        def hook(_module, _inputs, output, name=name, pooling=pooling):
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            backbone._record(name, _pool(output, pooling, prefix_tokens))
+
+        modules[name].register_forward_hook(hook)
+    backbone.layers = layers
 
 
 def _resolve_weights_choice(model_name: str, weights: str) -> str:
@@ -369,24 +525,58 @@ def _global_pool_name(model: torch.nn.Module) -> str:
     return str(getattr(pool, "pool_type", "") or type(pool).__name__ if pool is not None else "")
 
 
+def _create_pixels(weights: str, image_size: int | None, crop_pct: float | None, grayscale: bool) -> Backbone:
+    if weights != "auto":
+        raise FeaturizeError(f"--model pixels has no weights; leave --weights out (got {weights!r})")
+    model = PixelsModel(grayscale).eval().requires_grad_(False)
+    size = image_size or PIXELS_DEFAULT_SIZE
+    # timm's resize/crop rules (bicubic, crop_pct 0.875 unless given); mean 0 and std 1 keep pixels in [0, 1].
+    args = {"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    if crop_pct is not None:
+        args["crop_pct"] = crop_pct
+    data_config = resolve_data_config(args, model=model)
+    transform = create_transform(**data_config, is_training=False)
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    width = (1 if grayscale else 3) * size * size
+    return Backbone(PIXELS, model, {"source": "none", "sha256": ""}, data_config, transform, width,
+                    {"kind": "pixels", "grayscale": grayscale})
+
+
 def create_backbone(
     model_name: str,
     weights: str = "auto",
     image_size: int | None = None,
     keep_classifier: bool = False,
+    *,
+    crop_pct: float | None = None,
+    grayscale: bool = False,
+    layers: str | list[str] | None = None,
 ) -> Backbone:
     """Build a frozen backbone with resolved weights and preprocessing.
 
     Args:
-        model_name: any timm model name.
+        model_name: any timm model name, or ``pixels`` (the resized pixels as features; no weights).
         weights: ``auto``, ``packaged``, ``hub``, ``random`` or a path to a weights file.
-        image_size: override the model's input resolution (square); None keeps the model's own.
+        image_size: override the model's input resolution (square); None keeps the model's own (pixels: 32).
         keep_classifier: keep the ImageNet classifier (for checking weights); features are then logits.
+        crop_pct: share of the resized image kept by the center crop (timm's ``crop_pct``; 1.0 resizes
+            without cropping); None keeps the model's own.
+        grayscale: pixels only: one grey channel instead of three.
+        layers: intermediate layers to tap in the same forward pass (see :func:`resolve_layers`).
 
     Raises:
-        FeaturizeError: unknown model, weights that cannot be found or do not fit.
+        FeaturizeError: unknown model or layer, weights that cannot be found or do not fit, bad options.
     """
     check_model_name(model_name)
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise FeaturizeError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    if model_name == PIXELS:
+        items = layers.split(",") if isinstance(layers, str) else list(layers or [])
+        if any(item.strip() not in ("", LAST_LAYER) for item in items):
+            raise FeaturizeError("--model pixels has no layers; leave --layers out (or use --layers last)")
+        return _create_pixels(weights, image_size, crop_pct, grayscale)
+    if grayscale:
+        raise FeaturizeError("--grayscale applies to --model pixels only")
     choice = _resolve_weights_choice(model_name, weights)
     pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
     classifier = (pretrained_cfg.classifier if pretrained_cfg else None) or ""
@@ -433,7 +623,9 @@ def create_backbone(
         model.reset_classifier(0)
     model.eval().requires_grad_(False)
 
-    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    args: dict[str, Any] = {"input_size": (3, image_size, image_size)} if image_size else {}
+    if crop_pct is not None:
+        args["crop_pct"] = crop_pct
     data_config = resolve_data_config(args, model=model)
     transform = create_transform(**data_config, is_training=False)
     data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
@@ -442,4 +634,5 @@ def create_backbone(
     backbone = Backbone(model_name, model, weights_info, data_config, transform, 0, pooling)
     with torch.inference_mode():
         backbone.num_features = int(backbone.features(torch.zeros(1, *data_config["input_size"])).shape[-1])
+    _tap_layers(backbone, resolve_layers(model, layers))
     return backbone

@@ -21,7 +21,7 @@ import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator, Sequence
 
@@ -64,11 +64,13 @@ class FeatureBatch:
         indices: sample indices, shape [B].
         features: float32 [B, D]; rows of failed samples are NaN.
         errors: one string per sample, empty when it succeeded.
+        layers: float32 [B, width] per tapped layer (``Backbone.layers``), NaN where failed.
     """
 
     indices: np.ndarray
     features: np.ndarray
     errors: list[str]
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _mps_available() -> bool:
@@ -296,13 +298,16 @@ def iter_features(
         batch_indices, images, errors = item if workers else _collate([dataset[i] for i in item])
         ok = torch.tensor([not e for e in errors], dtype=torch.bool)
         features = np.full((len(errors), dim), np.nan, dtype=np.float32)
+        layers = {t["name"]: np.full((len(errors), t["width"]), np.nan, dtype=np.float32) for t in backbone.layers}
         if ok.any():
             # inference_mode and autocast are thread-local: entered here, in the stream's own thread.
             with torch.inference_mode(), autocast(device, precision):
                 x = images[ok] if not ok.all() else images
                 x = backbone.normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
                 features[ok.numpy()] = forward(x).float().cpu().numpy()
-        return FeatureBatch(batch_indices.numpy(), features, list(errors))
+                for name, value in backbone.take_layers().items():  # tapped in the same forward pass
+                    layers[name][ok.numpy()] = value.cpu().numpy()
+        return FeatureBatch(batch_indices.numpy(), features, list(errors), layers)
 
     with intra_op_threads(stream_threads(device, streams)), ThreadPoolExecutor(streams, thread_name_prefix="headbench-stream") as pool:
         pending: collections.deque = collections.deque()

@@ -32,6 +32,7 @@ from .errors import FeaturizeError
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "LAYERS_GROUP",
     "DTYPES",
     "STATUS_OK",
     "STATUS_FAILED",
@@ -43,6 +44,7 @@ __all__ = [
     "StoreWriter",
     "FeatureStore",
     "read_store",
+    "read_features",
     "verify_store",
 ]
 
@@ -56,6 +58,9 @@ _CHUNK_BYTES = 1 << 20
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
 _REQUIRED = ("features", "labels", "ids", "split", "status", "errors", "classes")
+# Intermediate layers live in /layers/<name>, listed (name, width, pooling) in the "layers" attribute.
+LAYERS_GROUP = "layers"
+_LAYER_KEY = "layer:"
 
 
 # Crash tests set HEADBENCH_FAULT to kill this process (SIGKILL, no clean-up) at one named point:
@@ -127,6 +132,8 @@ class StoreWriter:
         dtype: ``float16`` or ``float32`` storage.
         shard_size: rows per shard (resume granularity); a resumed run keeps the one it started with.
         overwrite: replace an existing store and discard any partial one.
+        layers: intermediate layers stored beside the features, each ``{"name", "width", ...}`` (written to
+            ``/layers/<name>``; they belong in `config` too, so that they are hashed).
 
     Raises:
         StoreError: the store exists (without `overwrite`), or a partial one was made with another config.
@@ -142,6 +149,7 @@ class StoreWriter:
         dtype: str = "float16",
         shard_size: int = 1024,
         overwrite: bool = False,
+        layers: Sequence[dict[str, Any]] = (),
     ):
         if dtype not in DTYPES:
             raise StoreError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -154,6 +162,7 @@ class StoreWriter:
         self.config_hash = config_hash(config)
         self.num_rows = num_rows
         self.num_features = num_features
+        self.layer_widths = {str(t["name"]): int(t["width"]) for t in layers}
         self.dtype = np.dtype(dtype)
         self.resumed_rows = 0
         self.num_failed = 0
@@ -182,7 +191,7 @@ class StoreWriter:
             self._write_manifest()
         else:
             self._resume()
-        self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]] = {}
         # Complete shards are written by one background thread, overlapped with compute; the bounded queue
         # keeps memory flat (at most two shards wait) and the single writer keeps manifest updates ordered.
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -253,21 +262,32 @@ class StoreWriter:
         }
         _atomic_write_bytes(self.partial / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
-    def add(self, indices: np.ndarray, features: np.ndarray, errors: Sequence[str]) -> None:
-        """Buffer rows (features float32, NaN where failed); commit every shard that becomes complete.
+    def add(self, indices: np.ndarray, features: np.ndarray, errors: Sequence[str],
+            layers: dict[str, np.ndarray] | None = None) -> None:
+        """Buffer rows (features float32, NaN where failed; one array per tapped layer); commit every shard that
+        becomes complete.
 
-        Rows whose features are not finite after the cast to the storage dtype are recorded as failed. Rows
-        are copied a shard at a time (numpy, no per-row Python), so one writer keeps up with many GPUs.
+        Rows whose features (or any layer's) are not finite after the cast to the storage dtype are recorded as
+        failed. Rows are copied a shard at a time (numpy, no per-row Python), so one writer keeps up with many
+        GPUs.
         """
         indices = np.asarray(indices, dtype=np.int64)
+        layers = layers or {}
+        missing = sorted(set(self.layer_widths) - set(layers))
+        if missing:
+            raise StoreError(f"rows for {self.path} came without layer(s) {', '.join(missing)}")
         with np.errstate(over="ignore"):  # overflow to inf is caught below and recorded per row
             stored = features.astype(self.dtype)
+            stored_layers = {name: layers[name].astype(self.dtype) for name in self.layer_widths}
         errs = np.array(list(errors), dtype=object)
-        non_finite = (errs == "") & ~np.isfinite(stored).all(axis=1)
+        finite = np.isfinite(stored).all(axis=1)
+        for values in stored_layers.values():
+            finite &= np.isfinite(values).all(axis=1)
+        non_finite = (errs == "") & ~finite
         errs[non_finite] = f"non-finite features (NaN or Inf) in {self.dtype.name}"
         cut = self._fault_row(len(indices))
         for part in (slice(0, cut), slice(cut, None)) if cut else (slice(None),):
-            self._add_rows(indices[part], stored[part], errs[part])
+            self._add_rows(indices[part], stored[part], errs[part], {k: v[part] for k, v in stored_layers.items()})
             _fault(f"after-rows:{self._rows_added}")
 
     def _fault_row(self, rows: int) -> int | None:
@@ -279,26 +299,30 @@ class StoreWriter:
                 return cut
         return None
 
-    def _add_rows(self, indices: np.ndarray, stored: np.ndarray, errs: np.ndarray) -> None:
+    def _add_rows(self, indices: np.ndarray, stored: np.ndarray, errs: np.ndarray,
+                  layers: dict[str, np.ndarray]) -> None:
         shards = indices // self.shard_size
         for k in np.unique(shards).tolist():
             rows = np.flatnonzero(shards == k)
             if k not in self._buffers:
                 n = len(self._shard_range(k))
                 self._buffers[k] = (np.full((n, self.num_features), np.nan, self.dtype), np.zeros(n, bool),
-                                    np.full(n, "", dtype=object))
-            feats, filled, shard_errs = self._buffers[k]
+                                    np.full(n, "", dtype=object),
+                                    {name: np.full((n, w), np.nan, self.dtype) for name, w in self.layer_widths.items()})
+            feats, filled, shard_errs, shard_layers = self._buffers[k]
             pos = indices[rows] - k * self.shard_size
             ok = errs[rows] == ""
             feats[pos[ok]] = stored[rows[ok]]
+            for name, values in shard_layers.items():
+                values[pos[ok]] = layers[name][rows[ok]]
             shard_errs[pos] = errs[rows]
             filled[pos] = True
             self.failed_rows += int((~ok).sum())
             self._rows_added += len(rows)
             if filled.all():
-                feats, _, shard_errs = self._buffers.pop(k)
+                feats, _, shard_errs, shard_layers = self._buffers.pop(k)
                 self._raise_writer_error()
-                self._queue.put((k, feats, shard_errs.tolist()))
+                self._queue.put((k, feats, shard_errs.tolist(), shard_layers))
 
     def _raise_writer_error(self) -> None:
         if self._writer_error is not None:
@@ -315,12 +339,13 @@ class StoreWriter:
                 except BaseException as e:  # reported to the caller on its next add() or close()
                     self._writer_error = e
 
-    def _commit(self, k: int, feats: np.ndarray, errs: list[str]) -> None:
+    def _commit(self, k: int, feats: np.ndarray, errs: list[str], layers: dict[str, np.ndarray]) -> None:
         started = time.perf_counter()
         target = self._shard_file(k)
         tmp = target.with_name(target.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, features=feats, errors=np.array(errs, dtype=str))
+            np.savez(f, features=feats, errors=np.array(errs, dtype=str),
+                     **{_LAYER_KEY + name: values for name, values in layers.items()})
             f.flush()
             os.fsync(f.fileno())
             self.bytes_written += f.tell()
@@ -350,9 +375,9 @@ class StoreWriter:
         finally:
             self._lock.release()
 
-    def _read_shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_shard(self, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         with np.load(self._shard_file(k), allow_pickle=False) as z:
-            return z["features"], z["errors"]
+            return z["features"], z["errors"], {name: z[_LAYER_KEY + name] for name in self.layer_widths}
 
     # -- finalize ----------------------------------------------------------------------------------------------
 
@@ -378,16 +403,22 @@ class StoreWriter:
         n, d = self.num_rows, self.num_features
         tmp = self.partial / "store.h5.tmp"
         # Rows per chunk: a power of two near 1 MiB that divides the shard size, so shard copies fill whole chunks.
-        pow2 = 1 << max(0, (_CHUNK_BYTES // max(1, d * self.dtype.itemsize)).bit_length() - 1)
-        chunk_rows = max(1, min(n, math.gcd(self.shard_size, pow2)))
+        def chunks(width: int) -> tuple[int, int] | None:
+            pow2 = 1 << max(0, (_CHUNK_BYTES // max(1, width * self.dtype.itemsize)).bit_length() - 1)
+            return (max(1, min(n, math.gcd(self.shard_size, pow2))), width) if n else None
+
         with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset("features", shape=(n, d), dtype=self.dtype, chunks=(chunk_rows, d) if n else None)
+            feats = f.create_dataset("features", shape=(n, d), dtype=self.dtype, chunks=chunks(d))
+            layer_sets = {name: f.create_dataset(f"{LAYERS_GROUP}/{name}", shape=(n, w), dtype=self.dtype,
+                                                 chunks=chunks(w)) for name, w in self.layer_widths.items()}
             status = np.empty(n, np.uint8)
             errors = np.empty(n, dtype=object)
             for k in range(self.num_shards):
                 rows = self._shard_range(k)
-                shard_feats, shard_errors = self._read_shard(k)
+                shard_feats, shard_errors, shard_layers = self._read_shard(k)
                 feats[rows.start : rows.stop] = shard_feats
+                for name, values in shard_layers.items():
+                    layer_sets[name][rows.start : rows.stop] = values
                 errors[rows.start : rows.stop] = [str(e) for e in shard_errors]
                 status[rows.start : rows.stop] = np.where(shard_errors == "", STATUS_OK, STATUS_FAILED)
             self.num_failed = int((status == STATUS_FAILED).sum())
@@ -481,6 +512,15 @@ class FeatureStore:
     def config(self) -> dict[str, Any]:
         return self.attrs["config"]
 
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """The intermediate layers stored beside the features: ``{"name", "width", "pooling"}`` each."""
+        return list(self.attrs.get("layers") or [])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [str(t["name"]) for t in self.layers]
+
 
 def _decode_attr(value: Any) -> Any:
     if isinstance(value, bytes):
@@ -543,6 +583,11 @@ def _read_open_store(f: h5py.File, path: Path, features: bool) -> FeatureStore:
         raise StoreError(f"{path} has datasets of inconsistent shapes ({lengths}); the store is damaged")
     if "config" not in f.attrs or not isinstance(_decode_attr(f.attrs["config"]), dict):
         raise StoreError(f"{path} has no readable config attribute; the store is damaged")
+    for layer in _decode_attr(f.attrs.get("layers", "[]")) or []:
+        where = f"{LAYERS_GROUP}/{layer['name']}"
+        if where not in f or f[where].shape != (shape[0], int(layer["width"])):
+            raise StoreError(f"{path} lists layer {layer['name']!r} but /{where} is missing or not "
+                             f"{shape[0]} x {layer['width']}; the store is damaged")
     return FeatureStore(
         path=path,
         features=f["features"][()] if features else None,
@@ -555,6 +600,31 @@ def _read_open_store(f: h5py.File, path: Path, features: bool) -> FeatureStore:
         attrs={k: _decode_attr(v) for k, v in f.attrs.items()},
         shape=shape,
     )
+
+
+def read_features(store: FeatureStore, layer: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """One representation of a store as a matrix: ``/features`` (`layer` None or ``last``) or ``/layers/<layer>``.
+
+    Args:
+        store: a store read with :func:`read_store` (its features need not be loaded).
+        layer: which representation.
+        rows: a boolean mask of the rows to return (all when None).
+
+    Raises:
+        StoreError: the store has no such layer (naming those it has), or it cannot be read.
+    """
+    if layer in (None, "last") and store.features is not None:
+        return store.features if rows is None else store.features[rows]
+    if layer not in (None, "last") and layer not in store.layer_names:
+        have = ", ".join(["last"] + store.layer_names)
+        raise StoreError(f"{store.path} has no layer {layer!r}; it holds: {have}")
+    where = "features" if layer in (None, "last") else f"{LAYERS_GROUP}/{layer}"
+    try:
+        with h5py.File(store.path, "r") as f:
+            values = f[where][()]
+    except Exception as e:  # damaged chunks surface here
+        raise StoreError(f"{store.path}: /{where} cannot be read ({type(e).__name__})") from None
+    return values if rows is None else values[rows]
 
 
 def verify_store(path: str | os.PathLike, block_rows: int = 8192) -> dict[str, Any]:
@@ -588,16 +658,20 @@ def verify_store(path: str | os.PathLike, block_rows: int = 8192) -> dict[str, A
         problems.append("error messages do not match the failed rows")
     if store.attrs.get("config_hash") != config_hash(store.config):
         problems.append("config_hash does not match the config (edited or damaged attributes)")
+    if [t["name"] for t in store.config.get("layers", [])] != store.layer_names:
+        problems.append("the layers attribute does not match the config's layers")
     if not problems:
         try:
             with h5py.File(store.path, "r") as f:
-                for start in range(0, n, block_rows):
-                    block = f["features"][start : start + block_rows]
-                    ok = store.status[start : start + block_rows] == STATUS_OK
-                    bad = np.flatnonzero(ok & ~np.isfinite(block).all(axis=1))
-                    if len(bad):
-                        problems.append(f"row {start + bad[0]} ({store.ids[start + bad[0]]}) is ok but has NaN/Inf features")
-                        break
+                for where in ["features"] + [f"{LAYERS_GROUP}/{name}" for name in store.layer_names]:
+                    for start in range(0, n, block_rows):
+                        block = f[where][start : start + block_rows]
+                        ok = store.status[start : start + block_rows] == STATUS_OK
+                        bad = np.flatnonzero(ok & ~np.isfinite(block).all(axis=1))
+                        if len(bad):
+                            what = "features" if where == "features" else f"values in /{where}"
+                            problems.append(f"row {start + bad[0]} ({store.ids[start + bad[0]]}) is ok but has NaN/Inf {what}")
+                            break
         except Exception as e:  # damaged chunks surface here
             problems.append(f"features cannot be read ({type(e).__name__})")
     if problems:
@@ -606,6 +680,7 @@ def verify_store(path: str | os.PathLike, block_rows: int = 8192) -> dict[str, A
         "path": str(store.path),
         "rows": n,
         "features": d,
+        "layers": store.layer_names,
         "failed": int(failed.sum()),
         "format_version": store.attrs["format_version"],
         "config_hash": store.attrs["config_hash"],

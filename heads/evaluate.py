@@ -137,11 +137,9 @@ def _path_scores(pipeline: Pipeline, path_key: str, values: list, others: list[d
     scores = {}
     for i, params in enumerate(others):
         model = clone(pipeline).set_params(**params)
-        prep = model.named_steps["prep"]
-        X_train, X_val = X[train], X[val]
-        if prep != "passthrough":
-            prep.fit(X_train, y[train])
-            X_train, X_val = prep.transform(X_train), prep.transform(X_val)
+        steps = model[:-1]  # every step before the classifier, fitted once per split and setting
+        X_train = steps.fit_transform(X[train], y[train])
+        X_val = steps.transform(X[val])
         clf = model.named_steps["clf"].set_params(warm_start=True)
         for value in values:
             clf.set_params(**{path_key: value}).fit(X_train, y[train])

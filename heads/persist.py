@@ -21,6 +21,7 @@ _OWN_ESTIMATORS = (
     "heads.torch_knn.TorchKNeighborsClassifier",
     "heads.kernel_approx.ScaledNystroem",
     "heads.kernel_approx.NystroemSVC",
+    "heads.blocks.BlockStandardScaler",
 )
 _PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 

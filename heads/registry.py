@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from sklearn.base import BaseEstimator
@@ -21,6 +21,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from .blocks import BlockStandardScaler
 from .errors import HeadsError
 from .kernel_approx import NystroemSVC
 from .torch_knn import TorchKNeighborsClassifier
@@ -64,6 +65,8 @@ class HeadSpec:
             and quadratic, below 2 000 rows).
         threaded: the estimator spreads one fit over every core itself (torch): searches then run its fits one
             at a time with all threads instead of one fit per core.
+        blocks: block widths of concatenated layers: the pipeline then starts with a
+            :class:`~heads.blocks.BlockStandardScaler` (set through :meth:`on_blocks`, never at registration).
         path_param: a grid key the estimator can follow as a path with ``warm_start`` (e.g. ``C``): the grid
             search then fits each split's preprocessing once and walks the values in increasing order, each
             fit starting from the previous solution.
@@ -81,9 +84,21 @@ class HeadSpec:
     path_param: str | None = None
     threaded: bool = False
     probe_rows: tuple[int, int] | None = None
+    blocks: tuple[int, ...] | None = None
 
     def pipeline(self) -> Pipeline:
-        return Pipeline([("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())])
+        steps = [("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())]
+        if self.blocks is not None:
+            steps.insert(0, ("blocks", BlockStandardScaler(self.blocks)))
+        return Pipeline(steps)
+
+    def on_blocks(self, widths: tuple[int, ...] | None) -> "HeadSpec":
+        """This head (and its approximation) for features made of blocks of these widths side by side: a
+        :class:`BlockStandardScaler` step comes first. None: the head as registered."""
+        if widths is None:
+            return self
+        approximation = self.approximation.on_blocks(widths) if self.approximation is not None else None
+        return replace(self, blocks=tuple(widths), approximation=approximation)
 
     def param_grid(self, n_train: int | None = None) -> dict[str, list]:
         """The GridSearchCV grid: preprocessing transformers plus ``clf__``-prefixed estimator settings.

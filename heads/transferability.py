@@ -44,6 +44,20 @@ def _one_hot_targets(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return classes, codes
 
 
+def _spectrum(F: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values S of F (those above round-off) and U^T T, from an eigendecomposition of the smaller Gram
+    matrix (F F^T or F^T F): several times faster than an SVD for the tall or wide matrices features are."""
+    n, d = F.shape
+    if n <= d:
+        lam, U = np.linalg.eigh(F @ F.T)
+        keep = lam > lam.max(initial=0.0) * 1e-12
+        return np.sqrt(lam[keep]), U[:, keep].T @ T
+    lam, V = np.linalg.eigh(F.T @ F)
+    keep = lam > lam.max(initial=0.0) * 1e-12
+    S = np.sqrt(lam[keep])
+    return S, ((F @ V[:, keep]) / S).T @ T
+
+
 def _posterior(S: np.ndarray, sigma: np.ndarray, ut: np.ndarray, outside: float, lam: float):
     """|m|^2, |F m - t|^2 and gamma for the posterior mean m at alpha/beta = lam, in the SVD basis of F."""
     fitted = sigma / (sigma + lam)  # share of t kept along each singular direction
@@ -64,19 +78,20 @@ def logme(X: np.ndarray, y: np.ndarray, *, tol: float = 1e-8, max_iter: int = 20
     with ``A = alpha I + beta F^T F`` and ``m = beta A^-1 F^T t``. alpha and beta are found by the paper's
     fixed-point iteration (``gamma = sum beta s_i / (alpha + beta s_i)``, ``alpha = gamma / |m|^2``,
     ``beta = (n - gamma) / |F m - t|^2``, where s_i are the eigenvalues of F^T F), run until alpha/beta moves by
-    less than `tol` relative (the authors stop at 1 %; the fixed point is the same). One thin SVD of F serves
-    every class.
+    less than `tol` relative (the authors stop at 1 %; the fixed point is the same). One eigendecomposition
+    of F's smaller Gram matrix serves every class.
     """
     F = np.asarray(X, dtype=np.float64)
     n, d = F.shape
     _, codes = _one_hot_targets(y)
-    U, S, _ = np.linalg.svd(F, full_matrices=False)
+    targets = np.eye(codes.max() + 1)[codes]  # [n, classes] one-vs-rest
+    S, UT = _spectrum(F, targets)
     sigma = S**2
-    rank_deficit = d - len(sigma)  # eigenvalues of F^T F that are zero (n < D)
+    rank_deficit = d - len(sigma)  # eigenvalues of F^T F that are zero (n < D, or collinear features)
     evidences = []
-    for k in range(codes.max() + 1):
-        t = (codes == k).astype(np.float64)
-        ut = U.T @ t  # t in the left singular basis
+    for k in range(targets.shape[1]):
+        t = targets[:, k]
+        ut = UT[:, k]  # t in the left singular basis
         outside = float(t @ t - ut @ ut)  # the part of t that no m can reach
         alpha, beta = 1.0, 1.0
         for _ in range(max_iter):
@@ -102,19 +117,49 @@ def hscore(X: np.ndarray, y: np.ndarray) -> float:
     normalisation). Since ``cov_g = sum_c p_c mu_c mu_c^T`` (centred class means), the trace is
     ``(1 - a) sum_c p_c mu_c^T cov_f^-1 mu_c``: one linear solve, no D x D inverse.
     """
-    from sklearn.covariance import ledoit_wolf
-
     F = np.asarray(X, dtype=np.float64)
     _, codes = _one_hot_targets(y)
     F = F - F.mean(axis=0)
-    cov, shrinkage = ledoit_wolf(F, assume_centered=True)
+    n, d = F.shape
     counts = np.bincount(codes)
-    means = np.zeros((len(counts), F.shape[1]))
-    np.add.at(means, codes, F)
-    means /= counts[:, None]
     weights = counts / counts.sum()
+    P = np.eye(len(counts))[codes].T / counts[:, None]  # [classes, n]: row c averages class c's rows
+    if d > n:
+        return _hscore_wide(F, P, weights)
+    from sklearn.covariance import ledoit_wolf
+
+    cov, shrinkage = ledoit_wolf(F, assume_centered=True)
+    means = P @ F
     solved = np.linalg.lstsq(cov, means.T, rcond=None)[0] if shrinkage == 0 else np.linalg.solve(cov, means.T)
     return float((1.0 - shrinkage) * np.einsum("c,dc,cd->", weights, solved, means))
+
+
+def _hscore_wide(F: np.ndarray, P: np.ndarray, weights: np.ndarray) -> float:
+    """:func:`hscore` through the n x n Gram matrix G = F F^T when there are more features than rows.
+
+    Ledoit-Wolf's shrinkage needs only |F^T F|_F = |G|_F, the row norms and the trace; and by Woodbury,
+    ``(b I + c F^T F)^-1 = (I - c F^T (b I + c G)^-1 F) / b`` with ``b = a mu`` and ``c = (1 - a) / n``, so the
+    class means' quadratic forms need G alone: no D x D matrix.
+    """
+    n, d = F.shape
+    G = F @ F.T
+    trace = float(np.trace(G))
+    mu = trace / (n * d)
+    delta_ = float((G**2).sum()) / n**2
+    beta_ = float((np.diag(G) ** 2).sum())
+    beta = 1.0 / (d * n) * (beta_ / n - delta_)
+    delta = (delta_ - 2.0 * mu * trace / n + d * mu**2) / d
+    shrinkage = 0.0 if min(beta, delta) == 0 else min(beta, delta) / delta
+    if shrinkage == 0:  # no shrinkage: the covariance is singular here, so fall back to the pseudo-inverse
+        cov = F.T @ F / n
+        means = P @ F
+        return float(np.einsum("c,dc,cd->", weights, np.linalg.pinv(cov, rcond=1e-15) @ means.T, means))
+    b, c = shrinkage * mu, (1.0 - shrinkage) / n
+    K = G @ P.T  # [n, classes]: F mu_c for every class
+    norms = np.einsum("cn,nc->c", P, K)  # |mu_c|^2
+    W = np.linalg.solve(b * np.eye(n) + c * G, K)
+    quad = (norms - c * np.einsum("nc,nc->c", K, W)) / b
+    return float((1.0 - shrinkage) * (weights * quad).sum())
 
 
 def knn_loo(X: np.ndarray, y: np.ndarray, *, k: int = 5, block: int = 2048) -> float:

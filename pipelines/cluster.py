@@ -167,16 +167,18 @@ class _Extractor:
     """
 
     def __init__(self, source: str, model: str, options: dict[str, Any]):
-        from featurize.backbones import create_backbone
+        from featurize.backbones import PIXELS, create_backbone
         from featurize.engine import default_batch_size, default_workers, resolve_device, resolve_precision
         from featurize.sources import open_source
 
         self.error = ""
         try:
             self.source = open_source(source)
-            self.backbone = create_backbone(model, options["weights"], image_size=options["image_size"])
+            self.backbone = create_backbone(model, options["weights"], image_size=options["image_size"],
+                                            crop_pct=options.get("crop_pct"), grayscale=options.get("grayscale", False),
+                                            layers=options.get("layers"))
             self.device = resolve_device(options["device"])
-            self.precision = resolve_precision(options["precision"], self.device)
+            self.precision = "fp32" if model == PIXELS else resolve_precision(options["precision"], self.device)
         except Exception as e:  # reported by describe(), with the node it happened on
             self.error = _first_line(e)
             return
@@ -200,27 +202,32 @@ class _Extractor:
             "data_config": b.data_config,
             "pooling": b.pooling,
             "num_features": b.num_features,
+            "layers": b.layers,
             "precision": self.precision,
             "dataset": {"kind": self.source.kind, "fingerprint": self.source.fingerprint(),
                         "num_rows": len(self.source)},
         }
 
-    def embed(self, spans: list[tuple[int, int]], dtype: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Features (in the storage dtype: half the bytes on the wire) and per-row errors of the rows in
-        `spans` ([start, stop) ranges, one per shard), in one pass of the engine."""
+    def embed(self, spans: list[tuple[int, int]], dtype: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+        """Features and tapped layers (in the storage dtype: half the bytes on the wire) and per-row errors of
+        the rows in `spans` ([start, stop) ranges, one per shard), in one pass of the engine."""
         from featurize.engine import iter_features
 
         o = self.options
         rows = [i for start, stop in spans for i in range(start, stop)]
         indices, features, errors = [], [], []
+        layers: dict[str, list[np.ndarray]] = {t["name"]: [] for t in self.backbone.layers}
         for batch in iter_features(self.source, self.backbone, rows, device=self.device,
                                    precision=self.precision, batch_size=o["batch_size"], workers=o["workers"],
                                    streams=o["streams"], jpeg_draft=o["jpeg_draft"], compile=o["compile"]):
             indices.append(batch.indices)
             with np.errstate(over="ignore"):  # overflow to inf is recorded as a failed row by the writer
                 features.append(batch.features.astype(dtype))
+                for name, values in batch.layers.items():
+                    layers[name].append(values.astype(dtype))
             errors.extend(batch.errors)
-        return np.concatenate(indices), np.concatenate(features), errors
+        return (np.concatenate(indices), np.concatenate(features), errors,
+                {name: np.concatenate(parts) for name, parts in layers.items()})
 
 
 def group_shards(shards: list[range], rows_per_call: int) -> list[tuple[range, ...]]:
@@ -239,7 +246,7 @@ def group_shards(shards: list[range], rows_per_call: int) -> list[tuple[range, .
 
 
 # What an actor reports that must be the same on every node (the rest: where it runs).
-_AGREED = ("backbone", "weights", "data_config", "pooling", "num_features", "precision", "dataset")
+_AGREED = ("backbone", "weights", "data_config", "pooling", "num_features", "layers", "precision", "dataset")
 
 
 class RayExtractPool:
@@ -379,7 +386,7 @@ class RayExtractPool:
                 continue
             actor, work = in_flight.pop(ref)
             try:
-                indices, features, errors = ray.get(ref)
+                indices, features, errors, layers = ray.get(ref)
             except self._lost_errors as e:
                 if actor in live:  # the first loss seen for this actor: requeue all its shards, ask for another
                     live.remove(actor)
@@ -404,7 +411,7 @@ class RayExtractPool:
 
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 raise FeaturizeError(f"extraction failed on a Ray worker: {_first_line(cause)}") from None
-            yield FeatureBatch(indices, features, errors)
+            yield FeatureBatch(indices, features, errors, layers)
 
     def shutdown(self) -> None:
         """Stop every actor (their processes exit; the cluster stays up)."""

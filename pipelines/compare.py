@@ -1,4 +1,5 @@
-"""compare-heads: backbones (one store each) x heads, one protocol for all, metrics with CIs and paired tests."""
+"""compare-heads: representations (stores, their layers) x heads, one protocol for all, metrics with CIs and paired
+tests; with three or more representations, how far transferability scores agree with the measured ranking."""
 
 from __future__ import annotations
 
@@ -16,16 +17,22 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from featurize.store import FeatureStore, read_store
+from featurize.store import FeatureStore
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
 from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, head_jobs, probe_cost
 from heads.persist import save_head
+from heads.transferability import SCORES, rank_agreement, stratified_subsample
+from pipelines.candidates import Candidate, align_stores, distinct_stores, parse_candidates, usable_rows
 from pipelines.provenance import library_versions
+from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
 
-__all__ = ["Comparison", "compare_heads", "align_stores", "save_best_head", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES"]
+__all__ = ["Comparison", "compare_heads", "align_stores", "save_best_head", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
+           "MIN_CANDIDATES_FOR_TRUST"]
 
 SIGNIFICANCE = 0.05
+# With fewer candidates a rank correlation says nothing.
+MIN_CANDIDATES_FOR_TRUST = 3
 
 
 @dataclass
@@ -33,21 +40,25 @@ class Comparison:
     """The result of compare-heads.
 
     Attributes:
-        rows: one dict per backbone x head, best first (the fields of results.json).
+        rows: one dict per representation x head, best first (the fields of results.json).
         plan: the protocol every row used.
-        stores: the stores, in the order given.
+        stores: the distinct stores, in the order given.
+        candidates: the representations compared (ranked-out ones included).
         classes: class names.
         usable: boolean mask of store rows used (labeled and ok in every store).
         excluded_failed: rows left out because they failed in at least one store.
         excluded_unlabeled: rows left out because they have no label.
         y_scored: true labels of the scored rows (plan order).
-        predictions: per row key (backbone, head): predictions on the scored rows.
+        predictions: per row key (representation, head): predictions on the scored rows.
         runs: per row key: what is needed to refit or save the head.
-        skipped: heads left out by the budget: backbone, head, reason, predicted_seconds.
+        skipped: heads left out by the budget: representation, backbone, head, reason, predicted_seconds.
         budget_seconds: the time budget (None: no budget, every head runs the full protocol).
         seconds: wall time of the whole comparison.
         parallel: where the parallel fits ran: joblib's backend (``loky`` locally, ``ray`` on a cluster) and
             the number of parallel fits.
+        ranking: with ``--top`` or at least three representations: transferability scores per candidate
+            (``scores``), which were ranked out, and per score Kendall's tau and weighted tau against each
+            candidate's best-head accuracy with bootstrap CIs (``agreement``); None otherwise.
     """
 
     rows: list[dict[str, Any]]
@@ -64,48 +75,12 @@ class Comparison:
     budget_seconds: float | None = None
     seconds: float = 0.0
     parallel: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
+    ranking: dict[str, Any] | None = None
 
     @property
     def best(self) -> dict[str, Any]:
         return self.rows[0]
-
-
-def _differs(a: np.ndarray, b: np.ndarray) -> int | None:
-    diff = np.flatnonzero(a != b)
-    return int(diff[0]) if len(diff) else None
-
-
-def align_stores(stores: list[FeatureStore]) -> None:
-    """Refuse stores that do not describe the same samples (same ids, labels, splits and classes, in order).
-
-    Raises:
-        HeadsError: naming the first difference.
-    """
-    ref = stores[0]
-    for other in stores[1:]:
-        a, b = ref.path.name, other.path.name
-        what = f"stores {a} and {b} describe different samples"
-        if len(ref.ids) != len(other.ids):
-            raise HeadsError(f"{what}: {len(ref.ids)} rows vs {len(other.ids)}; extract both from the same source")
-        if ref.classes != other.classes:
-            raise HeadsError(f"{what}: classes {ref.classes[:5]} vs {other.classes[:5]}")
-        row = _differs(ref.ids, other.ids)
-        if row is not None:
-            raise HeadsError(f"{what}: row {row} is {ref.ids[row]!r} in {a} but {other.ids[row]!r} in {b}")
-        row = _differs(ref.labels, other.labels)
-        if row is not None:
-            raise HeadsError(f"{what}: {ref.ids[row]!r} has label {ref.labels[row]} in {a} but {other.labels[row]} in {b}")
-        row = _differs(ref.split, other.split)
-        if row is not None:
-            raise HeadsError(
-                f"{what}: {ref.ids[row]!r} is in split {ref.split[row]!r} in {a} but {other.split[row]!r} in {b}"
-            )
-
-
-def _backbone_names(stores: list[FeatureStore]) -> list[str]:
-    names = [str(s.attrs.get("backbone", s.path.stem)) for s in stores]
-    counts = collections.Counter(names)
-    return [f"{n} ({s.path.stem})" if counts[n] > 1 else n for n, s in zip(names, stores)]
 
 
 def _threads_for(spec):
@@ -119,6 +94,28 @@ def _summary_params(params: list[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(collections.Counter(as_json).most_common(1)[0][0])
 
 
+def _rank(candidates: list[Candidate], usable: np.ndarray, y: np.ndarray, plan: Plan, max_rows: int | None,
+          seed: int, progress: bool) -> tuple[list[dict[str, Any]], int]:
+    """Transferability scores of every candidate on the plan's non-test rows (a stratified subsample)."""
+    fit = plan.final.fit  # holdout: every non-test row; nested CV: every row
+    keep = fit[stratified_subsample(y[fit], max_rows, seed)]
+    mask = np.zeros(len(usable), bool)
+    mask[np.flatnonzero(usable)[keep]] = True
+    return score_candidates(candidates, mask, y[keep], progress=progress), len(keep)
+
+
+def _agreement(scores: list[dict[str, Any]], rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Per score: Kendall's tau and weighted tau between score and best-head accuracy over the candidates run."""
+    best: dict[str, float] = {}
+    for r in rows:
+        best[r["representation"]] = max(best.get(r["representation"], 0.0), r["accuracy"])
+    ran = [s for s in scores if s["candidate"] in best]
+    if len(ran) < MIN_CANDIDATES_FOR_TRUST:
+        return {}
+    accuracy = np.array([best[s["candidate"]] for s in ran])
+    return {name: rank_agreement(np.array([s[name] for s in ran]), accuracy, seed=seed) for name in SCORES}
+
+
 def compare_heads(
     store_paths: list[str | Path],
     heads: list[str] | None = None,
@@ -129,12 +126,16 @@ def compare_heads(
     class_weight: str | None = None,
     n_boot: int = 1000,
     budget: float | None = DEFAULT_BUDGET_MINUTES,
+    top: int | None = None,
+    rank_by: str = DEFAULT_RANK_BY,
+    rank_rows: int | None = DEFAULT_MAX_ROWS,
     progress: bool = True,
 ) -> Comparison:
-    """Train and compare every head on every store under one protocol.
+    """Train and compare every head on every representation under one protocol.
 
     Args:
-        store_paths: one feature store per backbone, all of the same samples.
+        store_paths: candidates (:mod:`pipelines.candidates`): ``STORE.h5``, ``STORE.h5:LAYER``,
+            ``STORE.h5:all``, ``STORE.h5:concat``; all stores of the same samples.
         heads: head names or patterns (all registered heads when None).
         folds: K of every stratified K-fold split.
         seed: seed of folds, estimators and bootstrap.
@@ -145,80 +146,92 @@ def compare_heads(
             with fewer than 4000 fit rows always get the full protocol; larger ones are probed and planned by
             :mod:`heads.budget` (successive halving on tuning subsets, approximations, skips), each decision
             reported per row.
+        top: run the heads only on the `top` candidates best by `rank_by`; the others are reported as ranked
+            out, with their scores. None: every candidate.
+        rank_by: the transferability score that picks the top candidates.
+        rank_rows: score candidates on a stratified subsample of at most this many non-test rows.
         progress: show a progress bar.
 
     Raises:
-        HeadsError, FeaturizeError: unreadable stores, stores of different samples, unknown heads, too few
-            samples for the folds, a single class.
+        HeadsError, FeaturizeError: unreadable stores or layers, stores of different samples, unknown heads, too
+            few samples for the folds, a single class.
     """
     started_at = time.perf_counter()
-    if not store_paths:
-        raise HeadsError("give at least one feature store")
     if budget is not None and not budget > 0:
         raise HeadsError(f"--budget must be a positive number of minutes, got {budget}")
+    if top is not None and top < 1:
+        raise HeadsError(f"--top must be at least 1, got {top}")
+    check_score(rank_by)
     specs = resolve_heads(heads)
     if class_weight not in (None, "balanced"):
         raise HeadsError(f"--class-weight must be 'balanced' or 'none', got {class_weight!r}")
     jobs = jobs or os.cpu_count() or 1
-    stores = [read_store(p) for p in store_paths]
-    align_stores(stores)
+    candidates = parse_candidates(store_paths)
+    stores = distinct_stores(candidates)
+    labeled, usable = usable_rows(stores)
     ref = stores[0]
-    labeled = ref.labels >= 0
-    ok_everywhere = np.logical_and.reduce([s.ok for s in stores])
-    usable = labeled & ok_everywhere
-    if not usable.any():
-        what = "no labeled rows" if not labeled.any() else "no labeled rows with status ok in every store"
-        raise HeadsError(f"nothing to compare: {ref.path.name} has {what}")
     y = ref.labels[usable]
     plan = plan_protocol(y, ref.split[usable], folds=folds, seed=seed, classes=ref.classes)
     y_scored = y[plan.scored]
     n_classes = len(ref.classes)
-    backbones = _backbone_names(stores)
+
+    ranking: dict[str, Any] | None = None
+    running = candidates
+    if top is not None or len(candidates) >= MIN_CANDIDATES_FOR_TRUST:
+        started = time.perf_counter()
+        scores, n_rows = _rank(candidates, usable, y, plan, rank_rows, seed, progress)
+        ranking = {"rank_by": rank_by, "top": top, "rows_scored": n_rows, "scores": scores, "ranked_out": [],
+                   "seconds": time.perf_counter() - started}
+        if top is not None and top < len(candidates):
+            order = sorted(scores, key=lambda r: -r[rank_by])
+            kept = {r["candidate"] for r in order[:top]}
+            running = [c for c in candidates if c.name in kept]
+            ranking["ranked_out"] = [r for r in order if r["candidate"] not in kept]
 
     rows, predictions, runs, skipped = [], {}, {}, []
     threads = max(1, (os.cpu_count() or 1) // jobs)
     n_fit = min(len(t.fit) for t in plan.tasks)
     budget_seconds = None if budget is None else float(budget) * 60.0
     probing = budget_seconds is not None and n_fit >= 2 * PROBE_ROWS[-1]
-    units = [(store, backbone, spec) for store, backbone in zip(stores, backbones) for spec in specs]
+    units = [(c, spec.on_blocks(c.block_widths)) for c in running for spec in specs]
     features = {}
     with tqdm(total=len(units), desc="compare-heads", unit="head", disable=not progress) as bar, \
             threadpool_limits(limits=threads):
         allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes)
         probe_seconds: dict[tuple[str, str], float] = {}
-        for store, backbone, spec in units:
-            if backbone not in features:
-                features[backbone] = store.features[usable].astype(np.float32)
+        for cand, spec in units:
+            if cand.name not in features:
+                features[cand.name] = cand.load(usable)
             if probing:
-                bar.set_postfix_str(f"probing {backbone} / {spec.name}")
+                bar.set_postfix_str(f"probing {cand.name} / {spec.name}")
                 started = time.perf_counter()
-                X = features[backbone]
+                X = features[cand.name]
                 with _threads_for(spec):
                     cost = probe_cost(spec, X, y, class_weight=class_weight, seed=seed)
                 approx = None
                 if spec.approximation is not None:
                     with _threads_for(spec.approximation):
                         approx = probe_cost(spec.approximation, X, y, class_weight=class_weight, seed=seed)
-                allocator.add((backbone, spec.name), spec, cost, approx)
-                probe_seconds[(backbone, spec.name)] = time.perf_counter() - started
+                allocator.add((cand.name, spec.name), spec, cost, approx)
+                probe_seconds[(cand.name, spec.name)] = time.perf_counter() - started
         if probing:
-            order = allocator.order([(b, s.name) for _, b, s in units])
-            units.sort(key=lambda u: order.index((u[1], u[2].name)))
+            order = allocator.order([(c.name, s.name) for c, s in units])
+            units.sort(key=lambda u: order.index((u[0].name, u[1].name)))
 
-        for position, (store, backbone, spec) in enumerate(units):
-            X, key = features[backbone], (backbone, spec.name)
+        for position, (cand, spec) in enumerate(units):
+            X, key = features[cand.name], (cand.name, spec.name)
             if probing:
                 remaining = budget_seconds - (time.perf_counter() - started_at)
-                decision = allocator.decide(key, remaining, [(b, s.name) for _, b, s in units[position:]])
+                decision = allocator.decide(key, remaining, [(c.name, s.name) for c, s in units[position:]])
                 decision.probe_seconds = probe_seconds[key]
             else:
                 why = "no budget (--exhaustive)" if budget_seconds is None else \
                     f"small store ({n_fit} fit rows): the full protocol"
                 decision = HeadBudget("full", spec, tune_rows=n_fit, reason=why)
-            bar.set_postfix_str(f"{backbone} / {spec.name} ({decision.mode})")
+            bar.set_postfix_str(f"{cand.name} / {spec.name} ({decision.mode})")
             if decision.mode == "skipped":
-                skipped.append({"backbone": backbone, "head": spec.name, "reason": decision.reason,
-                                "predicted_seconds": decision.predicted_seconds})
+                skipped.append({"representation": cand.name, "backbone": cand.backbone, "head": spec.name,
+                                "reason": decision.reason, "predicted_seconds": decision.predicted_seconds})
                 bar.update(1)
                 continue
             tune_rows = None if decision.mode == "full" else decision.tune_rows
@@ -231,8 +244,10 @@ def compare_heads(
             metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
             cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
             row = {
-                "backbone": backbone,
-                "store": str(store.path),
+                "representation": cand.name,
+                "backbone": cand.backbone,
+                "layer": cand.layer,
+                "store": str(cand.store.path),
                 "head": spec.name,
                 **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
                 **{f"{k}_ci": list(v) for k, v in cis.items()},
@@ -256,25 +271,27 @@ def compare_heads(
                 row["params_per_fold"] = run.params
             rows.append(row)
             predictions[key] = run.y_pred
-            runs[key] = {"spec": decision.spec, "store": store, "X": X, "model": run.model, "tune_rows": tune_rows}
+            runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model, "tune_rows": tune_rows}
             bar.update(1)
 
     if not rows:
         raise HeadsError(f"every head was skipped by the budget of {budget} minutes; raise --budget or use --exhaustive")
     rows.sort(key=lambda r: (-r["accuracy"], -r["balanced_accuracy"], r["fit_seconds"]))
-    best_correct = predictions[(rows[0]["backbone"], rows[0]["head"])] == y_scored
+    best_correct = predictions[(rows[0]["representation"], rows[0]["head"])] == y_scored
     for rank, row in enumerate(rows, start=1):
-        correct = predictions[(row["backbone"], row["head"])] == y_scored
+        correct = predictions[(row["representation"], row["head"])] == y_scored
         row["rank"] = rank
         row["p_value_vs_best"] = 1.0 if rank == 1 else mcnemar_p_value(best_correct, correct)
         row["tied_with_best"] = bool(row["p_value_vs_best"] >= SIGNIFICANCE)
+    if ranking is not None:
+        ranking["agreement"] = _agreement(ranking["scores"], rows, seed)
     return Comparison(
         rows=rows,
         plan=plan,
         stores=stores,
         classes=ref.classes,
         usable=usable,
-        excluded_failed=int((labeled & ~ok_everywhere).sum()),
+        excluded_failed=int((labeled & ~usable).sum()),
         excluded_unlabeled=int((~labeled).sum()),
         y_scored=y_scored,
         predictions=predictions,
@@ -283,6 +300,8 @@ def compare_heads(
         budget_seconds=budget_seconds,
         seconds=time.perf_counter() - started_at,
         parallel=_parallel_backend(jobs),
+        candidates=candidates,
+        ranking=ranking,
     )
 
 
@@ -299,8 +318,9 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
                    class_weight: str | None = None) -> Path:
     """Save the winning head (refit as the protocol says) with its provenance, via skops."""
     best = comparison.best
-    run = comparison.runs[(best["backbone"], best["head"])]
-    store: FeatureStore = run["store"]
+    run = comparison.runs[(best["representation"], best["head"])]
+    candidate: Candidate = run["candidate"]
+    store: FeatureStore = candidate.store
     model = run["model"]
     if model is None:  # nested CV: tune by CV on every usable row, refit on all of them
         y = store.labels[comparison.usable]
@@ -311,6 +331,9 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
     provenance = {
         "head": best["head"],
         "params": best["params"],
+        "representation": best["representation"],
+        "layer": candidate.layer,
+        "blocks": candidate.blocks,
         "classes": comparison.classes,
         "backbone": attrs.get("backbone"),
         "weights_source": attrs.get("weights_source"),
@@ -320,7 +343,8 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
         "decode": store.config.get("decode"),
         "precision": attrs.get("precision"),
         "dtype": attrs.get("dtype"),
-        "num_features": int(store.shape[1]),
+        "num_features": candidate.width,
+        "layers": [t for t in store.layers if t["name"] in candidate.blocks],
         "store_config_hash": attrs.get("config_hash"),
         "store": str(store.path),
         "protocol": comparison.plan.description,

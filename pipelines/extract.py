@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from featurize.backbones import check_model_name, create_backbone
+from featurize.backbones import PIXELS, check_model_name, create_backbone
 from featurize.errors import FeaturizeError
 from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, resolve_precision
 from featurize.sources import open_source
@@ -92,6 +92,9 @@ def extract_features(
     model: str,
     weights: str = "auto",
     image_size: int | None = None,
+    crop_pct: float | None = None,
+    grayscale: bool = False,
+    layers: str | None = None,
     device: str = "auto",
     precision: str = "auto",
     dtype: str = "float16",
@@ -113,6 +116,11 @@ def extract_features(
     between the runs.
 
     Args:
+        model: a timm model name, or ``pixels`` (the resized pixels scaled to [0, 1], flattened: the baseline).
+        crop_pct: timm's ``crop_pct`` (1.0: resize without cropping); None keeps the model's own.
+        grayscale: pixels only: one grey channel.
+        layers: intermediate layers stored beside the features, from the same forward pass: ``last`` (none),
+            ``stages``, or module names / stage indices (:func:`featurize.backbones.resolve_layers`).
         ray: None: run here. An address (``HOST:PORT``, ``auto``, ``ray://...``) or ``local``: spread the shards
             over a Ray cluster's actors (:mod:`pipelines.cluster`); the store is the same as a local run's.
 
@@ -130,11 +138,13 @@ def extract_features(
     fingerprint = src.fingerprint()
     with contextlib.ExitStack() as stack:
         if ray is None:
-            backbone = create_backbone(model, weights, image_size=image_size)
+            backbone = create_backbone(model, weights, image_size=image_size, crop_pct=crop_pct, grayscale=grayscale,
+                                       layers=layers)
             dev = resolve_device(device)
-            prec = resolve_precision(precision, dev)
+            prec = "fp32" if backbone.name == PIXELS else resolve_precision(precision, dev)  # pixels: no arithmetic
             computed = {"backbone": backbone.name, "weights": backbone.weights, "data_config": backbone.data_config,
-                        "pooling": backbone.pooling, "num_features": backbone.num_features, "precision": prec}
+                        "pooling": backbone.pooling, "num_features": backbone.num_features, "precision": prec,
+                        "layers": backbone.layers}
             placement = str(dev)
 
             def batches(shards: list[range]):
@@ -149,7 +159,8 @@ def extract_features(
 
             stack.enter_context(ray_session(ray))
             pool = RayExtractPool(source, model, {
-                "weights": weights, "image_size": image_size, "device": device, "precision": precision,
+                "weights": weights, "image_size": image_size, "crop_pct": crop_pct, "grayscale": grayscale,
+                "layers": layers, "device": device, "precision": precision,
                 "batch_size": batch_size, "workers": workers, "streams": streams, "jpeg_draft": jpeg_draft,
                 "compile": compile,
             }, report=lambda line: tqdm.write(line, file=sys.stderr))
@@ -176,8 +187,11 @@ def extract_features(
             "dtype": dtype,
             "dataset": {"kind": src.kind, "fingerprint": fingerprint, "num_rows": len(src)},
         }
+        if computed["layers"]:  # only then: a store without layers keeps the config (and hash) it always had
+            config["layers"] = computed["layers"]
         writer = StoreWriter(
-            out, config, len(src), computed["num_features"], dtype=dtype, shard_size=shard_size, overwrite=overwrite
+            out, config, len(src), computed["num_features"], dtype=dtype, shard_size=shard_size, overwrite=overwrite,
+            layers=computed["layers"],
         )
         pending = writer.pending_shards()
         started = time.perf_counter()
@@ -186,7 +200,7 @@ def extract_features(
             disable=not progress,
         ) as bar, _commit_on_error(writer):
             for batch in batches(pending):
-                writer.add(batch.indices, batch.features, batch.errors)
+                writer.add(batch.indices, batch.features, batch.errors, batch.layers)
                 bar.update(len(batch.indices))
                 if writer.failed_rows > allowed:
                     example = next((f"{src.samples[i].id}: {e}" for i, e in zip(batch.indices, batch.errors) if e), "")
@@ -213,6 +227,7 @@ def extract_features(
             "precision": computed["precision"],
             "device": placement,
             "num_features": computed["num_features"],
+            **({"layers": computed["layers"]} if computed["layers"] else {}),
             "dataset_fingerprint": config["dataset"]["fingerprint"],
             "source": src.describe(),
             "library_versions": library_versions(),

@@ -50,6 +50,7 @@ def summarize_store(path: str | Path, max_examples: int = 5) -> dict[str, Any]:
         "path": str(store.path),
         "rows": n,
         "features": d,
+        "layers": store.layers,
         "classes": store.classes,
         "counts": {split: dict(sorted(c.items(), key=lambda kv: names.index(kv[0]))) for split, c in sorted(counts.items())},
         "failed": int(failed.sum()),

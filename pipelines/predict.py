@@ -47,6 +47,8 @@ def _weights_for(provenance: dict, weights: str | None) -> str:
         return "packaged"
     if source in ("hub", "random"):
         return source
+    if source == "none":  # the pixels baseline
+        return "auto"
     name = source.removeprefix("file:")
     raise HeadsError(f"the head was trained on features from the weights file {name!r}; pass it with --weights PATH")
 
@@ -74,8 +76,8 @@ def predict_images(
 ) -> PredictResult:
     """Predict a class for every image of `source` with a head saved by ``compare-heads --save-best``.
 
-    The backbone, weights, preprocessing, precision and storage dtype are the ones recorded in the head, so
-    the head sees features exactly like those it was trained on; weights that differ are refused.
+    The backbone, weights, preprocessing, precision, storage dtype and layer(s) are the ones recorded in the
+    head, so the head sees features exactly like those it was trained on; weights that differ are refused.
 
     Raises:
         HeadsError, FeaturizeError: unreadable head, missing weights file, other weights, bad source.
@@ -85,8 +87,11 @@ def predict_images(
         raise HeadsError(f"folder {out.parent} does not exist; create it or choose another --out")
     model, prov = load_head(head_path, trust=trust)
     src = open_source(source)
+    blocks = list(prov.get("blocks") or ["last"])  # heads saved before layers existed: the default features
     backbone = create_backbone(
-        prov["backbone"], _weights_for(prov, weights), image_size=int(prov["data_config"]["input_size"][-1])
+        prov["backbone"], _weights_for(prov, weights), image_size=int(prov["data_config"]["input_size"][-1]),
+        crop_pct=prov["data_config"].get("crop_pct"), grayscale=bool((prov.get("pooling") or {}).get("grayscale")),
+        layers=[b for b in blocks if b != "last"],
     )
     if backbone.weights["sha256"] != prov["weights_sha256"]:
         raise HeadsError(
@@ -97,6 +102,11 @@ def predict_images(
         raise HeadsError(
             f"the preprocessing timm resolves now ({backbone.data_config}) differs from the head's "
             f"({prov['data_config']}); use the timm version recorded in the head"
+        )
+    if backbone.layers != list(prov.get("layers") or []):
+        raise HeadsError(
+            f"the layers this timm version taps ({backbone.layers}) differ from the head's ({prov.get('layers')}); "
+            "use the timm version recorded in the head"
         )
     dev = resolve_device(device)
     dtype = np.dtype(prov.get("dtype", "float32"))
@@ -112,7 +122,8 @@ def predict_images(
             jpeg_draft=prov["decode"]["jpeg_draft"],
         ):
             ok = np.array([not e for e in batch.errors])
-            features = batch.features.astype(dtype).astype(np.float32)  # as the store held them
+            parts = [batch.features if b == "last" else batch.layers[b] for b in blocks]  # the candidate's columns
+            features = np.hstack(parts).astype(dtype).astype(np.float32)  # as the store held them
             ok &= np.isfinite(features).all(axis=1)
             pred = np.full(len(ok), -1)
             proba = np.full((len(ok), len(classes)), np.nan)

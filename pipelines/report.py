@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from heads.transferability import SCORES
 from pipelines.compare import Comparison
 
 __all__ = ["write_results", "format_ci", "CSV_FIELDS"]
 
 CSV_FIELDS = (
-    "rank", "backbone", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
+    "rank", "representation", "backbone", "layer", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
     "macro_f1", "top5_accuracy", "log_loss", "fit_seconds", "tune_seconds", "predict_us_per_sample",
     "p_value_vs_best", "tied_with_best", "params", "mode", "tune_rows", "approximated", "predicted_seconds",
     "actual_seconds", "probe_seconds",
@@ -33,18 +34,68 @@ def _cost_section(comparison: Comparison) -> list[str]:
         f"whole comparison took {comparison.seconds:.0f} s ({comparison.parallel}). Costs are wall seconds of tuning + refit + scoring "
         "(probes listed apart); predictions come from timed probes extrapolated by each head's complexity.",
         "",
-        "| backbone | head | mode | tuning rows | approximated | predicted s | actual s | probe s | why |",
+        "| representation | head | mode | tuning rows | approximated | predicted s | actual s | probe s | why |",
         "|---|---|---|---:|---|---:|---:|---:|---|",
     ]
     for r in comparison.rows:
         lines.append(
-            f"| {r['backbone']} | {r['head']} | {r['mode']} | {r['tune_rows']} | "
+            f"| {r['representation']} | {r['head']} | {r['mode']} | {r['tune_rows']} | "
             f"{'yes: ' + r['method'] if r['approximated'] else 'no'} | {_seconds(r['predicted_seconds'])} | "
             f"{r['actual_seconds']:.1f} | {r['probe_seconds']:.1f} | {r['budget_note']} |"
         )
     for r in comparison.skipped:
-        lines.append(f"| {r['backbone']} | {r['head']} | skipped | – | – | {_seconds(r['predicted_seconds'])} | – "
+        lines.append(f"| {r['representation']} | {r['head']} | skipped | – | – | {_seconds(r['predicted_seconds'])} | – "
                      f"| – | {r['reason']} |")
+    return lines + [""]
+
+
+def _tau(value: float | None, ci: list) -> str:
+    if value is None:
+        return "–"
+    low, high = ci
+    return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]" if low is not None else f"{value:+.2f}"
+
+
+def _ranking_section(comparison: Comparison) -> list[str]:
+    """Transferability scores per candidate, the ranked-out ones, and how far each score's order is trusted."""
+    ranking = comparison.ranking
+    if ranking is None:
+        return []
+    best: dict[str, float] = {}
+    for r in comparison.rows:
+        best[r["representation"]] = max(best.get(r["representation"], 0.0), r["accuracy"])
+    names = list(SCORES)
+    lines = [
+        "## Representations: transferability scores and how far to trust them",
+        "",
+        f"Scores of every candidate on {ranking['rows_scored']} non-test rows, without training heads "
+        f"({ranking['seconds']:.1f} s in all); best-head accuracy from the leaderboard above."
+        + (f" Heads ran on the {ranking['top']} best by `{ranking['rank_by']}` only (`--top`)." if ranking["top"] else ""),
+        "",
+        "| representation | width | best-head accuracy % | " + " | ".join(names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for s in sorted(ranking["scores"], key=lambda s: -best.get(s["candidate"], -1.0)):
+        acc = f"{best[s['candidate']] * 100:.2f}" if s["candidate"] in best else "ranked out"
+        lines.append(f"| {s['candidate']} | {s['width']} | {acc} | " + " | ".join(f"{s[n]:.4g}" for n in names) + " |")
+    agreement = ranking.get("agreement") or {}
+    lines.append("")
+    if agreement:
+        n = next(iter(agreement.values()))["candidates"]
+        lines += [
+            f"Agreement of each score's order with the best-head accuracy over the {n} candidates that ran "
+            "(Kendall's tau-b; weighted tau counts the top of the ranking most; 95 % bootstrap CI over "
+            "candidates). A CI that reaches 0 means this ranking cannot be trusted on this data.",
+            "",
+            "| score | Kendall tau [95 % CI] | weighted tau [95 % CI] | seconds (all candidates) |",
+            "|---|---|---|---:|",
+        ]
+        for name, a in agreement.items():
+            seconds = sum(s["seconds"][name] for s in ranking["scores"])
+            lines.append(f"| {name} | {_tau(a['kendall_tau'], a['kendall_tau_ci'])} | "
+                         f"{_tau(a['weighted_tau'], a['weighted_tau_ci'])} | {seconds:.1f} |")
+    else:
+        lines.append("Fewer than 3 candidates ran heads: no rank agreement to report.")
     return lines + [""]
 
 
@@ -60,14 +111,15 @@ def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    backbones = list(dict.fromkeys(r["backbone"] for r in comparison.rows))
-    for i, backbone in enumerate(backbones):
-        rows = [r for r in comparison.rows if r["backbone"] == backbone]
+    representations = list(dict.fromkeys(r["representation"] for r in comparison.rows))
+    for i, representation in enumerate(representations):
+        rows = [r for r in comparison.rows if r["representation"] == representation]
         x = [max(r["fit_seconds"], 1e-4) for r in rows]
         y = [r["accuracy"] * 100 for r in rows]
         err = [[(r["accuracy"] - r["accuracy_ci"][0]) * 100 for r in rows],
                [(r["accuracy_ci"][1] - r["accuracy"]) * 100 for r in rows]]
-        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=backbone, color=f"C{i}")
+        ax.errorbar(x, y, yerr=err, fmt="os^Dv<>ph*"[i // 10 % 10], capsize=3, label=representation,
+                    color=f"C{i % 10}")
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(r["head"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
@@ -89,7 +141,7 @@ def _plot_confusion(comparison: Comparison, path: Path) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     best = comparison.best
-    y_pred = comparison.predictions[(best["backbone"], best["head"])]
+    y_pred = comparison.predictions[(best["representation"], best["head"])]
     n = len(comparison.classes)
     size = min(4 + 0.4 * n, 16)
     fig, ax = plt.subplots(figsize=(size, size), dpi=110)
@@ -97,7 +149,7 @@ def _plot_confusion(comparison: Comparison, path: Path) -> None:
         comparison.y_scored, y_pred, labels=list(range(n)), display_labels=comparison.classes, ax=ax,
         colorbar=False, include_values=n <= 30, xticks_rotation="vertical" if n > 10 else "horizontal",
     )
-    ax.set_title(f"winner: {best['backbone']} + {best['head']}")
+    ax.set_title(f"winner: {best['representation']} + {best['head']}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -108,7 +160,7 @@ def _markdown(comparison: Comparison) -> str:
     lines = [
         "# compare-heads report",
         "",
-        f"**Winner:** {best['backbone']} + {best['head']} (`{json.dumps(best['params'], sort_keys=True)}`), "
+        f"**Winner:** {best['representation']} + {best['head']} (`{json.dumps(best['params'], sort_keys=True)}`), "
         f"accuracy {format_ci(best)} %.",
         "",
         "## Data and protocol",
@@ -124,7 +176,7 @@ def _markdown(comparison: Comparison) -> str:
         "",
         "## Leaderboard",
         "",
-        "| rank | backbone | head | accuracy % [95 % CI] | balanced acc. % | macro-F1 % | top-5 % | log-loss "
+        "| rank | representation | head | accuracy % [95 % CI] | balanced acc. % | macro-F1 % | top-5 % | log-loss "
         "| fit s | predict µs/sample | p vs best | params |",
         "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -133,13 +185,13 @@ def _markdown(comparison: Comparison) -> str:
         loss = f"{r['log_loss']:.3f}" if r["log_loss"] is not None else "–"
         mark = " ≈" if r["tied_with_best"] and r["rank"] > 1 else ""
         lines.append(
-            f"| {r['rank']} | {r['backbone']} | {r['head']} | {format_ci(r)}{mark} | "
+            f"| {r['rank']} | {r['representation']} | {r['head']} | {format_ci(r)}{mark} | "
             f"{r['balanced_accuracy'] * 100:.2f} | {r['macro_f1'] * 100:.2f} | {top5} | {loss} | "
             f"{r['fit_seconds']:.3f} | {r['predict_us_per_sample']:.1f} | "
             f"{'best' if r['rank'] == 1 else format(r['p_value_vs_best'], '.3g')} | "
             f"`{json.dumps(r['params'], sort_keys=True)}` |"
         )
-    lines += ["", *_cost_section(comparison)]
+    lines += ["", *_ranking_section(comparison), *_cost_section(comparison)]
     lines += [
         "## Plots",
         "",
@@ -170,6 +222,8 @@ def write_results(comparison: Comparison, out_dir: str | Path) -> list[Path]:
         "seconds": comparison.seconds,
         "parallel": comparison.parallel,
         "skipped": comparison.skipped,
+        "candidates": [{"candidate": c.name, "store": str(c.store.path), "layer": c.layer} for c in comparison.candidates],
+        "ranking": comparison.ranking,
     }
     written = [out / name for name in
                ("results.json", "results.csv", "report.md", "accuracy_vs_fit_time.png", "confusion_matrix.png")]
