@@ -66,6 +66,67 @@ def _posterior(S: np.ndarray, sigma: np.ndarray, ut: np.ndarray, outside: float,
     return m2, residual, float(fitted.sum())
 
 
+def _fixed_point(S: np.ndarray, sigma: np.ndarray, ut: np.ndarray, outside: float, n: int, tol: float,
+                 max_iter: int) -> float:
+    """The paper's iteration from alpha = beta = 1; returns lam = alpha / beta (0: it ran into the noise-free
+    limit, which only an exact fit, r = n, allows)."""
+    lam = 1.0
+    for _ in range(max_iter):
+        m2, residual, gamma = _posterior(S, sigma, ut, outside, lam)
+        alpha = gamma / max(m2, np.finfo(float).tiny)
+        if n - gamma <= 1e-12 * n or residual <= 0.0:
+            return 0.0
+        new = alpha * residual / (n - gamma)  # alpha / beta with beta = (n - gamma) / residual
+        if abs(new - lam) <= tol * lam:
+            return new
+        lam = new
+    return lam
+
+
+def _evidence(S: np.ndarray, sigma: np.ndarray, ut: np.ndarray, outside: float, n: int, lam: float) -> float:
+    """The log evidence maximised over the scale at a fixed ratio lam = alpha / beta.
+
+    The powers of alpha and beta in log|A| gathered, the evidence is
+
+        r/2 log alpha + (n - r)/2 log beta - 1/2 sum log(lam + s_i) - n/2 log 2 pi - beta/2 |Fm - t|^2
+        - alpha/2 |m|^2,
+
+    where m depends on lam alone; with alpha = lam beta its maximum over beta is at
+    ``beta = n / (|Fm - t|^2 + lam |m|^2)``. Exact for any beta, and at lam = 0 (beta -> inf, only when r = n:
+    an exact fit, alpha = n / |m|^2).
+    """
+    r = len(sigma)
+    m2, residual, _ = _posterior(S, sigma, ut, outside, lam)
+    tiny = np.finfo(float).tiny
+    common = -0.5 * float(np.log(lam + sigma).sum()) - n / 2 * np.log(2 * np.pi) - n / 2
+    if lam == 0:
+        return float(r / 2 * np.log(n / max(m2, tiny)) + common)
+    beta = n / max(residual + lam * m2, tiny)
+    return float(r / 2 * np.log(lam * beta) + (n - r) / 2 * np.log(beta) + common)
+
+
+def _best_ratio(S: np.ndarray, sigma: np.ndarray, ut: np.ndarray, outside: float, n: int, tol: float,
+                max_iter: int) -> tuple[float, float]:
+    """(lam, evidence) at the evidence's maximum: the paper's fixed point, checked against a scan of lam over
+    the whole spectrum (refined by Brent's method) and, for an exact fit, the noise-free limit -- the evidence
+    can have more than one stationary point when there are fewer rows than features."""
+    from scipy.optimize import minimize_scalar
+
+    candidates = [_fixed_point(S, sigma, ut, outside, n, tol, max_iter)]
+    grid = np.linspace(np.log(sigma.min()) - 12, np.log(sigma.max()) + 12, 121)
+    values = [_evidence(S, sigma, ut, outside, n, float(np.exp(g))) for g in grid]
+    i = int(np.argmax(values))
+    low, high = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    refined = minimize_scalar(lambda g: -_evidence(S, sigma, ut, outside, n, float(np.exp(g))), bounds=(low, high),
+                              method="bounded", options={"xatol": 1e-9})
+    candidates.append(float(np.exp(refined.x)))
+    if len(sigma) == n:
+        candidates.append(0.0)
+    scored = [(_evidence(S, sigma, ut, outside, n, lam), lam) for lam in candidates]
+    evidence, lam = max(scored)
+    return lam, evidence
+
+
 def logme(X: np.ndarray, y: np.ndarray, *, tol: float = 1e-8, max_iter: int = 200) -> float:
     """LogME: the maximised evidence per row of Bayesian linear regression onto one-vs-rest targets, averaged
     over classes.
@@ -87,24 +148,14 @@ def logme(X: np.ndarray, y: np.ndarray, *, tol: float = 1e-8, max_iter: int = 20
     targets = np.eye(codes.max() + 1)[codes]  # [n, classes] one-vs-rest
     S, UT = _spectrum(F, targets)
     sigma = S**2
-    rank_deficit = d - len(sigma)  # eigenvalues of F^T F that are zero (n < D, or collinear features)
+    r = len(sigma)  # directions F reaches; the other d - r eigenvalues of F^T F are zero
     evidences = []
     for k in range(targets.shape[1]):
         t = targets[:, k]
         ut = UT[:, k]  # t in the left singular basis
-        outside = float(t @ t - ut @ ut)  # the part of t that no m can reach
-        alpha, beta = 1.0, 1.0
-        for _ in range(max_iter):
-            lam = alpha / beta
-            m2, residual, gamma = _posterior(S, sigma, ut, outside, lam)
-            alpha = gamma / max(m2, np.finfo(float).tiny)
-            beta = (n - gamma) / max(residual, np.finfo(float).tiny)
-            if abs(alpha / beta - lam) <= tol * lam:
-                break
-        m2, residual, _ = _posterior(S, sigma, ut, outside, alpha / beta)
-        log_det = float(np.log(alpha + beta * sigma).sum()) + rank_deficit * np.log(alpha)
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - n / 2 * np.log(2 * np.pi)
-                    - beta / 2 * residual - alpha / 2 * m2 - log_det / 2)
+        # The part of t that no m can reach; none when F spans every row (r = n): then t can be fitted exactly.
+        outside = 0.0 if r == n else max(float(t @ t - ut @ ut), 0.0)
+        _, evidence = _best_ratio(S, sigma, ut, outside, n, tol, max_iter)
         evidences.append(evidence / n)
     return float(np.mean(evidences))
 

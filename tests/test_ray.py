@@ -60,6 +60,20 @@ def test_a_ray_extraction_equals_the_local_one(ray_runtime, folder, local_store,
     assert _cpus_freed(ray_runtime)  # the actors were stopped: the cluster has its CPUs back
 
 
+def test_a_ray_extraction_with_layers_and_crop_pct_equals_the_local_one(ray_runtime, folder, tmp_path):
+    from featurize.store import read_features
+
+    options = {**OPTIONS, "layers": "stages", "crop_pct": 1.0}
+    local = read_store(extract_features(str(folder), tmp_path / "local.h5", progress=False, **options).path)
+    result = extract_features(str(folder), tmp_path / "ray.h5", ray="local", progress=False, **options)
+    store = assert_same_store(result.path, local)
+    assert store.layer_names == local.layer_names == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert store.attrs["data_config"]["crop_pct"] == 1.0
+    for name in store.layer_names:
+        np.testing.assert_allclose(read_features(store, name).astype(np.float32),
+                                   read_features(local, name).astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
 def _cpus_freed(runtime, timeout=10.0):
     import time
 
