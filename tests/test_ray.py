@@ -146,7 +146,7 @@ def test_workers_that_would_compute_different_features_are_refused():
     pool = object.__new__(RayExtractPool)
     pool.actors = []
     same = {"backbone": "test_resnet", "weights": {"sha256": "a"}, "data_config": {}, "pooling": "avg",
-            "num_features": 8, "precision": "fp32", "dataset": {"fingerprint": "f"}, "device": "cpu"}
+            "num_features": 8, "layers": [], "precision": "fp32", "dataset": {"fingerprint": "f"}, "device": "cpu"}
     pool._reference = {**same, "node": "10.0.0.1"}
     assert pool._check({**same, "node": "10.0.0.9", "device": "cuda"})["node"] == "10.0.0.9"
     with pytest.raises(ClusterError, match="nodes 10.0.0.1 and 10.0.0.2 .* differ in weights, dataset"):
