@@ -96,6 +96,19 @@ def test_layers_come_from_the_same_forward_pass_and_leave_features_bit_identical
                                    output.mean(dim=(2, 3))[0].numpy(), rtol=2e-3, atol=2e-3)
 
 
+def test_token_models_pool_layers_as_their_head_does():
+    """test_vit pools its class token: the last block's pooled output, layer-normed, is the pre-logits."""
+    backbone = create_backbone("test_vit", "random", layers="stages")
+    assert [(t["name"], t["pooling"], t["width"]) for t in backbone.layers] == [
+        (f"blocks.{i}", "token", 64) for i in range(6)]
+    x = torch.randn(3, *backbone.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features = backbone.features(x)
+        layers = backbone.take_layers()
+        torch.testing.assert_close(backbone.model.norm(layers["blocks.5"]), features, rtol=1e-4, atol=1e-4)
+    assert backbone.take_layers() == {}  # handed over once
+
+
 def test_layer_choices_and_their_errors(runner, tmp_path):
     backbone = create_backbone("test_efficientnet", "random", layers="1,-1,blocks.2,last")
     assert [t["name"] for t in backbone.layers] == ["blocks.1", "blocks.4", "blocks.2"]
@@ -132,19 +145,17 @@ def test_verify_finds_a_damaged_layer(runner, stores, tmp_path):
     assert_one_line_error(invoke(runner, ["verify", broken]), "lists layer 'layer2' but /layers/layer2 is missing")
 
 
-def test_an_interrupted_run_with_layers_resumes_to_the_same_store(stores, digit_folder, tmp_path):
+def test_an_interrupted_run_with_layers_resumes_to_the_same_store(runner, stores, digit_folder, tmp_path):
     out = tmp_path / "resumed.h5"
-    cmd = [sys.executable, str(ROOT / "cli.py"), "extract", str(digit_folder), "--model", "test_resnet", "--weights",
-           "random", "--precision", "fp32", "--workers", "0", "--layers", "stages", "--shard-size", "16", "-q",
-           "--out", str(out)]
-    killed = subprocess.run(cmd, env={**os.environ, "HEADBENCH_FAULT": "after-shard:1"}, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    args = ["extract", str(digit_folder), "--model", "test_resnet", "--weights", "random", "--precision", "fp32",
+            "--workers", "0", "--layers", "stages", "--shard-size", "16", "-q", "--out", str(out)]
+    killed = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HEADBENCH_FAULT": "after-shard:1"}, timeout=300)
     assert killed.returncode == -9 and not out.exists() and partial_dir(out).exists()
-    other = subprocess.run([a if a != "stages" else "layer2" for a in cmd], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
-    assert other.returncode == 1 and "changed: layers" in other.stderr
-    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0 and "32 resumed from an earlier run" in resumed.stdout, resumed.stderr
+    other = invoke(runner, [a if a != "stages" else "layer2" for a in args])
+    assert_one_line_error(other, "holds an unfinished run with other settings (changed: layers)")
+    resumed = invoke(runner, args)
+    assert resumed.exit_code == 0 and "32 resumed from an earlier run" in resumed.output, resumed.output
     reference = read_store(stores["staged"])
     store = read_store(out)
     for name in reference.layer_names:
