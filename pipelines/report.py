@@ -110,8 +110,9 @@ def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     representations = list(dict.fromkeys(r["representation"] for r in comparison.rows))
+    many = len(representations) > 6  # then the legend goes beside the axes and the labels shrink
+    fig, ax = plt.subplots(figsize=(12, 6) if many else (8, 5), dpi=110)
     for i, representation in enumerate(representations):
         rows = [r for r in comparison.rows if r["representation"] == representation]
         x = [max(r["fit_seconds"], 1e-4) for r in rows]
@@ -121,13 +122,16 @@ def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
         ax.errorbar(x, y, yerr=err, fmt="os^Dv<>ph*"[i // 10 % 10], capsize=3, label=representation,
                     color=f"C{i % 10}")
         for r, xi, yi in zip(rows, x, y):
-            ax.annotate(r["head"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(r["head"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=6 if many else 8)
     ax.set_xscale("log")
     ax.set_xlabel("fit time of the chosen setting (s, log scale)")
     ax.set_ylabel("test accuracy (%) with 95% bootstrap CI")
     ax.set_title("accuracy vs fit time")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
