@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featurize.store import StoreError, read_store, verify_store  # noqa: E402
-from pipelines.compare import compare_heads  # noqa: E402
+from pipelines.compare import best_accuracy, compare_heads  # noqa: E402
 from pipelines.extract import extract_features  # noqa: E402
 from pipelines.rank import rank_candidates  # noqa: E402
 
@@ -163,9 +163,7 @@ def main() -> None:
     from pipelines.report import write_results
 
     write_results(comparison, work / "results")
-    best: dict[str, float] = {}
-    for r in comparison.rows:
-        best[r["representation"]] = max(best.get(r["representation"], 0.0), r["accuracy"])
+    best = best_accuracy(comparison.rows)
     report["protocol"] = comparison.plan.description
     report["best_head_accuracy"] = best
     report["ranking"] = comparison.ranking

@@ -358,9 +358,7 @@ class Backbone:
         return values
 
     def _record(self, name: str, value: torch.Tensor) -> None:
-        if not hasattr(self._tapped, "values"):
-            self._tapped.values = {}
-        self._tapped.values[name] = value
+        self._tapped.__dict__.setdefault("values", {})[name] = value
 
 
 class PixelsModel(torch.nn.Module):
@@ -444,7 +442,7 @@ def resolve_layers(model: torch.nn.Module, spec: str | list[str] | None) -> list
                 raise FeaturizeError(f"--layers {item}: stage index out of range; this model has {len(stages)} "
                                      f"stages (0..{len(stages) - 1}): {', '.join(stages)}")
             names.append(stages[index])
-        elif item in modules and item:
+        elif item in modules:
             names.append(item)
         else:
             known = list(dict.fromkeys(stages + [n for n in modules if n]))
@@ -463,9 +461,9 @@ def _tap_layers(backbone: Backbone, names: list[str]) -> None:
     modules = dict(model.named_modules())
     channels = {info["module"]: info.get("num_chs") for info in _stage_modules(model)}
     prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    shapes: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}  # one probe pass tells each output's shape, so its pooling
     handles = [modules[n].register_forward_hook(
-        lambda _m, _i, out, n=n: shapes.setdefault(n, out[0] if isinstance(out, (tuple, list)) else out))
+        lambda _m, _i, out, n=n: outputs.setdefault(n, out[0] if isinstance(out, (tuple, list)) else out))
         for n in names]
     with torch.inference_mode():
         backbone.features(torch.zeros(1, *backbone.data_config["input_size"]))
@@ -473,10 +471,10 @@ def _tap_layers(backbone: Backbone, names: list[str]) -> None:
         handle.remove()
     layers = []
     for name in names:
-        if name not in shapes:
+        if name not in outputs:
             raise FeaturizeError(f"--layers {name}: the module is not run by the model's forward pass")
-        pooling = _layer_pooling(model, shapes[name], channels.get(name))
-        width = int(_pool(shapes[name], pooling, prefix_tokens).shape[-1])
+        pooling = _layer_pooling(model, outputs[name], channels.get(name))
+        width = int(_pool(outputs[name], pooling, prefix_tokens).shape[-1])
         layers.append({"name": name, "width": width, "pooling": pooling})
 
         def hook(_module, _inputs, output, name=name, pooling=pooling):

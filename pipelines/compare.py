@@ -27,7 +27,7 @@ from pipelines.candidates import Candidate, align_stores, distinct_stores, parse
 from pipelines.provenance import library_versions
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
 
-__all__ = ["Comparison", "compare_heads", "align_stores", "save_best_head", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
+__all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save_best_head", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
            "MIN_CANDIDATES_FOR_TRUST"]
 
 SIGNIFICANCE = 0.05
@@ -104,11 +104,17 @@ def _rank(candidates: list[Candidate], usable: np.ndarray, y: np.ndarray, plan: 
     return score_candidates(candidates, mask, y[keep], progress=progress), len(keep)
 
 
-def _agreement(scores: list[dict[str, Any]], rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-    """Per score: Kendall's tau and weighted tau between score and best-head accuracy over the candidates run."""
+def best_accuracy(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The best head's accuracy of every representation that ran heads."""
     best: dict[str, float] = {}
     for r in rows:
         best[r["representation"]] = max(best.get(r["representation"], 0.0), r["accuracy"])
+    return best
+
+
+def _agreement(scores: list[dict[str, Any]], rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Per score: Kendall's tau and weighted tau between score and best-head accuracy over the candidates run."""
+    best = best_accuracy(rows)
     ran = [s for s in scores if s["candidate"] in best]
     if len(ran) < MIN_CANDIDATES_FOR_TRUST:
         return {}

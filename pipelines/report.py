@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from heads.transferability import SCORES
-from pipelines.compare import Comparison
+from pipelines.compare import Comparison, best_accuracy
 
 __all__ = ["write_results", "format_ci", "CSV_FIELDS"]
 
@@ -61,9 +61,7 @@ def _ranking_section(comparison: Comparison) -> list[str]:
     ranking = comparison.ranking
     if ranking is None:
         return []
-    best: dict[str, float] = {}
-    for r in comparison.rows:
-        best[r["representation"]] = max(best.get(r["representation"], 0.0), r["accuracy"])
+    best = best_accuracy(comparison.rows)
     names = list(SCORES)
     lines = [
         "## Representations: transferability scores and how far to trust them",
