@@ -636,15 +636,13 @@ def _print_trust(console, ranking: dict | None) -> None:
     for r in ranking["ranked_out"]:
         console.print(f"ranked out by --top {ranking['top']}: {r['candidate']} ({ranking['rank_by']} "
                       f"{r[ranking['rank_by']]:.4g})")
+    from pipelines.report import format_tau
+
     agreement = ranking.get("agreement") or {}
     if agreement:
-        parts = []
-        for name, a in agreement.items():
-            low, high = a["kendall_tau_ci"]
-            tau = "–" if a["kendall_tau"] is None else f"{a['kendall_tau']:+.2f}"
-            parts.append(f"{name} {tau}" + (f" [{low:+.2f}, {high:+.2f}]" if low is not None else ""))
-        console.print(f"scores vs best-head accuracy, Kendall tau [95% CI] over {a['candidates']} candidates: "
-                      + ", ".join(parts))
+        parts = [f"{name} {format_tau(a['kendall_tau'], a['kendall_tau_ci'])}" for name, a in agreement.items()]
+        n = next(iter(agreement.values()))["candidates"]
+        console.print(f"scores vs best-head accuracy, Kendall tau [95% CI] over {n} candidates: " + ", ".join(parts))
 
 
 @main.command()

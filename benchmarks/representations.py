@@ -39,6 +39,7 @@ from featurize.store import StoreError, read_store, verify_store  # noqa: E402
 from pipelines.compare import best_accuracy, compare_heads  # noqa: E402
 from pipelines.extract import extract_features  # noqa: E402
 from pipelines.rank import rank_candidates  # noqa: E402
+from pipelines.report import ranking_markdown, write_results  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -160,8 +161,6 @@ def main() -> None:
     started = time.perf_counter()
     comparison = compare_heads(candidates, args.heads.split(","), progress=True)
     report["compare_seconds"] = time.perf_counter() - started
-    from pipelines.report import write_results
-
     write_results(comparison, work / "results")
     best = best_accuracy(comparison.rows)
     report["protocol"] = comparison.plan.description
@@ -169,21 +168,8 @@ def main() -> None:
     report["ranking"] = comparison.ranking
     (work / "representations.json").write_text(json.dumps(report, indent=2))
 
-    scores = list(comparison.ranking["agreement"])
-    print(f"\n{args.dataset}: {len(candidates)} arguments, {len(best)} candidates; {report['protocol']}")
-    print("\n| candidate | width | best-head acc % | " + " | ".join(scores) + " |")
-    print("|---|---:|---:|" + "---:|" * len(scores))
-    for s in sorted(comparison.ranking["scores"], key=lambda s: -best[s["candidate"]]):
-        print(f"| {s['candidate']} | {s['width']} | {best[s['candidate']] * 100:.2f} | "
-              + " | ".join(f"{s[n]:.4g}" for n in scores) + " |")
-    print("\n| score | Kendall tau [95 % CI] | weighted tau [95 % CI] | seconds, all candidates |")
-    print("|---|---|---|---:|")
-    for name, a in comparison.ranking["agreement"].items():
-        low, high = a["kendall_tau_ci"]
-        wlow, whigh = a["weighted_tau_ci"]
-        seconds = sum(s["seconds"][name] for s in comparison.ranking["scores"])
-        print(f"| {name} | {a['kendall_tau']:+.2f} [{low:+.2f}, {high:+.2f}] | {a['weighted_tau']:+.2f} "
-              f"[{wlow:+.2f}, {whigh:+.2f}] | {seconds:.1f} |")
+    print(f"\n{args.dataset}: {len(candidates)} arguments, {len(best)} candidates; {report['protocol']}\n")
+    print("\n".join(ranking_markdown(comparison)))
     if "stages_cost" in report:
         c = report["stages_cost"]
         print(f"\n--layers stages vs last (lite0, best of 2 each): {c['ratio']:.2f}x, features bit-identical: "

@@ -31,6 +31,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from .errors import FeaturizeError
+from .store import LAST_LAYER
 
 __all__ = [
     "WEIGHT_CHOICES",
@@ -51,8 +52,6 @@ WEIGHT_CHOICES = ("auto", "packaged", "hub", "random")
 # The pseudo-backbone whose features are the resized pixels themselves: the baseline every backbone must beat.
 PIXELS = "pixels"
 PIXELS_DEFAULT_SIZE = 32
-# The name of the default representation (pooled pre-logits, the store's /features) in layer lists.
-LAST_LAYER = "last"
 # ITU-R 601 luma weights, as Pillow's convert("L") uses.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -413,6 +412,12 @@ def _pool(output: torch.Tensor, pooling: str, prefix_tokens: int) -> torch.Tenso
     return output.float()
 
 
+def _layer_items(spec: str | list[str] | None) -> list[str]:
+    """The items of a ``--layers`` value (comma-separated or a list), blanks and ``last`` dropped."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    return [p.strip() for p in items if p.strip() not in ("", LAST_LAYER)]
+
+
 def resolve_layers(model: torch.nn.Module, spec: str | list[str] | None) -> list[str]:
     """Module names for a ``--layers`` value.
 
@@ -423,14 +428,11 @@ def resolve_layers(model: torch.nn.Module, spec: str | list[str] | None) -> list
     Raises:
         FeaturizeError: an unknown module name (with close matches) or an index outside the stages.
     """
-    items = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec or [])
-    items = [p for p in items if p]
+    items = _layer_items(spec)
     stages = [info["module"] for info in _stage_modules(model)]
     modules = dict(model.named_modules())
     names: list[str] = []
     for item in items:
-        if item == LAST_LAYER:
-            continue
         if item == "stages":
             if not stages:
                 raise FeaturizeError("--layers stages: this model reports no stages (timm feature_info); name "
@@ -569,8 +571,7 @@ def create_backbone(
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise FeaturizeError(f"--crop-pct must be in (0, 1], got {crop_pct}")
     if model_name == PIXELS:
-        items = layers.split(",") if isinstance(layers, str) else list(layers or [])
-        if any(item.strip() not in ("", LAST_LAYER) for item in items):
+        if _layer_items(layers):
             raise FeaturizeError("--model pixels has no layers; leave --layers out (or use --layers last)")
         return _create_pixels(weights, image_size, crop_pct, grayscale)
     if grayscale:

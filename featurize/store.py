@@ -33,6 +33,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LAYERS_GROUP",
+    "LAST_LAYER",
     "DTYPES",
     "STATUS_OK",
     "STATUS_FAILED",
@@ -60,6 +61,8 @@ _LOCK = ".lock"
 _REQUIRED = ("features", "labels", "ids", "split", "status", "errors", "classes")
 # Intermediate layers live in /layers/<name>, listed (name, width, pooling) in the "layers" attribute.
 LAYERS_GROUP = "layers"
+# The name of the default representation (the pooled pre-logits in /features) wherever layers are named.
+LAST_LAYER = "last"
 _LAYER_KEY = "layer:"
 
 
@@ -613,12 +616,12 @@ def read_features(store: FeatureStore, layer: str | None = None, rows: np.ndarra
     Raises:
         StoreError: the store has no such layer (naming those it has), or it cannot be read.
     """
-    if layer in (None, "last") and store.features is not None:
+    if layer in (None, LAST_LAYER) and store.features is not None:
         return store.features if rows is None else store.features[rows]
-    if layer not in (None, "last") and layer not in store.layer_names:
-        have = ", ".join(["last"] + store.layer_names)
+    if layer not in (None, LAST_LAYER) and layer not in store.layer_names:
+        have = ", ".join([LAST_LAYER] + store.layer_names)
         raise StoreError(f"{store.path} has no layer {layer!r}; it holds: {have}")
-    where = "features" if layer in (None, "last") else f"{LAYERS_GROUP}/{layer}"
+    where = "features" if layer in (None, LAST_LAYER) else f"{LAYERS_GROUP}/{layer}"
     try:
         with h5py.File(store.path, "r") as f:
             values = f[where][()]

@@ -37,11 +37,12 @@ __all__ = [
 ]
 
 
-def _one_hot_targets(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _class_codes(y: np.ndarray) -> np.ndarray:
+    """Labels as 0..C-1; at least two classes."""
     classes, codes = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise HeadsError(f"transferability scores need at least two classes, got {len(classes)}")
-    return classes, codes
+    return codes
 
 
 def _spectrum(F: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,15 +137,16 @@ def logme(X: np.ndarray, y: np.ndarray, *, tol: float = 1e-8, max_iter: int = 20
 
         n/2 log beta + D/2 log alpha - n/2 log 2 pi - beta/2 |F m - t|^2 - alpha/2 |m|^2 - 1/2 log|A|,
 
-    with ``A = alpha I + beta F^T F`` and ``m = beta A^-1 F^T t``. alpha and beta are found by the paper's
+    with ``A = alpha I + beta F^T F`` and ``m = beta A^-1 F^T t``. alpha and beta come from the paper's
     fixed-point iteration (``gamma = sum beta s_i / (alpha + beta s_i)``, ``alpha = gamma / |m|^2``,
     ``beta = (n - gamma) / |F m - t|^2``, where s_i are the eigenvalues of F^T F), run until alpha/beta moves by
-    less than `tol` relative (the authors stop at 1 %; the fixed point is the same). One eigendecomposition
-    of F's smaller Gram matrix serves every class.
+    less than `tol` relative (the authors stop at 1 %), and the result is kept only if neither a scan of
+    alpha/beta over the whole spectrum nor the noise-free limit gives a larger evidence (:func:`_best_ratio`).
+    One eigendecomposition of F's smaller Gram matrix serves every class.
     """
     F = np.asarray(X, dtype=np.float64)
     n, d = F.shape
-    _, codes = _one_hot_targets(y)
+    codes = _class_codes(y)
     targets = np.eye(codes.max() + 1)[codes]  # [n, classes] one-vs-rest
     S, UT = _spectrum(F, targets)
     sigma = S**2
@@ -169,7 +171,7 @@ def hscore(X: np.ndarray, y: np.ndarray) -> float:
     ``(1 - a) sum_c p_c mu_c^T cov_f^-1 mu_c``: one linear solve, no D x D inverse.
     """
     F = np.asarray(X, dtype=np.float64)
-    _, codes = _one_hot_targets(y)
+    codes = _class_codes(y)
     F = F - F.mean(axis=0)
     n, d = F.shape
     counts = np.bincount(codes)
@@ -220,7 +222,7 @@ def knn_loo(X: np.ndarray, y: np.ndarray, *, k: int = 5, block: int = 2048) -> f
     ``block x n``.
     """
     F = np.asarray(X, dtype=np.float32)
-    _, codes = _one_hot_targets(y)
+    codes = _class_codes(y)
     n = len(F)
     if n < 2:
         raise HeadsError("knn_loo needs at least two rows")
@@ -250,7 +252,7 @@ def linear_cv(X: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) ->
     from sklearn.preprocessing import StandardScaler
 
     F = np.asarray(X, dtype=np.float32)
-    _, codes = _one_hot_targets(y)
+    codes = _class_codes(y)
     folds = min(folds, int(np.bincount(codes).min()))
     if folds < 2:
         raise HeadsError("linear_cv needs at least two rows of every class")

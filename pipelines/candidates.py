@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featurize.store import FeatureStore, StoreError, read_features, read_store
+from featurize.store import LAST_LAYER, FeatureStore, StoreError, read_features, read_store
 from heads import HeadsError
 
 __all__ = ["Candidate", "parse_candidates", "align_stores", "distinct_stores", "usable_rows", "LAST", "ALL", "CONCAT"]
 
-LAST, ALL, CONCAT = "last", "all", "concat"
+LAST, ALL, CONCAT = LAST_LAYER, "all", "concat"
 
 
 @dataclass

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from featurize.backbones import create_backbone
 from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device
 from featurize.sources import open_source
+from featurize.store import LAST_LAYER
 from heads import HeadsError
 from heads.persist import load_head
 
@@ -87,11 +88,11 @@ def predict_images(
         raise HeadsError(f"folder {out.parent} does not exist; create it or choose another --out")
     model, prov = load_head(head_path, trust=trust)
     src = open_source(source)
-    blocks = list(prov.get("blocks") or ["last"])  # heads saved before layers existed: the default features
+    blocks = list(prov.get("blocks") or [LAST_LAYER])  # heads saved before layers existed: the default features
     backbone = create_backbone(
         prov["backbone"], _weights_for(prov, weights), image_size=int(prov["data_config"]["input_size"][-1]),
         crop_pct=prov["data_config"].get("crop_pct"), grayscale=bool((prov.get("pooling") or {}).get("grayscale")),
-        layers=[b for b in blocks if b != "last"],
+        layers=[b for b in blocks if b != LAST_LAYER],
     )
     if backbone.weights["sha256"] != prov["weights_sha256"]:
         raise HeadsError(
@@ -122,7 +123,7 @@ def predict_images(
             jpeg_draft=prov["decode"]["jpeg_draft"],
         ):
             ok = np.array([not e for e in batch.errors])
-            parts = [batch.features if b == "last" else batch.layers[b] for b in blocks]  # the candidate's columns
+            parts = [batch.features if b == LAST_LAYER else batch.layers[b] for b in blocks]  # the candidate's columns
             features = np.hstack(parts).astype(dtype).astype(np.float32)  # as the store held them
             ok &= np.isfinite(features).all(axis=1)
             pred = np.full(len(ok), -1)

@@ -10,7 +10,7 @@ from typing import Any
 from heads.transferability import SCORES
 from pipelines.compare import Comparison, best_accuracy
 
-__all__ = ["write_results", "format_ci", "CSV_FIELDS"]
+__all__ = ["write_results", "format_ci", "format_tau", "ranking_markdown", "CSV_FIELDS"]
 
 CSV_FIELDS = (
     "rank", "representation", "backbone", "layer", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
@@ -49,14 +49,15 @@ def _cost_section(comparison: Comparison) -> list[str]:
     return lines + [""]
 
 
-def _tau(value: float | None, ci: list) -> str:
+def format_tau(value: float | None, ci: list) -> str:
+    """A tau with its CI, signed: ``+0.61 [+0.31, +0.84]`` (``–`` when undefined)."""
     if value is None:
         return "–"
     low, high = ci
     return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]" if low is not None else f"{value:+.2f}"
 
 
-def _ranking_section(comparison: Comparison) -> list[str]:
+def ranking_markdown(comparison: Comparison) -> list[str]:
     """Transferability scores per candidate, the ranked-out ones, and how far each score's order is trusted."""
     ranking = comparison.ranking
     if ranking is None:
@@ -90,8 +91,8 @@ def _ranking_section(comparison: Comparison) -> list[str]:
         ]
         for name, a in agreement.items():
             seconds = sum(s["seconds"][name] for s in ranking["scores"])
-            lines.append(f"| {name} | {_tau(a['kendall_tau'], a['kendall_tau_ci'])} | "
-                         f"{_tau(a['weighted_tau'], a['weighted_tau_ci'])} | {seconds:.1f} |")
+            lines.append(f"| {name} | {format_tau(a['kendall_tau'], a['kendall_tau_ci'])} | "
+                         f"{format_tau(a['weighted_tau'], a['weighted_tau_ci'])} | {seconds:.1f} |")
     else:
         lines.append("Fewer than 3 candidates ran heads: no rank agreement to report.")
     return lines + [""]
@@ -193,7 +194,7 @@ def _markdown(comparison: Comparison) -> str:
             f"{'best' if r['rank'] == 1 else format(r['p_value_vs_best'], '.3g')} | "
             f"`{json.dumps(r['params'], sort_keys=True)}` |"
         )
-    lines += ["", *_ranking_section(comparison), *_cost_section(comparison)]
+    lines += ["", *ranking_markdown(comparison), *_cost_section(comparison)]
     lines += [
         "## Plots",
         "",
