@@ -458,7 +458,7 @@ def _print_bench_heads(result: dict) -> None:
                   f"{svm['accuracy_delta_points']:+.2f} points)")
     if "compare_heads" in result:
         c = result["compare_heads"]
-        console.print(f"compare-heads (every head, budget {c['budget_minutes']:g} min): {c['seconds']:.0f} s, "
+        console.print(f"compare-heads (default heads, budget {c['budget_minutes']:g} min): {c['seconds']:.0f} s, "
                       f"winner {c['winner']} {c['winner_accuracy'] * 100:.2f} %, "
                       f"{sum(h['mode'] != 'full' for h in c['heads'])} heads budgeted, {len(c['skipped'])} skipped")
 
@@ -513,9 +513,11 @@ def _rank_by_option(help_text: str):
               help="Save the winning head (skops) with its provenance, for predict.")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BUDGET_MINUTES,
               show_default=True, metavar="MINUTES",
-              help="Time for the whole comparison. Large stores (≥ 4000 fit rows) are probed and each head is "
-                   "planned to fit: full grid search, successive halving on a tuning subset, an approximation "
-                   "(rbf-svm: Nystroem), or skipped; report.md says which and why.")
+              help="Time for the whole comparison. On large stores (≥ 4000 fit rows) the heads race: every "
+                   "head is probed on a subset and scored on held-out training rows, those that cannot catch the "
+                   "leader are dropped, and the rest are planned to fit: full grid search, successive halving on "
+                   "a tuning subset, an approximation sized by the time left (rbf-svm: Nystroem), the leader last "
+                   "with all that remains; report.md says which and why.")
 @click.option("--exhaustive", is_flag=True, help="No budget: the full grid search for every head, however long.")
 @click.option("--top", type=click.IntRange(min=1), metavar="K",
               help="Run the heads only on the K candidates ranked best by --rank-by; list the rest as ranked out.")
@@ -617,7 +619,7 @@ def _print_leaderboard(comparison) -> None:
     console.print(f"protocol: {comparison.plan.description}")
     console.print("≈ = not distinguishable from the best (exact McNemar test, p ≥ 0.05, same rows)")
     for r in comparison.skipped:
-        console.print(f"skipped {r['head']}" + (f" on {r['representation']}" if several else "") + f": {r['reason']}")
+        console.print(f"{r['mode']} {r['head']}" + (f" on {r['representation']}" if several else "") + f": {r['reason']}")
     where = f" ({comparison.parallel})" if not comparison.parallel.startswith("loky") else ""
     if comparison.budget_seconds is not None:
         console.print(f"took {comparison.seconds:.0f} s of a {comparison.budget_seconds / 60:g} min budget{where}")

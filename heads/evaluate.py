@@ -17,7 +17,8 @@ from sklearn.pipeline import Pipeline
 from .protocol import Plan, Task
 from .registry import PREPROCESSING, HeadSpec
 
-__all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "readable_params", "base_pipeline", "quiet_fits"]
+__all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "readable_params", "base_pipeline", "quiet_fits", "score_rows",
+           "labels_follow_scores"]
 
 
 @dataclass
@@ -206,6 +207,53 @@ def _full_columns(values: np.ndarray, present: np.ndarray, n_classes: int, fill:
     return full
 
 
+PARALLEL_SCORING_ROWS = 2000  # from this many scored rows on, scoring is split over `jobs` threads
+
+
+def labels_follow_scores(estimator) -> bool:
+    """Whether `estimator`'s predict is exactly ``classes_[argmax(scores)]`` of its own predict_proba (kNN) or
+    decision_function (an SVC with ``break_ties``, more than two classes), so one pass gives both: for these two
+    every scored row costs a kernel row or a neighbour search, and a second pass would double the scoring."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
+
+    clf = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+    if isinstance(clf, KNeighborsClassifier):
+        return True
+    return isinstance(clf, SVC) and clf.break_ties and clf.decision_function_shape == "ovr" and \
+        len(getattr(clf, "classes_", (0, 1, 2))) > 2
+
+
+def _score_chunk(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    proba = model.predict_proba(X) if hasattr(model, "predict_proba") else None
+    decision = model.decision_function(X) if proba is None and hasattr(model, "decision_function") else None
+    if labels_follow_scores(model):
+        labels = model.classes_[np.argmax(proba if proba is not None else decision, axis=1)]
+    else:
+        labels = model.predict(X)
+    return labels, proba, decision
+
+
+def score_rows(model, X: np.ndarray, *, jobs: int = 1) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(labels, probabilities or None, decision scores or None) of a fitted pipeline on `X`.
+
+    With `jobs` > 1 and many rows, the rows are split into `jobs` chunks scored in threads: libsvm, BLAS and the
+    distance computations release the GIL, so an exact kernel SVM (single-threaded in libsvm) predicts `jobs`
+    times faster; each chunk's result is exactly what one call would give.
+    """
+    if jobs <= 1 or len(X) < PARALLEL_SCORING_ROWS:
+        return _score_chunk(model, X)
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = np.array_split(np.arange(len(X)), jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        parts = list(pool.map(lambda rows: _score_chunk(model, X[rows]), chunks))
+    labels = np.concatenate([p[0] for p in parts])
+    proba = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
+    decision = np.concatenate([p[2] for p in parts]) if parts[0][2] is not None else None
+    return labels, proba, decision
+
+
 def run_head(
     spec: HeadSpec,
     X: np.ndarray,
@@ -234,17 +282,16 @@ def run_head(
         model = search.best_estimator_
         X_score = X[task.score]
         started = time.perf_counter()
-        preds.append(model.predict(X_score))
+        labels, proba, decision = score_rows(model, X_score, jobs=1 if spec.threaded else jobs)
+        preds.append(labels)
         predict_seconds += time.perf_counter() - started
         present = model.classes_
-        if hasattr(model, "predict_proba"):
-            proba = _full_columns(model.predict_proba(X_score), present, n_classes, 0.0)
+        if proba is not None:
+            proba = _full_columns(proba, present, n_classes, 0.0)
             probas.append(proba / proba.sum(axis=1, keepdims=True))  # float32 rounding: rows sum to 1 again
             scores.append(probas[-1])
-        elif hasattr(model, "decision_function"):
-            decision = model.decision_function(X_score)
-            if decision.ndim == 2:
-                scores.append(_full_columns(decision, present, n_classes, -np.inf))
+        elif decision is not None and decision.ndim == 2:
+            scores.append(_full_columns(decision, present, n_classes, -np.inf))
     n_scored = sum(len(t.score) for t in plan.tasks)
     return HeadRun(
         head=spec.name,

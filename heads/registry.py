@@ -67,6 +67,10 @@ class HeadSpec:
             at a time with all threads instead of one fit per core.
         blocks: block widths of concatenated layers: the pipeline then starts with a
             :class:`~heads.blocks.BlockStandardScaler` (set through :meth:`on_blocks`, never at registration).
+        family: heads of the same family are the same model in different implementations (``logreg`` and
+            ``torch-logreg``): by default compare-heads runs one of them, the faster one on this device.
+        rank_param: an approximation's size parameter (e.g. ``n_components`` of a kernel map), which the budget
+            raises when the share allows (:meth:`with_rank`); its registered value is the one probed.
         path_param: a grid key the estimator can follow as a path with ``warm_start`` (e.g. ``C``): the grid
             search then fits each split's preprocessing once and walks the values in increasing order, each
             fit starting from the previous solution.
@@ -85,6 +89,8 @@ class HeadSpec:
     threaded: bool = False
     probe_rows: tuple[int, int] | None = None
     blocks: tuple[int, ...] | None = None
+    family: str | None = None
+    rank_param: str | None = None
 
     def pipeline(self) -> Pipeline:
         steps = [("prep", PREPROCESSING[self.prep[0]]()), ("clf", self.estimator())]
@@ -99,6 +105,19 @@ class HeadSpec:
             return self
         approximation = self.approximation.on_blocks(widths) if self.approximation is not None else None
         return replace(self, blocks=tuple(widths), approximation=approximation)
+
+    def rank(self) -> int | None:
+        """The approximation's size (its `rank_param`'s value), None for exact heads."""
+        return None if self.rank_param is None else int(self.estimator().get_params()[self.rank_param])
+
+    def with_rank(self, rank: int) -> "HeadSpec":
+        """This approximation at another size (e.g. more Nystroem components); the description follows."""
+        if self.rank_param is None:
+            raise ValueError(f"head {self.name!r} has no size to change")
+        make, key = self.estimator, self.rank_param
+        return replace(self, estimator=lambda: make().set_params(**{key: rank}),
+                       description=self.description.replace(f"{self.rank():,}".replace(",", " "),
+                                                            f"{rank:,}".replace(",", " ")))
 
     def param_grid(self, n_train: int | None = None) -> dict[str, list]:
         """The GridSearchCV grid: preprocessing transformers plus ``clf__``-prefixed estimator settings.
@@ -122,6 +141,10 @@ class HeadSpec:
 
 HEADS: dict[str, HeadSpec] = {}
 
+# libsvm's kernel cache: its default (200 MB) holds a few thousand kernel rows; at 60 000 rows a larger cache
+# cuts the exact SVM's fit several-fold. Two parallel fits of this size fit any machine we run on.
+SVC_CACHE_MB = 2000
+
 
 def register_head(spec: HeadSpec) -> HeadSpec:
     """Add a head to the registry; names are unique."""
@@ -137,12 +160,13 @@ def register_head(spec: HeadSpec) -> HeadSpec:
 register_head(HeadSpec(
     "logreg", "multinomial logistic regression (lbfgs)",
     lambda: LogisticRegression(max_iter=2000),
-    prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True,
+    prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True, family="logreg",
 ))
 register_head(HeadSpec(
     "torch-logreg", "multinomial logistic regression, full-batch L-BFGS in torch (float32, CPU or CUDA)",
     lambda: TorchLogisticRegression(),
     prep=("standardize",), grid={"C": [0.01, 0.1, 1.0]}, class_weight=True, path_param="C", threaded=True,
+    family="logreg",
 ))
 register_head(HeadSpec(
     "linear-svm", "linear SVM (liblinear, one-vs-rest)",
@@ -151,25 +175,26 @@ register_head(HeadSpec(
 ))
 register_head(HeadSpec(
     "rbf-svm", "kernel SVM, RBF kernel, gamma='scale' (large stores: Nystroem approximation under --budget)",
-    lambda: SVC(kernel="rbf", gamma="scale", cache_size=1024),
+    lambda: SVC(kernel="rbf", gamma="scale", cache_size=SVC_CACHE_MB, break_ties=True),
     prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True, cost_exponent=2.0,
     approximation=HeadSpec(
-        "rbf-svm", "RBF kernel approximated by 2000 Nystroem components, then a linear SVM (squared hinge)",
+        "rbf-svm", "RBF kernel approximated by 2 000 Nystroem components, then a linear SVM (squared hinge)",
         lambda: NystroemSVC(n_components=2000),
         prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True, threaded=True,
-        probe_rows=(4000, 8000),
+        probe_rows=(4000, 8000), rank_param="n_components",
     ),
 ))
 register_head(HeadSpec(
     "knn", "k nearest neighbours, cosine distance, distance-weighted votes",
     lambda: KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute"),
     prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",), cost_exponent=2.0,
+    family="knn",
 ))
 register_head(HeadSpec(
     "torch-knn", "k nearest neighbours, cosine, distance-weighted; batched matmul + top-k in torch (CPU or CUDA)",
     lambda: TorchKNeighborsClassifier(weights="distance"),
     prep=("none",), grid={"n_neighbors": [1, 5, 10, 20]}, sample_bounded=("n_neighbors",), cost_exponent=2.0,
-    threaded=True,
+    threaded=True, family="knn",
 ))
 register_head(HeadSpec(
     "ridge", "ridge regression classifier (one-vs-rest least squares)",

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from featurize.store import FeatureStore
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
-from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, head_jobs, probe_cost
+from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, full_plan, head_jobs
+from heads.race import RACE_FRACTION, RUNG_FACTOR, Contender, confirm, cut, drop_duplicates, probe_head, race_split
 from heads.persist import save_head
 from heads.transferability import SCORES, rank_agreement, stratified_subsample
 from pipelines.candidates import Candidate, align_stores, distinct_stores, parse_candidates, usable_rows
@@ -200,36 +201,41 @@ def compare_heads(
     budget_seconds = None if budget is None else float(budget) * 60.0
     probing = budget_seconds is not None and n_fit >= 2 * PROBE_ROWS[-1]
     units = [(c, spec.on_blocks(c.block_widths)) for c in running for spec in specs]
-    features = {}
+    named = set(heads or [])
+    features: dict[str, np.ndarray] = {}
+    race: dict[tuple[str, str], Contender] = {}
+    leader = None
     with tqdm(total=len(units), desc="compare-heads", unit="head", disable=not progress) as bar, \
             threadpool_limits(limits=threads):
-        allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes)
-        probe_seconds: dict[tuple[str, str], float] = {}
-        for cand, spec in units:
-            if cand.name not in features:
-                features[cand.name] = cand.load(usable)
-            if probing:
-                bar.set_postfix_str(f"probing {cand.name} / {spec.name}")
-                started = time.perf_counter()
-                X = features[cand.name]
-                with _threads_for(spec):
-                    cost = probe_cost(spec, X, y, class_weight=class_weight, seed=seed)
-                approx = None
-                if spec.approximation is not None:
-                    with _threads_for(spec.approximation):
-                        approx = probe_cost(spec.approximation, X, y, class_weight=class_weight, seed=seed)
-                allocator.add((cand.name, spec.name), spec, cost, approx)
-                probe_seconds[(cand.name, spec.name)] = time.perf_counter() - started
+        for cand in running:
+            features[cand.name] = cand.load(usable)
+        allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes, leader_last=probing)
         if probing:
+            race, leader = _race(units, features, y, plan, jobs, named, class_weight, seed, bar, allocator,
+                                 started_at + budget_seconds)
+            for cand, spec in units:
+                contender = race[(cand.name, spec.name)]
+                if contender.status != "racing":
+                    skipped.append({"representation": cand.name, "backbone": cand.backbone, "head": spec.name,
+                                    "mode": contender.status, "reason": contender.reason,
+                                    "predicted_seconds": full_plan(spec, contender.probe.cost, plan, jobs),
+                                    "race": contender.summary()})
+                    bar.update(1)
+            units = [u for u in units if race[(u[0].name, u[1].name)].status == "racing"]
             order = allocator.order([(c.name, s.name) for c, s in units])
+            if leader is not None:
+                order.remove(leader.key)
+                order.append(leader.key)  # the leader runs last, with everything the others left
             units.sort(key=lambda u: order.index((u[0].name, u[1].name)))
+        else:
+            units = _without_duplicates(units, named, skipped)
 
         for position, (cand, spec) in enumerate(units):
-            X, key = features[cand.name], (cand.name, spec.name)
+            key = (cand.name, spec.name)
             if probing:
                 remaining = budget_seconds - (time.perf_counter() - started_at)
                 decision = allocator.decide(key, remaining, [(c.name, s.name) for c, s in units[position:]])
-                decision.probe_seconds = probe_seconds[key]
+                decision.probe_seconds = race[key].seconds
             else:
                 why = "no budget (--exhaustive)" if budget_seconds is None else \
                     f"small store ({n_fit} fit rows): the full protocol"
@@ -237,48 +243,17 @@ def compare_heads(
             bar.set_postfix_str(f"{cand.name} / {spec.name} ({decision.mode})")
             if decision.mode == "skipped":
                 skipped.append({"representation": cand.name, "backbone": cand.backbone, "head": spec.name,
-                                "reason": decision.reason, "predicted_seconds": decision.predicted_seconds})
+                                "mode": "skipped", "reason": decision.reason,
+                                "predicted_seconds": decision.predicted_seconds,
+                                **({"race": race[key].summary()} if key in race else {})})
                 bar.update(1)
                 continue
-            tune_rows = None if decision.mode == "full" else decision.tune_rows
-            started = time.perf_counter()
-            with _threads_for(decision.spec):
-                run = run_head(decision.spec, X, y, plan, n_classes, jobs=head_jobs(decision.spec, jobs),
-                               class_weight=class_weight, seed=seed, tune_rows=tune_rows)
-            actual = time.perf_counter() - started
-            allocator.record(decision.predicted_seconds, actual)
-            metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
-            cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
-            row = {
-                "representation": cand.name,
-                "backbone": cand.backbone,
-                "layer": cand.layer,
-                "store": str(cand.store.path),
-                "head": spec.name,
-                **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-                **{f"{k}_ci": list(v) for k, v in cis.items()},
-                "top5_accuracy": metrics["top5_accuracy"],
-                "log_loss": metrics["log_loss"],
-                "fit_seconds": run.fit_seconds,
-                "tune_seconds": run.tune_seconds,
-                "predict_us_per_sample": run.predict_us_per_sample,
-                "params": _summary_params(run.params),
-                "n_scored": int(len(y_scored)),
-                "mode": decision.mode,
-                "tune_rows": decision.tune_rows,
-                "approximated": decision.approximated,
-                "method": decision.spec.description,
-                "predicted_seconds": decision.predicted_seconds,
-                "actual_seconds": actual,
-                "probe_seconds": decision.probe_seconds,
-                "budget_note": decision.reason,
-            }
-            if plan.kind == "nested-cv":
-                row["params_per_fold"] = run.params
-            rows.append(row)
-            predictions[key] = run.y_pred
-            runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model, "tune_rows": tune_rows}
+            _run_unit(cand, spec, decision, features[cand.name], y, plan, n_classes, jobs, class_weight, seed,
+                      n_boot, y_scored, allocator, rows, predictions, runs, race.get(key))
             bar.update(1)
+        if probing and leader is not None:
+            _second_pass(leader, budget_seconds - (time.perf_counter() - started_at), allocator, rows, features,
+                         y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored, predictions, runs, bar)
 
     if not rows:
         raise HeadsError(f"every head was skipped by the budget of {budget} minutes; raise --budget or use --exhaustive")
@@ -309,6 +284,154 @@ def compare_heads(
         candidates=candidates,
         ranking=ranking,
     )
+
+
+def _race(units, features, y, plan: Plan, jobs: int, named: set[str], class_weight, seed: int, bar,
+          allocator: Allocator, deadline: float):
+    """Probe every (representation, head), drop duplicates, heads that cannot run even alone before `deadline`
+    (a perf_counter time) and heads that cannot win; confirm the survivors on more rows (:mod:`heads.race`).
+    Returns the contenders by key and the leader (None when none can run)."""
+    pool, holdout = race_split(y, plan.final.fit if plan.kind == "holdout" else plan.tasks[0].fit, seed)
+    race: dict[tuple[str, str], Contender] = {}
+    for cand, spec in units:
+        bar.set_postfix_str(f"probing {cand.name} / {spec.name}")
+        X = features[cand.name]
+        with _threads_for(spec):
+            probe = probe_head(spec, X, y, pool, holdout, class_weight=class_weight, seed=seed)
+        contender = race[(cand.name, spec.name)] = Contender((cand.name, spec.name), spec, probe)
+        rows = min(RUNG_FACTOR * probe.rows, len(pool))
+        if spec.approximation is not None:  # at the exact head's best setting, scored where rung 1 scores the
+            with _threads_for(spec.approximation):  # exact head: the difference is the fidelity
+                contender.approximation = probe_head(spec.approximation, X, y, pool, holdout, settings=[probe.params],
+                                                     class_weight=class_weight, seed=seed, sizes=(rows // 2, rows))
+        allocator.add(contender.key, spec, contender.probe.cost,
+                      contender.approximation.cost if contender.approximation else None)
+    contenders = list(race.values())
+    left = deadline - time.perf_counter()
+    for c in contenders:
+        if c.status == "racing" and allocator.minimum(c.key) > left:
+            c.status = "skipped"
+            c.reason = (f"cannot run even alone in the {max(left, 0):.0f}s left: needs {allocator.minimum(c.key):.0f}s"
+                        + (" even approximated" if c.approximation else ", and it has no approximation"))
+    if not any(c.status == "racing" for c in contenders):
+        return race, None
+    cut(contenders)  # before duplicates: a pair that cannot win is dropped whichever implementation is faster
+    drop_duplicates(contenders, plan, jobs, named)
+    leader = cut(contenders)
+    allowance = RACE_FRACTION * allocator.budget_seconds
+    for c in contenders:
+        rows = min(RUNG_FACTOR * c.probe.rows, len(pool))
+        if c.status != "racing" or rows < 2 * c.probe.rows:
+            continue
+        predicted = c.probe.cost.seconds(rows)
+        if predicted > allowance:  # rung 1 would eat the budget it is meant to plan
+            continue
+        bar.set_postfix_str(f"rung 1: {c.key[0]} / {c.key[1]} on {rows} rows")
+        with _threads_for(c.spec):
+            confirm(c, features[c.key[0]], y, pool, holdout, class_weight=class_weight, seed=seed, rows=rows)
+        allocator.add(c.key, c.spec, c.probe.cost, c.approximation.cost if c.approximation else None, c.fidelity)
+    return race, cut(contenders, incumbent=leader)
+
+
+def _without_duplicates(units, named: set[str], skipped: list) -> list:
+    """Without probes (small stores, --exhaustive): of each family, the first registered head, unless every
+    member was named."""
+    kept, seen = [], {}
+    for cand, spec in units:
+        group = (cand.name, spec.family)
+        if spec.family is None or spec.name in named:
+            kept.append((cand, spec))
+        elif group in seen and seen[group] not in named:
+            skipped.append({"representation": cand.name, "backbone": cand.backbone, "head": spec.name,
+                            "mode": "duplicate", "predicted_seconds": None,
+                            "reason": f"same model as {seen[group]}; name both to run both"})
+        else:
+            seen.setdefault(group, spec.name)
+            kept.append((cand, spec))
+    return kept
+
+
+def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes, jobs, class_weight, seed, n_boot,
+              y_scored, allocator: Allocator, rows: list, predictions: dict, runs: dict,
+              contender: Contender | None, replace: bool = False) -> None:
+    """Run one head as decided, and add (or, with `replace`, put in place of its earlier run) its row."""
+    tune_rows = None if decision.mode == "full" else decision.tune_rows
+    started = time.perf_counter()
+    with _threads_for(decision.spec):
+        run = run_head(decision.spec, X, y, plan, n_classes, jobs=head_jobs(decision.spec, jobs),
+                       class_weight=class_weight, seed=seed, tune_rows=tune_rows)
+    actual = time.perf_counter() - started
+    allocator.record(decision.predicted_seconds, actual)
+    metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
+    cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
+    row = {
+        "representation": cand.name,
+        "backbone": cand.backbone,
+        "layer": cand.layer,
+        "store": str(cand.store.path),
+        "head": spec.name,
+        **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+        **{f"{k}_ci": list(v) for k, v in cis.items()},
+        "top5_accuracy": metrics["top5_accuracy"],
+        "log_loss": metrics["log_loss"],
+        "fit_seconds": run.fit_seconds,
+        "tune_seconds": run.tune_seconds,
+        "predict_us_per_sample": run.predict_us_per_sample,
+        "params": _summary_params(run.params),
+        "n_scored": int(len(y_scored)),
+        "mode": decision.mode,
+        "tune_rows": decision.tune_rows,
+        "approximated": decision.approximated,
+        "components": decision.spec.rank(),
+        "method": decision.spec.description,
+        "share_seconds": decision.share_seconds,
+        "predicted_seconds": decision.predicted_seconds,
+        "actual_seconds": actual,
+        "probe_seconds": decision.probe_seconds,
+        "budget_note": decision.reason,
+    }
+    if contender is not None:
+        row["race"] = contender.summary()
+    if plan.kind == "nested-cv":
+        row["params_per_fold"] = run.params
+    key = (cand.name, spec.name)
+    if replace:
+        rows[:] = [r for r in rows if (r["representation"], r["head"]) != key]
+    rows.append(row)
+    predictions[key] = run.y_pred
+    runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model, "tune_rows": tune_rows}
+
+
+SECOND_PASS_ABOVE = 0.1  # a second pass runs when more than this share of the budget is left
+
+
+def _better(new: HeadBudget, old: dict[str, Any]) -> bool:
+    """Whether plan `new` runs the head more exactly than the run `old` (a row) did."""
+    if new.mode == "skipped":
+        return False
+    if old["approximated"] != new.approximated:
+        return old["approximated"]
+    if new.approximated:
+        return (new.spec.rank() or 0) > (old.get("components") or 0) or new.tune_rows >= 1.5 * old["tune_rows"]
+    return (new.mode == "full" and old["mode"] != "full") or new.tune_rows >= 1.5 * max(old["tune_rows"], 1)
+
+
+def _second_pass(leader: Contender, remaining: float, allocator: Allocator, rows, features, y, plan, n_classes, jobs,
+                 class_weight, seed, n_boot, y_scored, predictions, runs, bar) -> None:
+    """No idle budget: when the leader ran reduced (approximated, or tuned on a subset) and more than
+    SECOND_PASS_ABOVE of the budget is left, plan it again with what is left and run it when that is more exact."""
+    old = next((r for r in rows if (r["representation"], r["head"]) == leader.key), None)
+    if old is None or remaining < SECOND_PASS_ABOVE * allocator.budget_seconds or old["mode"] == "full":
+        return
+    decision = allocator.decide(leader.key, remaining, [leader.key])
+    if not _better(decision, old):
+        return
+    decision.reason = f"second pass with the {remaining:.0f}s left: {decision.reason}"
+    decision.probe_seconds = 0.0
+    bar.set_postfix_str(f"second pass: {leader.key[0]} / {leader.key[1]} ({decision.mode})")
+    run = runs[leader.key]
+    _run_unit(run["candidate"], leader.spec, decision, features[leader.key[0]], y, plan, n_classes, jobs,
+              class_weight, seed, n_boot, y_scored, allocator, rows, predictions, runs, leader, replace=True)
 
 
 def _parallel_backend(jobs: int) -> str:
