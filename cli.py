@@ -543,10 +543,15 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
     and report.md shows how far each score's ranking agrees with the measured one (Kendall's tau with a
     bootstrap CI). --top K runs the heads only on the K best-ranked candidates.
 
-    Large stores are cost-aware: each head's fit time is probed on small subsets and extrapolated, and the
-    --budget is shared among the heads (cheapest first). A head whose full grid search would not fit is tuned
-    by successive halving on a stratified subset and refit on every training row; one that cannot be fit
-    exactly (rbf-svm on tens of thousands of rows) is approximated; the report shows predicted vs actual cost.
+    By default one of each pair of equivalent heads runs (logreg / torch-logreg, knn / torch-knn); name both
+    to run both.
+
+    On large stores (4000+ training rows) the heads race within --budget: each is probed on small subsets,
+    timed, and scored on held-out training rows; heads that cannot catch the leader are dropped, the rest are
+    re-scored on four times the rows, then run -- the leader last, with all the time that is left. A head
+    whose full grid search would not fit is tuned by successive halving on a stratified subset and refit on
+    every training row; rbf-svm is approximated (Nystroem, as many components as fit) when that scores as
+    well as the exact SVM on the held-out rows or the exact one cannot be fit; report.md shows the race.
 
     \b
     Examples:

@@ -24,7 +24,6 @@ that /features is bit-identical, and times `rank` on 12 candidates.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -35,33 +34,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from examples.fashion_mnist_to_folder import write_fashion, write_pngs  # noqa: E402
 from featurize.store import StoreError, read_store, verify_store  # noqa: E402
 from pipelines.compare import best_accuracy, compare_heads  # noqa: E402
 from pipelines.extract import extract_features  # noqa: E402
 from pipelines.rank import rank_candidates  # noqa: E402
 from pipelines.report import ranking_markdown, write_results  # noqa: E402
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 HEADS = "logreg,linear-svm,rbf-svm,knn"
 LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
-
-
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path) as f:
-        data = f.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def _write_pngs(root: Path, images, labels, classes, split: str | None) -> None:
-    from PIL import Image
-
-    for i, (image, label) in enumerate(zip(images, labels)):
-        folder = root / split / classes[label] if split else root / classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i:05d}.png")
 
 
 def source_for(name: str, work: Path) -> str:
@@ -71,22 +52,17 @@ def source_for(name: str, work: Path) -> str:
     folder = work / "images"
     if folder.exists():
         return str(folder)
-    tmp = work / "images.tmp"
     if name == "lfw":
         from skimage.data import lfw_subset
 
+        tmp = work / "images.tmp"
         images = (lfw_subset() * 255).round().astype(np.uint8)  # float in [0, 1] -> 8-bit grey
-        _write_pngs(tmp, images, np.repeat([0, 1], 100), ["face", "not-face"], None)
+        write_pngs(tmp, images, np.repeat([0, 1], 100), ["face", "not-face"])
+        tmp.rename(folder)
     elif name == "fashion":
-        if not FASHION.is_dir():
-            raise SystemExit(f"{FASHION} not found: apt-get install dataset-fashion-mnist")
-        for split, prefix, n in (("train", "train", 2000), ("test", "t10k", 1000)):
-            images = _idx(FASHION / f"{prefix}-images-idx3-ubyte.gz")[:n]
-            labels = _idx(FASHION / f"{prefix}-labels-idx1-ubyte.gz")[:n]
-            _write_pngs(tmp, images, labels, FASHION_CLASSES, split)
+        write_fashion(folder, train=2000, test=1000)
     else:
         raise SystemExit(f"unknown data set {name!r}; use digits, lfw or fashion")
-    tmp.rename(folder)
     return str(folder)
 
 

@@ -50,7 +50,7 @@ __all__ = [
 DEFAULT_BUDGET_MINUTES = 15.0  # compare-heads --budget: leaves room for probes, bootstrap and reports in 20 min
 FACTOR = 3  # successive halving: keep the best third of the candidates, triple their rows
 PLANNED_FRACTION = 0.85  # plan predicted costs into 85 % of a share: the rest absorbs prediction error
-LAST_FRACTION = 0.9  # the last head (the race leader) plans into 90 % of what is left: no budget idles
+LAST_FRACTION = 0.95  # the last head (the race leader) plans into 95 % of what is left: no budget idles
 FIDELITY_TOLERANCE = 0.0025  # an approximation within 0.25 points of its exact head counts as faithful
 PROBE_SECONDS = 0.5  # probes double in size while one setting takes less than this
 PROBE_ROWS = (1000, 2000)  # timed probe sizes; stores with fewer than 2x the largest keep the full protocol
@@ -246,7 +246,8 @@ def minimum_share(spec: HeadSpec, cost: CostModel, plan: Plan, *, jobs: int, n_c
     seconds = _cheapest_seconds(spec, cost, plan, jobs, n_classes)
     if spec.approximation is not None and approximation_cost is not None:
         seconds = min(seconds, _cheapest_seconds(spec.approximation, approximation_cost, plan, jobs, n_classes))
-    return seconds / PLANNED_FRACTION
+    # A hair above: given exactly this share, plan_head must find the cheapest plan despite float rounding.
+    return seconds / PLANNED_FRACTION * (1 + 1e-6)
 
 
 # An approximation's size, as multiples of the probed one, largest first. On the 60 000 Fashion-MNIST rows a

@@ -9,11 +9,13 @@ import json
 import numpy as np
 import pytest
 from sklearn.model_selection import ParameterGrid
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.svm import SVC
 
 import heads.budget as budget
 from heads import HEADS, get_head, plan_protocol
 from heads.budget import CostModel, plan_head
-from heads.evaluate import readable_params
+from heads.evaluate import labels_follow_scores, readable_params, score_rows
 from heads.kernel_approx import NystroemSVC
 from heads.race import Contender, Probe, confirm, cut, drop_duplicates, paired_upper_bound, probe_head, race_split
 from heads.synthetic import synthetic_features
@@ -201,3 +203,30 @@ def test_small_stores_run_one_of_a_pair_unless_both_are_named(runner, tmp_path, 
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b" / "results.json").read_text())
     assert {r["head"] for r in data["rows"]} == {"knn", "torch-knn"} and not data["meta"]["skipped"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SVC(C=10.0, break_ties=True),
+    lambda: KNeighborsClassifier(5, weights="distance", metric="cosine"),
+    lambda: KNeighborsClassifier(4),
+])
+def test_one_threaded_pass_gives_exactly_what_predict_gives(make):
+    X, y = synthetic_features(3000, 16, 5, seed=2)
+    X = np.vstack([X, X[:200]]).astype(np.float32)  # exact duplicates: zero distances, vote ties
+    y = np.concatenate([y, y[:200]])
+    model = make().fit(X[:1500], y[:1500])
+    assert labels_follow_scores(model)
+    labels, proba, decision = score_rows(model, X[1500:], jobs=2)
+    np.testing.assert_array_equal(labels, model.predict(X[1500:]))
+    scores = proba if proba is not None else decision
+    np.testing.assert_allclose(scores, model.predict_proba(X[1500:]) if proba is not None else
+                               model.decision_function(X[1500:]))
+
+
+def test_a_head_given_exactly_its_minimum_still_runs():
+    plan = _plan(60_000)  # the float rounding that once skipped linear-svm on Fashion-MNIST
+    spec = get_head("linear-svm")
+    for level in (0.011, 0.0123, 0.0137, 0.02, 0.05):
+        cost = CostModel(1.2932, 8000, level * 8)
+        floor = budget.minimum_share(spec, cost, plan, jobs=2, n_classes=10)
+        assert plan_head(spec, cost, plan, floor, jobs=2, n_classes=10).mode != "skipped"
