@@ -214,10 +214,12 @@ def drop_duplicates(contenders: list[Contender], plan: Plan, jobs: int, named: s
         for other in members[1:]:
             if seconds[other.key] * DUPLICATE_MARGIN < seconds[keep.key]:
                 keep = other
+        why = (f"predicted {DUPLICATE_MARGIN:g}x faster here" if keep is not members[0] else
+               f"registered first, and no other is predicted {DUPLICATE_MARGIN:g}x faster")
         for c in members:
             if c is not keep:
                 c.status = "duplicate"
-                c.reason = (f"same model as {keep.spec.name}, which is faster here (full protocol predicted "
+                c.reason = (f"same model as {keep.spec.name} ({why}: full protocol predicted "
                             f"{seconds[keep.key]:.0f} s vs {seconds[c.key]:.0f} s); name both to run both")
 
 

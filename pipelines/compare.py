@@ -1,5 +1,6 @@
 """compare-heads: representations (stores, their layers) x heads, one protocol for all, metrics with CIs and paired
-tests; with three or more representations, how far transferability scores agree with the measured ranking."""
+tests; under a budget on large stores, a race that spends the time on the heads that can win; with three or more
+representations, how far transferability scores agree with the measured ranking."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ class Comparison:
         y_scored: true labels of the scored rows (plan order).
         predictions: per row key (representation, head): predictions on the scored rows.
         runs: per row key: what is needed to refit or save the head.
-        skipped: heads left out by the budget: representation, backbone, head, reason, predicted_seconds.
+        skipped: heads that did not run: representation, backbone, head, mode (``dropped`` by the race,
+            ``duplicate`` of an equivalent head, ``skipped`` by the budget), reason, predicted_seconds, and
+            ``race`` (held-out accuracy per rung) when raced.
         budget_seconds: the time budget (None: no budget, every head runs the full protocol).
         seconds: wall time of the whole comparison.
         parallel: where the parallel fits ran: joblib's backend (``loky`` locally, ``ray`` on a cluster) and
@@ -150,9 +153,10 @@ def compare_heads(
         class_weight: ``balanced`` or None, for every head that accepts it.
         n_boot: bootstrap resamples for the CIs.
         budget: minutes for the whole comparison (None: no budget, the full protocol for every head). Stores
-            with fewer than 4000 fit rows always get the full protocol; larger ones are probed and planned by
-            :mod:`heads.budget` (successive halving on tuning subsets, approximations, skips), each decision
-            reported per row.
+            with fewer than 4000 fit rows always get the full protocol; on larger ones the heads race
+            (:mod:`heads.race`: held-out probes, paired cuts, duplicates, rung 1) and the survivors are planned
+            by :mod:`heads.budget` (successive halving on tuning subsets, sized approximations, skips), the
+            leader last with all that is left; each decision reported per row.
         top: run the heads only on the `top` candidates best by `rank_by`; the others are reported as ranked
             out, with their scores. None: every candidate.
         rank_by: the transferability score that picks the top candidates.
