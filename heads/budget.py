@@ -260,15 +260,18 @@ def _approximate(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, jobs
                  n_classes: int) -> HeadBudget | None:
     """The approximation at the largest size (``RANK_STEPS`` x the probed one) whose plan fits `share`; its cost
     grows as the size to the ``RANK_COST_EXPONENT``."""
-    if spec.rank_param is None:
-        return _fit_in_share(spec, cost, plan, share, jobs, n_classes)
-    base = spec.rank()
-    for step in RANK_STEPS:
-        sized = spec.with_rank(int(base * step))
-        decision = _fit_in_share(sized, cost.scaled(step**RANK_COST_EXPONENT), plan, share, jobs, n_classes)
+    for step in RANK_STEPS if spec.rank_param is not None else (1.0,):
+        decision = _fit_in_share(*_sized(spec, cost, step), plan, share, jobs, n_classes)
         if decision is not None:
             return decision
     return None
+
+
+def _sized(spec: HeadSpec, cost: CostModel, step: float) -> tuple[HeadSpec, CostModel]:
+    """An approximation at `step` times its probed size, with its cost model (the spec as is without a size)."""
+    if spec.rank_param is None:
+        return spec, cost
+    return spec.with_rank(int(spec.rank() * step)), cost.scaled(step**RANK_COST_EXPONENT)
 
 
 def plan_head(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, *, jobs: int, n_classes: int,
@@ -383,10 +386,7 @@ class Allocator:
         seconds = full_plan(spec, cost, self.plan, self.jobs)
         fidelity = self._fidelity.get(key)
         if approx is not None and fidelity is not None and fidelity >= -FIDELITY_TOLERANCE:
-            sized = spec.approximation.with_rank(int(spec.approximation.rank() * RANK_STEPS[0])) \
-                if spec.approximation.rank_param else spec.approximation
-            step = RANK_STEPS[0] if spec.approximation.rank_param else 1.0
-            seconds = min(seconds, full_plan(sized, approx.scaled(step**RANK_COST_EXPONENT), self.plan, self.jobs))
+            seconds = min(seconds, full_plan(*_sized(spec.approximation, approx, RANK_STEPS[0]), self.plan, self.jobs))
         return seconds / LAST_FRACTION
 
     def decide(self, key, remaining: float, pending: list) -> HeadBudget:
