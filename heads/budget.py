@@ -56,20 +56,36 @@ PROBE_SECONDS = 0.5  # probes double in size while one setting takes less than t
 PROBE_ROWS = (1000, 2000)  # timed probe sizes; stores with fewer than 2x the largest keep the full protocol
 
 
+# An approximation of rank m (m landmarks): its fixed part (their eigendecomposition) grows as m ** 3; the rest
+# (the kernel map, O(n m d), and the linear model's passes over m features) as m.
+RANK_FIXED_EXPONENT = 3.0
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """Mean seconds of one fit on n rows plus scoring n/4 rows: ``seconds_at * (n / rows_at) ** exponent``
-    (a CV fit scores a quarter as many rows as it trains on with 5 folds); `predict_fraction` of that is the
-    scoring, which grows with n in the same way (kernel SVMs and kNN predict in time proportional to their
-    training rows, linear models in constant time per row)."""
+    """Mean seconds of one fit on n rows plus scoring n/4 rows: ``fixed + seconds_at * (n / rows_at) ** exponent``
+    (a CV fit scores a quarter as many rows as it trains on with 5 folds); `predict_fraction` of the growing
+    part is the scoring, which grows with n in the same way (kernel SVMs and kNN predict in time proportional to
+    their training rows, linear models in constant time per row).
+
+    `fixed`: seconds every fit spends on a rank-`fixed_rows` decomposition (a kernel approximation's landmarks),
+    zero for most heads; below `fixed_rows` rows the rank is the row count and that part shrinks as
+    ``(n / fixed_rows) ** RANK_FIXED_EXPONENT``."""
 
     exponent: float
     rows_at: int
     seconds_at: float
     predict_fraction: float = 0.0
+    fixed: float = 0.0
+    fixed_rows: int = 0
+
+    def _fixed(self, n: float) -> float:
+        if not self.fixed_rows or n >= self.fixed_rows:
+            return self.fixed
+        return self.fixed * (max(n, 1.0) / self.fixed_rows) ** RANK_FIXED_EXPONENT
 
     def seconds(self, n: float) -> float:
-        return self.seconds_at * (max(n, 1.0) / self.rows_at) ** self.exponent
+        return self._fixed(n) + self.seconds_at * (max(n, 1.0) / self.rows_at) ** self.exponent
 
     def refit_seconds(self, n: float, scored: int, jobs: int = 1, passes: int = 2) -> float:
         """One fit on n rows plus scoring `scored` rows (the refit, then the test split): labels and then
@@ -77,20 +93,39 @@ class CostModel:
         threads (:func:`heads.evaluate.score_rows`)."""
         p = self.predict_fraction
         passes = passes / _parallel(jobs, jobs)
-        return self.seconds(n) * ((1.0 - p) + p * passes * scored / max(n / 4.0, 1.0))
+        growing = self.seconds(n) - self._fixed(n)
+        return self._fixed(n) + growing * ((1.0 - p) + p * passes * scored / max(n / 4.0, 1.0))
 
-    def scaled(self, factor: float) -> "CostModel":
-        """The same growth, every cost multiplied by `factor` (a calibration from measured runs)."""
-        return CostModel(self.exponent, self.rows_at, self.seconds_at * factor, self.predict_fraction)
+    def scaled(self, factor: float, size: float | None = None) -> "CostModel":
+        """Every cost multiplied by `factor` (a calibration from measured runs); with `size`, an approximation
+        at `size` times its rank instead: the fixed part as size ** RANK_FIXED_EXPONENT, the rest by `factor`."""
+        fixed, rows = self.fixed * factor, self.fixed_rows
+        if size is not None:
+            fixed, rows = self.fixed * size**RANK_FIXED_EXPONENT, int(round(self.fixed_rows * size))
+        return CostModel(self.exponent, self.rows_at, self.seconds_at * factor, self.predict_fraction, fixed, rows)
 
     @classmethod
     def through(cls, sizes: tuple[int, int], seconds: tuple[float, float], exponent: float,
-                predict_fraction: float = 0.0) -> "CostModel":
+                predict_fraction: float = 0.0, fixed_rows: int | None = None) -> "CostModel":
         """The power law through the larger probe, with the exponent the two probes show, kept within
         [`exponent`, `exponent` + 1]: never below the head's known complexity (fixed overheads make small
-        probes look cheap), and superlinear solvers (liblinear's iterations grow with n) are caught."""
+        probes look cheap), and superlinear solvers (liblinear's iterations grow with n) are caught.
+
+        With `fixed_rows` (a head whose fits decompose a rank-`fixed_rows` matrix, such as a kernel
+        approximation's landmarks), the cost is ``fixed + b * n ** exponent`` through both probes (the fixed part
+        shrunk below `fixed_rows` rows) when both parts come out positive: growth slower than `exponent` is that
+        fixed part, not a reason to lift the power law to `exponent`."""
         (n1, n2), (t1, t2) = sizes, seconds
         measured = math.log(max(t2, 1e-9) / max(t1, 1e-9)) / math.log(n2 / n1)
+        if fixed_rows:
+            f1, f2 = (min(n / fixed_rows, 1.0) ** RANK_FIXED_EXPONENT for n in (n1, n2))
+            g1 = (n1 / n2) ** exponent  # the growing part at n1, relative to n2
+            determinant = f1 - f2 * g1
+            if abs(determinant) > 1e-9:  # solve t1 = f1 F + g1 G, t2 = f2 F + G for the fixed F and the growing G
+                fixed = (t1 - g1 * t2) / determinant
+                growing = t2 - f2 * fixed
+                if fixed >= 0 and growing > 0:
+                    return cls(exponent, n2, growing, predict_fraction, fixed, fixed_rows)
         return cls(min(max(measured, exponent), exponent + 1.0), n2, max(t2, 1e-6), predict_fraction)
 
 
@@ -250,16 +285,15 @@ def minimum_share(spec: HeadSpec, cost: CostModel, plan: Plan, *, jobs: int, n_c
     return seconds / PLANNED_FRACTION * (1 + 1e-6)
 
 
-# An approximation's size, as multiples of the probed one, largest first. On the 60 000 Fashion-MNIST rows a
-# 4 000-component map matched the exact SVM (90.91 vs 90.93 %) in 135 s; 8 000 components took over 8 minutes.
-RANK_STEPS = (2.0, 1.5, 1.0)
-RANK_COST_EXPONENT = 1.5  # cost ~ size ** 1.5: O(n m d) for the map, and the linear SVM's passes grow with m
+# An approximation's size, as fractions of the probed one (its registered size, the largest it runs at: the
+# probes measure it there), largest first. On the 60 000 Fashion-MNIST rows a 4 000-component map matched the
+# exact SVM (90.91 vs 90.93 %) in 131 s; 8 000 components took over 8 minutes.
+RANK_STEPS = (1.0, 0.5, 0.25)
 
 
 def _approximate(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, jobs: int,
                  n_classes: int) -> HeadBudget | None:
-    """The approximation at the largest size (``RANK_STEPS`` x the probed one) whose plan fits `share`; its cost
-    grows as the size to the ``RANK_COST_EXPONENT``."""
+    """The approximation at the largest size (``RANK_STEPS`` x the probed one) whose plan fits `share`."""
     for step in RANK_STEPS if spec.rank_param is not None else (1.0,):
         decision = _fit_in_share(*_sized(spec, cost, step), plan, share, jobs, n_classes)
         if decision is not None:
@@ -269,9 +303,9 @@ def _approximate(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, jobs
 
 def _sized(spec: HeadSpec, cost: CostModel, step: float) -> tuple[HeadSpec, CostModel]:
     """An approximation at `step` times its probed size, with its cost model (the spec as is without a size)."""
-    if spec.rank_param is None:
+    if spec.rank_param is None or step == 1.0:
         return spec, cost
-    return spec.with_rank(int(spec.rank() * step)), cost.scaled(step**RANK_COST_EXPONENT)
+    return spec.with_rank(int(spec.rank() * step)), cost.scaled(step, size=step)
 
 
 def plan_head(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, *, jobs: int, n_classes: int,
@@ -386,7 +420,7 @@ class Allocator:
         seconds = full_plan(spec, cost, self.plan, self.jobs)
         fidelity = self._fidelity.get(key)
         if approx is not None and fidelity is not None and fidelity >= -FIDELITY_TOLERANCE:
-            seconds = min(seconds, full_plan(*_sized(spec.approximation, approx, RANK_STEPS[0]), self.plan, self.jobs))
+            seconds = min(seconds, full_plan(spec.approximation, approx, self.plan, self.jobs))
         return seconds / LAST_FRACTION
 
     def decide(self, key, remaining: float, pending: list) -> HeadBudget:

@@ -177,7 +177,8 @@ def probe_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, pool: np.ndarray, h
     while mean[pair[1]] < PROBE_SECONDS and len(pool) >= 8 * pair[1]:
         pair = (pair[1], 2 * pair[1])
         probe(pair[1], False)
-    cost = CostModel.through(pair, (mean[pair[0]], mean[pair[1]]), spec.cost_exponent, predicting[pair[1]])
+    cost = CostModel.through(pair, (mean[pair[0]], mean[pair[1]]), spec.cost_exponent, predicting[pair[1]],
+                             fixed_rows=spec.rank())  # a sized approximation: its rank's fixed cost
     return Probe(cost, sizes[1], float(scored["correct"].mean()), scored["correct"], scored["params"],
                  best_seconds, time.perf_counter() - started)
 

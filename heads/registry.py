@@ -61,16 +61,17 @@ class HeadSpec:
         approximation: a cheaper stand-in for this head, used under ``--budget`` when the exact head would not
             fit in its share (e.g. an RBF SVM through a Nystroem kernel map); None: the head is skipped instead.
         probe_rows: the two sizes its cost is first timed at under ``--budget`` (None: 1 000 and 2 000); larger
-            for estimators whose cost changes shape above some size (a kernel map of 2 000 components is exact,
-            and quadratic, below 2 000 rows).
+            for estimators whose cost changes shape above some size (a kernel map of 4 000 components is exact
+            below 4 000 rows).
         threaded: the estimator spreads one fit over every core itself (torch): searches then run its fits one
             at a time with all threads instead of one fit per core.
         blocks: block widths of concatenated layers: the pipeline then starts with a
             :class:`~heads.blocks.BlockStandardScaler` (set through :meth:`on_blocks`, never at registration).
         family: heads of the same family are the same model in different implementations (``logreg`` and
             ``torch-logreg``): by default compare-heads runs one of them, the faster one on this device.
-        rank_param: an approximation's size parameter (e.g. ``n_components`` of a kernel map), which the budget
-            raises when the share allows (:meth:`with_rank`); its registered value is the one probed.
+        rank_param: an approximation's size parameter (e.g. ``n_components`` of a kernel map): its registered
+            value is the largest it runs at, and the one probed; the budget lowers it when the share is smaller
+            (:meth:`with_rank`). Its fits have a fixed part (the rank's decomposition) that the cost model keeps.
         path_param: a grid key the estimator can follow as a path with ``warm_start`` (e.g. ``C``): the grid
             search then fits each split's preprocessing once and walks the values in increasing order, each
             fit starting from the previous solution.
@@ -132,6 +133,18 @@ class HeadSpec:
             grid[f"clf__{key}"] = list(values)
         return grid
 
+    def untuned(self, n_train: int) -> dict[str, Any]:
+        """The setting run when there is nothing to tune on (one example per class): the first preprocessing
+        and, per grid key, the estimator's own default when the grid has it, else the grid's middle value
+        (bounded by `n_train` like :meth:`param_grid`)."""
+        defaults = self.estimator().get_params()
+        params: dict[str, Any] = {}
+        for key, values in self.param_grid(n_train).items():
+            name = key.removeprefix("clf__")
+            params[key] = defaults[name] if key != "prep" and defaults.get(name) in values else values[len(values) // 2]
+        params["prep"] = self.param_grid(n_train)["prep"][0]
+        return params
+
     def grid_size(self) -> int:
         size = len(self.prep)
         for values in self.grid.values():
@@ -178,8 +191,8 @@ register_head(HeadSpec(
     lambda: SVC(kernel="rbf", gamma="scale", cache_size=SVC_CACHE_MB, break_ties=True),
     prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True, cost_exponent=2.0,
     approximation=HeadSpec(
-        "rbf-svm", "RBF kernel approximated by 2 000 Nystroem components, then a linear SVM (squared hinge)",
-        lambda: NystroemSVC(n_components=2000),
+        "rbf-svm", "RBF kernel approximated by 4 000 Nystroem components, then a linear SVM (squared hinge)",
+        lambda: NystroemSVC(n_components=4000),
         prep=("l2", "standardize"), grid={"C": [1.0, 10.0]}, class_weight=True, threaded=True,
         probe_rows=(4000, 8000), rank_param="n_components",
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -69,6 +70,18 @@ def test_cost_model_through_two_points():
     assert capped.exponent == 2.0
     overhead = CostModel.through((1000, 2000), (0.5, 0.55), 1.0)  # fixed overheads: never below the prior
     assert overhead.exponent == 1.0 and overhead.seconds(20_000) == pytest.approx(5.5)
+    # A kernel approximation's rank costs the same whatever the rows: read slow growth as that fixed part.
+    fixed = CostModel.through((4000, 8000), (16.8, 22.0), 1.0, fixed_rows=4000)  # lite0 Fashion-MNIST, m = 4000
+    assert fixed.fixed == pytest.approx(11.6) and fixed.seconds(4000) == pytest.approx(16.8)
+    assert fixed.seconds(60_000) == pytest.approx(11.6 + 5.2 * 15)  # measured: 107 s
+    assert fixed.refit_seconds(60_000, 0) == pytest.approx(fixed.seconds(60_000))
+    assert fixed.seconds(1000) == pytest.approx(11.6 / 64 + 5.2 / 4)  # rank = rows below 4000: (1/4) ** 3
+    half = fixed.scaled(1.0, size=0.5)  # 2 000 components: fixed / 8, whole from 2 000 rows
+    assert half.seconds(8000) == pytest.approx(11.6 / 8 + 10.4) and half.fixed_rows == 2000
+    below = CostModel.through((2000, 4000), (2.5, 16.0), 1.0, fixed_rows=4000)  # probes below the rank
+    assert below.fixed > 0 and below.seconds(2000) == pytest.approx(2.5) and below.seconds(4000) == pytest.approx(16.0)
+    steep = CostModel.through((4000, 8000), (10.0, 30.0), 1.0, fixed_rows=4000)  # faster growth: the plain power law
+    assert steep.fixed == 0.0 and steep.exponent == pytest.approx(math.log2(3))
 
 
 @pytest.mark.parametrize("candidates,rows", [(3, 900), (4, 3000), (8, 5000), (2, 700), (1, 500)])

@@ -122,13 +122,13 @@ def test_the_approximation_grows_with_its_share_and_the_exact_head_wins_when_it_
     plan = _plan()
     spec = get_head("rbf-svm")
     huge = CostModel(2.0, 1000, 10.0)  # exact: ~1000 s for one fit on 8 333 rows
-    approx = CostModel(1.0, 1000, 0.5)
-    small = plan_head(spec, huge, plan, 20.0, jobs=2, n_classes=10, approximation_cost=approx)
+    approx = CostModel(1.0, 1000, 0.5, fixed=2.0)
+    small = plan_head(spec, huge, plan, 12.0, jobs=2, n_classes=10, approximation_cost=approx)
     large = plan_head(spec, huge, plan, 600.0, jobs=2, n_classes=10, approximation_cost=approx)
     assert small.approximated and large.approximated
-    assert small.spec.rank() < large.spec.rank() == 2 * spec.approximation.rank()
-    assert "4 000 Nystroem" in large.spec.description and "4 000 Nystroem" in large.reason
-    assert large.spec.pipeline().named_steps["clf"].n_components == 4000
+    assert small.spec.rank() < large.spec.rank() == spec.approximation.rank() == 4000
+    assert "1 000 Nystroem" in small.spec.description and "1 000 Nystroem" in small.reason
+    assert small.spec.pipeline().named_steps["clf"].n_components == 1000
     cheap = plan_head(spec, CostModel(2.0, 1000, 0.01), plan, 600.0, jobs=2, n_classes=10, approximation_cost=approx)
     assert not cheap.approximated
 
