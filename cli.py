@@ -522,10 +522,16 @@ def _rank_by_option(help_text: str):
 @click.option("--top", type=click.IntRange(min=1), metavar="K",
               help="Run the heads only on the K candidates ranked best by --rank-by; list the rest as ranked out.")
 @_rank_by_option("The transferability score --top ranks candidates by.")
+@click.option("--shots", metavar="K,K,...[,all]",
+              help="Also draw a learning curve: every head trained on K labelled rows per class (e.g. "
+                   "1,2,4,8,16,all), --seeds draws each, the same draws for every head, tuned on the drawn rows "
+                   "alone; 'all' puts the plain comparison on the curve. Writes learning_curve.png.")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="--shots: draws per K (seeds --seed, --seed+1, ...).")
 @_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_best, budget,
-                          exhaustive, top, rank_by, ray_address, quiet):
+                          exhaustive, top, rank_by, shots, seeds, ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -559,14 +565,17 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads lite0.h5 lite2.h5 --heads logreg,knn --out results/ --save-best best.skops
       python cli.py compare-heads pixels.h5 lite0.h5:all lite0.h5:concat --out results/
       python cli.py compare-heads pixels.h5 lite0.h5:all lite2.h5:all --top 3 --rank-by knn_loo
+      python cli.py compare-heads digits.h5 --shots 1,2,4,8,16,all --seeds 5 --out results/
       python cli.py compare-heads big.h5 --budget 30 --out results/
       python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
     """
     import contextlib
 
+    from heads.fewshot import parse_shots
     from pipelines.compare import compare_heads, save_best_head
 
     heads = [h.strip() for h in head_names.split(",") if h.strip()] if head_names else None
+    shots = parse_shots(shots) if shots is not None else None
     weight = None if class_weight == "none" else class_weight
     if ray_address is not None:
         from pipelines.cluster import joblib_on_ray
@@ -578,7 +587,7 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
         jobs = jobs or cluster_cpus
         comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
                                    n_boot=n_boot, budget=None if exhaustive else budget, top=top, rank_by=rank_by,
-                                   progress=not quiet)
+                                   shots=shots, seeds=seeds, progress=not quiet)
         _print_leaderboard(comparison)
         if out_dir:
             from pipelines.report import write_results
@@ -633,7 +642,20 @@ def _print_leaderboard(comparison) -> None:
     if comparison.excluded_failed or comparison.excluded_unlabeled:
         console.print(f"left out: {comparison.excluded_failed} rows that failed in at least one store, "
                       f"{comparison.excluded_unlabeled} unlabeled rows")
+    _print_curve(console, comparison.curve)
     _print_trust(console, comparison.ranking)
+
+
+def _print_curve(console, curve: dict | None) -> None:
+    """The learning curve's best head per k."""
+    if not curve or not curve["rows"]:
+        return
+    parts = []
+    for r in (r for r in curve["rows"] if r["best"]):
+        parts.append(f"{r['shots']}: {r['head']} {r['accuracy'] * 100:.1f} % [{r['accuracy_ci'][0] * 100:.1f}, "
+                     f"{r['accuracy_ci'][1] * 100:.1f}]" + (" (untuned)" if r["untuned"] else ""))
+    console.print(f"learning curve, best head per labelled rows per class (mean of {len(curve['seeds'])} draws, "
+                  f"scored on {curve['scored']}; {curve['seconds']:.0f} s): " + "; ".join(parts))
 
 
 def _print_trust(console, ranking: dict | None) -> None:

@@ -95,6 +95,8 @@ def quiet_fits():
         warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*", category=UserWarning)
         # Ridge with little regularisation on correlated features: solved anyway; the CV scores judge it.
         warnings.simplefilter("ignore", LinAlgWarning)
+        # NearestCentroid on one row per class: no within-class spread to estimate (predict does not need it).
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="sklearn.neighbors._nearest_centroid")
         yield
 
 

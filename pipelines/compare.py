@@ -22,11 +22,13 @@ from featurize.store import FeatureStore
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
 from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, full_plan, head_jobs
+from heads.fewshot import ALL
 from heads.race import RACE_FRACTION, RUNG_FACTOR, Contender, confirm, cut, drop_duplicates, probe_head, race_split
 from heads.persist import save_head
 from heads.transferability import SCORES, rank_agreement, stratified_subsample
 from pipelines.candidates import Candidate, align_stores, distinct_stores, parse_candidates, usable_rows
 from pipelines.provenance import library_versions
+from pipelines.curves import learning_curve, scored_rows_note
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
 
 __all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save_best_head", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
@@ -63,6 +65,9 @@ class Comparison:
         ranking: with ``--top`` or at least three representations: transferability scores per candidate
             (``scores``), which were ranked out, and per score Kendall's tau and weighted tau against each
             candidate's best-head accuracy with bootstrap CIs (``agreement``); None otherwise.
+        curve: with ``shots``: the learning curve (:mod:`pipelines.curves`): ``shots``, ``seeds``, ``scored``
+            (which rows each point is scored on), ``seconds`` and ``rows`` (one per representation x head x k);
+            None otherwise.
     """
 
     rows: list[dict[str, Any]]
@@ -81,6 +86,7 @@ class Comparison:
     parallel: str = ""
     candidates: list[Candidate] = field(default_factory=list)
     ranking: dict[str, Any] | None = None
+    curve: dict[str, Any] | None = None
 
     @property
     def best(self) -> dict[str, Any]:
@@ -139,6 +145,8 @@ def compare_heads(
     top: int | None = None,
     rank_by: str = DEFAULT_RANK_BY,
     rank_rows: int | None = DEFAULT_MAX_ROWS,
+    shots: list[int | str] | None = None,
+    seeds: int = 5,
     progress: bool = True,
 ) -> Comparison:
     """Train and compare every head on every representation under one protocol.
@@ -161,6 +169,10 @@ def compare_heads(
             out, with their scores. None: every candidate.
         rank_by: the transferability score that picks the top candidates.
         rank_rows: score candidates on a stratified subsample of at most this many non-test rows.
+        shots: labelled rows per class for a learning curve (:func:`heads.fewshot.parse_shots`); every head on
+            the same `seeds` draws of k rows per class, tuned on them alone, before the plain comparison (which
+            always runs: ``all`` puts it on the curve). Its time counts against the budget.
+        seeds: draws per k.
         progress: show a progress bar.
 
     Raises:
@@ -173,6 +185,8 @@ def compare_heads(
     if top is not None and top < 1:
         raise HeadsError(f"--top must be at least 1, got {top}")
     check_score(rank_by)
+    if seeds < 1:
+        raise HeadsError(f"--seeds must be at least 1, got {seeds}")
     specs = resolve_heads(heads)
     if class_weight not in (None, "balanced"):
         raise HeadsError(f"--class-weight must be 'balanced' or 'none', got {class_weight!r}")
@@ -213,6 +227,15 @@ def compare_heads(
             threadpool_limits(limits=threads):
         for cand in running:
             features[cand.name] = cand.load(usable)
+        curve = None
+        if shots:
+            started = time.perf_counter()
+            ks = [k for k in shots if k != ALL]
+            curve = {"shots": list(shots), "seeds": [seed + i for i in range(seeds)], "scored": scored_rows_note(plan),
+                     "rows": learning_curve(_without_duplicates(units, named, []), features, y, plan, ks,
+                                            [seed + i for i in range(seeds)], folds=folds, jobs=jobs,
+                                            class_weight=class_weight, n_boot=n_boot, seed=seed, bar=bar) if ks else []}
+            curve["seconds"] = time.perf_counter() - started
         allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes, leader_last=probing)
         if probing:
             race, leader = _race(units, features, y, plan, jobs, named, class_weight, seed, bar, allocator,
@@ -287,6 +310,7 @@ def compare_heads(
         parallel=_parallel_backend(jobs),
         candidates=candidates,
         ranking=ranking,
+        curve=curve,
     )
 
 
@@ -415,8 +439,9 @@ def _better(new: HeadBudget, old: dict[str, Any]) -> bool:
         return False
     if old["approximated"] != new.approximated:
         return old["approximated"]
-    if new.approximated:
-        return (new.spec.rank() or 0) > (old.get("components") or 0) or new.tune_rows >= 1.5 * old["tune_rows"]
+    if new.approximated:  # never a smaller approximation, whatever its tuning rows
+        rank, old_rank = new.spec.rank() or 0, old.get("components") or 0
+        return rank > old_rank or (rank == old_rank and new.tune_rows >= 1.5 * old["tune_rows"])
     return (new.mode == "full" and old["mode"] != "full") or new.tune_rows >= 1.5 * max(old["tune_rows"], 1)
 
 
