@@ -509,6 +509,9 @@ def _rank_by_option(help_text: str):
               help="Bootstrap resamples for the 95 % CIs.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write results.json, results.csv, report.md and PNG plots here.")
+@click.option("--save-predictions", is_flag=True,
+              help="With --out: also write predictions/<candidate>__<head>.csv per leaderboard row (id, label, "
+                   "prediction, p:<class>...) for every scored row, to analyse errors or recompute any metric.")
 @click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the winning head (skops) with its provenance, for predict.")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BUDGET_MINUTES,
@@ -528,10 +531,15 @@ def _rank_by_option(help_text: str):
                    "alone; 'all' puts the plain comparison on the curve. Writes learning_curve.png.")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
               help="--shots: draws per K (seeds --seed, --seed+1, ...).")
+@click.option("--calibrate", type=click.Choice(["none", "temperature", "sigmoid", "isotonic"]),
+              help="Calibrate probabilities on out-of-fold predictions of the training rows (never the test rows) "
+                   "[default: temperature for heads without predict_proba (ridge, SVMs), none for the rest]. "
+                   "Temperature scaling never changes a prediction; isotonic needs 1 000 calibration rows.")
 @_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_best, budget,
-                          exhaustive, top, rank_by, shots, seeds, ray_address, quiet):
+def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_predictions,
+                          save_best, budget,
+                          exhaustive, top, rank_by, shots, seeds, calibrate, ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -576,6 +584,8 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
 
     heads = [h.strip() for h in head_names.split(",") if h.strip()] if head_names else None
     shots = parse_shots(shots) if shots is not None else None
+    if save_predictions and not out_dir:
+        raise click.ClickException("--save-predictions writes into the --out folder; give --out DIR too")
     weight = None if class_weight == "none" else class_weight
     if ray_address is not None:
         from pipelines.cluster import joblib_on_ray
@@ -587,12 +597,12 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
         jobs = jobs or cluster_cpus
         comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
                                    n_boot=n_boot, budget=None if exhaustive else budget, top=top, rank_by=rank_by,
-                                   shots=shots, seeds=seeds, progress=not quiet)
+                                   shots=shots, seeds=seeds, calibrate=calibrate, progress=not quiet)
         _print_leaderboard(comparison)
         if out_dir:
             from pipelines.report import write_results
 
-            written = write_results(comparison, out_dir)
+            written = write_results(comparison, out_dir, predictions=save_predictions)
             click.echo(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
         if save_best:
             path = save_best_head(comparison, save_best, jobs=jobs, class_weight=weight)
@@ -617,7 +627,7 @@ def _print_leaderboard(comparison) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in [("#", "right")] + ([("representation", "left")] if several else []) + [
         ("head", "left"), ("accuracy % [95% CI]", "left"), ("bal.acc %", "right"), ("macro-F1 %", "right"),
-        ("fit s", "right"), ("µs/sample", "right"), ("p vs best", "right"), ("params", "left"),
+        ("ECE %", "right"), ("fit s", "right"), ("µs/sample", "right"), ("p vs best", "right"), ("params", "left"),
     ] + ([("tuned on", "left")] if budgeted else []):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in comparison.rows:
@@ -625,7 +635,8 @@ def _print_leaderboard(comparison) -> None:
         params = ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
         table.add_row(
             str(r["rank"]), *([r["representation"]] if several else []), r["head"], format_ci(r) + tie,
-            f"{r['balanced_accuracy'] * 100:.2f}", f"{r['macro_f1'] * 100:.2f}", f"{r['fit_seconds']:.3f}",
+            f"{r['balanced_accuracy'] * 100:.2f}", f"{r['macro_f1'] * 100:.2f}",
+            f"{r['ece'] * 100:.2f}" if r.get("ece") is not None else "–", f"{r['fit_seconds']:.3f}",
             f"{r['predict_us_per_sample']:.1f}", "best" if r["rank"] == 1 else f"{r['p_value_vs_best']:.3g}", params,
             *([_tuned_on(r)] if budgeted else []),
         )
@@ -746,24 +757,26 @@ def _print_ranking(ranking) -> None:
 @click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes.")
 @click.option("--trust", is_flag=True,
               help="Allow a .joblib/.pkl head file. Pickles can run any code when loaded: only for files you made.")
+@click.option("--proba", is_flag=True,
+              help="Add one p:<class> column per class: the head's probabilities (calibrated as it was saved).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def predict(head_path, source, out, weights, device, batch_size, workers, trust, quiet):
+def predict(head_path, source, out, weights, device, batch_size, workers, trust, proba, quiet):
     """Predict a class for every image of SOURCE with a saved head.
 
     The backbone is rebuilt from the head's provenance (model, weights, preprocessing, precision) and the
-    weights are checked against the recorded sha256. Writes id,prediction, one p_<class> column per class
-    when the head gives probabilities, and an error column for images that could not be decoded. When SOURCE
+    weights are checked against the recorded sha256. Writes id,prediction (with --proba one p:<class> column
+    per class, each row summing to 1), and an error column for images that could not be decoded. When SOURCE
     has labels, prints the accuracy.
 
     \b
     Examples:
       python cli.py predict --head best.skops my-digits/ --out preds.csv
-      python cli.py predict --head best.skops builtin:digits --out digits-preds.csv
+      python cli.py predict --head best.skops builtin:digits --out digits-preds.csv --proba
     """
     from pipelines.predict import predict_images
 
     result = predict_images(head_path, source, out, weights=weights, device=device, batch_size=batch_size,
-                            workers=workers, trust=trust, progress=not quiet)
+                            workers=workers, trust=trust, proba=proba, progress=not quiet)
     click.echo(f"wrote {result.path}: {result.num_rows} rows, {result.num_failed} failed")
     for key, acc in result.accuracy.items():
         label = "all labeled rows" if key == "all" else f"split {key}"

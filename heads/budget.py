@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .evaluate import labels_follow_scores
+from .evaluate import CALIBRATION_ROWS, labels_follow_scores
 from .protocol import Plan, Task
 from .registry import HeadSpec
 
@@ -106,7 +106,8 @@ class CostModel:
 
     @classmethod
     def through(cls, sizes: tuple[int, int], seconds: tuple[float, float], exponent: float,
-                predict_fraction: float = 0.0, fixed_rows: int | None = None) -> "CostModel":
+                predict_fraction: float = 0.0, fixed_rows: int | None = None,
+                fixed_seconds: float | None = None) -> "CostModel":
         """The power law through the larger probe, with the exponent the two probes show, kept within
         [`exponent`, `exponent` + 1]: never below the head's known complexity (fixed overheads make small
         probes look cheap), and superlinear solvers (liblinear's iterations grow with n) are caught.
@@ -114,9 +115,16 @@ class CostModel:
         With `fixed_rows` (a head whose fits decompose a rank-`fixed_rows` matrix, such as a kernel
         approximation's landmarks), the cost is ``fixed + b * n ** exponent`` through both probes (the fixed part
         shrunk below `fixed_rows` rows) when both parts come out positive: growth slower than `exponent` is that
-        fixed part, not a reason to lift the power law to `exponent`."""
+        fixed part, not a reason to lift the power law to `exponent`. With `fixed_seconds` (that part timed at
+        the larger probe) the growing part is the rest of the larger probe, grown at `exponent`: no difference
+        of two noisy timings decides the slope."""
         (n1, n2), (t1, t2) = sizes, seconds
         measured = math.log(max(t2, 1e-9) / max(t1, 1e-9)) / math.log(n2 / n1)
+        if fixed_rows and fixed_seconds is not None:
+            whole = fixed_seconds / min(n2 / fixed_rows, 1.0) ** RANK_FIXED_EXPONENT
+            growing = t2 - fixed_seconds
+            if growing > 0:
+                return cls(exponent, n2, growing, predict_fraction, whole, fixed_rows)
         if fixed_rows:
             f1, f2 = (min(n / fixed_rows, 1.0) ** RANK_FIXED_EXPONENT for n in (n1, n2))
             g1 = (n1 / n2) ** exponent  # the growing part at n1, relative to n2
@@ -211,14 +219,24 @@ def _task_shape(task: Task) -> tuple[int, int, float]:
     return n_fit, len(task.cv), fraction
 
 
+def _calibration_seconds(spec: HeadSpec, cost: CostModel, task: Task, jobs: int) -> float:
+    """The out-of-fold fits that calibrate a head without probabilities by default (a temperature on its
+    decision scores, :func:`heads.evaluate.calibrate_head`): one per CV split on at most ``CALIBRATION_ROWS``."""
+    if hasattr(spec.pipeline(), "predict_proba"):
+        return 0.0
+    n_fit, splits, fraction = _task_shape(task)
+    return splits * cost.seconds(min(n_fit, CALIBRATION_ROWS) * fraction) / _parallel(splits, jobs)
+
+
 def full_plan(spec: HeadSpec, cost: CostModel, plan: Plan, jobs: int) -> float:
-    """Predicted wall seconds of the plain protocol (grid search on every fit row, refit, score)."""
+    """Predicted wall seconds of the plain protocol (grid search on every fit row, refit, calibration, score)."""
     total, jobs = 0.0, head_jobs(spec, jobs)
     for task in plan.tasks:
         n_fit, splits, fraction = _task_shape(task)
         fits = spec.grid_size() * splits
         total += fits * cost.seconds(n_fit * fraction) / _parallel(fits, jobs)
         total += cost.refit_seconds(n_fit, len(task.score), jobs, _passes(spec))
+        total += _calibration_seconds(spec, cost, task, jobs)
     return total
 
 
@@ -231,6 +249,7 @@ def _halving_seconds(spec: HeadSpec, cost: CostModel, plan: Plan, rows: int, job
                 fits = candidates * splits
                 total += fits * cost.seconds(resources * fraction) / _parallel(fits, jobs)
         total += cost.refit_seconds(n_fit, len(task.score), jobs, _passes(spec))
+        total += _calibration_seconds(spec, cost, task, jobs)
     return total
 
 

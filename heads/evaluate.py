@@ -15,10 +15,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
+from .errors import HeadsError
 from .protocol import Plan, Task
 from .registry import PREPROCESSING, HeadSpec
 
-__all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "readable_params", "base_pipeline", "quiet_fits", "score_rows",
+__all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "calibration_method", "calibrate_head", "readable_params", "base_pipeline", "quiet_fits", "score_rows",
            "labels_follow_scores"]
 
 
@@ -36,6 +37,10 @@ class HeadRun:
         tune_seconds: total time of the searches (all settings x folds, refits included).
         predict_us_per_sample: prediction time per scored row, in microseconds.
         model: the fitted pipeline of a holdout plan (None for nested CV: see :func:`fit_head`).
+        proba_before: with calibration, the probabilities before it (the head's own, or a softmax of its
+            decision scores); else the same as `proba`.
+        calibration: the method (``none``, ``temperature``, ``sigmoid``, ``isotonic``) and, for temperature,
+            the fitted temperature per task.
     """
 
     head: str
@@ -47,6 +52,8 @@ class HeadRun:
     tune_seconds: float
     predict_us_per_sample: float
     model: Pipeline | None = None
+    proba_before: np.ndarray | None = None
+    calibration: dict[str, Any] | None = None
 
 
 def _prep_name(value: Any) -> str:
@@ -182,9 +189,65 @@ def _path_search(spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, jobs:
     return Tuned(params, model, time.perf_counter() - started)
 
 
+def calibration_method(spec: HeadSpec, calibrate: str | None) -> str:
+    """The calibration `spec` gets: `calibrate` for a head with ``predict_proba``; for one without, its
+    temperature-scaled decision scores unless another method is asked for (probabilities, and so NLL, Brier
+    and ECE, need one). None: ``none`` for heads with probabilities, ``temperature`` for the rest."""
+    from .calibration import METHODS
+
+    if calibrate is not None and calibrate not in METHODS:
+        raise HeadsError(f"--calibrate must be one of {', '.join(METHODS)}; got {calibrate!r}")
+    if hasattr(spec.pipeline(), "predict_proba"):
+        return calibrate or "none"
+    return calibrate if calibrate not in (None, "none") else "temperature"
+
+
+CALIBRATION_ROWS = 5000  # out-of-fold logits of at most this many fit rows (stratified) fit the calibrator
+
+
+def _oof_logits(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, cv, jobs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, rows): out-of-fold logits of `pipeline` over the validation rows of `cv` (positions in X)."""
+    from joblib import Parallel, delayed
+
+    from .calibration import head_logits
+
+    def fold(train, val):
+        with quiet_fits():
+            model = clone(pipeline).fit(X[train], y[train])
+            logits, _ = head_logits(model, X[val])
+        full = np.full((len(val), len(np.unique(y))), -1e9)
+        full[:, np.searchsorted(np.unique(y), model.classes_)] = logits
+        return full
+
+    parts = Parallel(n_jobs=min(jobs, len(cv)), prefer="threads")(delayed(fold)(train, val) for train, val in cv)
+    return np.concatenate(parts), np.concatenate([val for _, val in cv])
+
+
+def calibrate_head(spec: HeadSpec, tuned: Tuned, X: np.ndarray, y: np.ndarray, task: Task, method: str, *,
+                   jobs: int = 1, seed: int = 0) -> Tuned:
+    """`tuned` with its refit model wrapped in a :class:`~heads.calibration.CalibratedHead` whose calibrator is
+    fitted on out-of-fold logits of the chosen setting: over the task's CV splits restricted to at most
+    :data:`CALIBRATION_ROWS` stratified fit rows (the validation split alone when the plan has one). The scored
+    rows never take part. Unchanged when `method` is ``none`` or the task has no CV (one example per class)."""
+    from .budget import stratified_subset
+    from .calibration import CalibratedHead, Calibrator
+
+    if method == "none" or not task.cv:
+        return tuned
+    X_fit, y_fit = X[task.fit], y[task.fit]
+    subset = stratified_subset(y_fit, CALIBRATION_ROWS, seed)
+    cv = [(subset[train], subset[val]) for train, val in _subset_cv(task, subset) if len(val)]
+    pipeline = clone(tuned.best_estimator_)
+    logits, rows = _oof_logits(pipeline, X_fit, y_fit, cv, 1 if spec.threaded else jobs)
+    classes = np.unique(y_fit)
+    calibrator = Calibrator(method).fit(logits, np.searchsorted(classes, y_fit[rows]))
+    model = CalibratedHead(tuned.best_estimator_, calibrator)
+    return Tuned(tuned.best_params_, model, tuned.refit_time_)
+
+
 def fit_head(
     spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, *, jobs: int = 1, class_weight: str | None = None,
-    seed: int = 0, tune_rows: int | None = None,
+    seed: int = 0, tune_rows: int | None = None, calibrate: str = "none",
 ) -> Tuned:
     """Tune `spec` on the task's fit rows and refit the best setting on all of them.
 
@@ -192,17 +255,21 @@ def fit_head(
         tune_rows: None: grid search over the task's CV splits on every fit row (the plain protocol). A number:
             successive halving on a stratified subset of that many fit rows (0: nothing tuned, the grid's
             only setting fitted), then the refit on every fit row.
+        calibrate: the calibration method (:func:`calibrate_head`; resolve a user's choice with
+            :func:`calibration_method`); ``none`` leaves the head as fitted.
     """
     with quiet_fits():
         if tune_rows is not None:
-            return _halving(spec, X, y, task, tune_rows, jobs, class_weight, seed)
-        if spec.path_param is not None and spec.grid_size() > 1:
-            return _path_search(spec, X, y, task, jobs, class_weight, seed)
-        n_train = min(len(train) for train, _ in task.cv)
-        search = GridSearchCV(base_pipeline(spec, class_weight, seed), spec.param_grid(n_train), cv=task.cv,
-                              scoring="accuracy", n_jobs=jobs, refit=True, error_score="raise")
-        search.fit(X[task.fit], y[task.fit])
-    return Tuned(search.best_params_, search.best_estimator_, search.refit_time_)
+            tuned = _halving(spec, X, y, task, tune_rows, jobs, class_weight, seed)
+        elif spec.path_param is not None and spec.grid_size() > 1:
+            tuned = _path_search(spec, X, y, task, jobs, class_weight, seed)
+        else:
+            n_train = min(len(train) for train, _ in task.cv)
+            search = GridSearchCV(base_pipeline(spec, class_weight, seed), spec.param_grid(n_train), cv=task.cv,
+                                  scoring="accuracy", n_jobs=jobs, refit=True, error_score="raise")
+            search.fit(X[task.fit], y[task.fit])
+            tuned = Tuned(search.best_params_, search.best_estimator_, search.refit_time_)
+    return calibrate_head(spec, tuned, X, y, task, calibrate, jobs=jobs, seed=seed)
 
 
 def _full_columns(values: np.ndarray, present: np.ndarray, n_classes: int, fill: float) -> np.ndarray:
@@ -230,6 +297,18 @@ def labels_follow_scores(estimator) -> bool:
 
 
 def _score_chunk(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    from .calibration import CalibratedHead, head_logits
+
+    if isinstance(model, CalibratedHead):  # one pass: the head's logits give both probabilities and labels
+        logits, _ = head_logits(model.head, X)
+        proba = model.calibrator.transform(logits)
+        if model.calibrator.method != "temperature":
+            labels = model.classes_[np.argmax(proba, axis=1)]
+        elif labels_follow_scores(model.head):  # a temperature keeps the argmax of the head's own scores
+            labels = model.classes_[np.argmax(logits, axis=1)]
+        else:
+            labels = model.head.predict(X)
+        return labels, proba, logits
     proba = model.predict_proba(X) if hasattr(model, "predict_proba") else None
     decision = model.decision_function(X) if proba is None and hasattr(model, "decision_function") else None
     if labels_follow_scores(model):
@@ -240,7 +319,8 @@ def _score_chunk(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, n
 
 
 def score_rows(model, X: np.ndarray, *, jobs: int = 1) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(labels, probabilities or None, decision scores or None) of a fitted pipeline on `X`.
+    """(labels, probabilities or None, decision scores or None) of a fitted pipeline on `X` (of a
+    :class:`~heads.calibration.CalibratedHead`: calibrated probabilities and the head's uncalibrated logits).
 
     With `jobs` > 1 and many rows, the rows are split into `jobs` chunks scored in threads: libsvm, BLAS and the
     distance computations release the GIL, so an exact kernel SVM (single-threaded in libsvm) predicts `jobs`
@@ -270,18 +350,29 @@ def run_head(
     class_weight: str | None = None,
     seed: int = 0,
     tune_rows: int | None = None,
+    calibrate: str | None = None,
 ) -> HeadRun:
     """Tune, refit and predict `spec` on every task of `plan` (the scored rows never take part in tuning).
 
-    `tune_rows` as in :func:`fit_head` (None: the plain grid search).
+    `tune_rows` as in :func:`fit_head` (None: the plain grid search); `calibrate` as in
+    :func:`calibration_method` (None: heads without probabilities get a temperature).
     """
-    params, preds, scores, probas, fit_times = [], [], [], [], []
+    from scipy.special import softmax
+
+    from .calibration import CalibratedHead
+
+    params, preds, scores, probas, befores, fit_times, temperatures = [], [], [], [], [], [], []
     tune_seconds = predict_seconds = 0.0
     search = None
+    method = calibration_method(spec, calibrate)
     for task in plan.tasks:
         started = time.perf_counter()
-        search = fit_head(spec, X, y, task, jobs=jobs, class_weight=class_weight, seed=seed, tune_rows=tune_rows)
+        search = fit_head(spec, X, y, task, jobs=jobs, class_weight=class_weight, seed=seed, tune_rows=tune_rows,
+                          calibrate=method)
         tune_seconds += time.perf_counter() - started
+        calibrated = isinstance(search.best_estimator_, CalibratedHead)
+        if calibrated and method == "temperature":
+            temperatures.append(search.best_estimator_.calibrator.temperature_)
         fit_times.append(search.refit_time_)
         params.append(readable_params(search.best_params_))
         model = search.best_estimator_
@@ -295,6 +386,8 @@ def run_head(
             proba = _full_columns(proba, present, n_classes, 0.0)
             probas.append(proba / proba.sum(axis=1, keepdims=True))  # float32 rounding: rows sum to 1 again
             scores.append(probas[-1])
+            before = _full_columns(softmax(decision, axis=1), present, n_classes, 0.0) if calibrated else probas[-1]
+            befores.append(before)
         elif decision is not None and decision.ndim == 2:
             scores.append(_full_columns(decision, present, n_classes, -np.inf))
     n_scored = sum(len(t.score) for t in plan.tasks)
@@ -308,4 +401,7 @@ def run_head(
         tune_seconds=tune_seconds,
         predict_us_per_sample=predict_seconds / max(n_scored, 1) * 1e6,
         model=search.best_estimator_ if plan.kind == "holdout" and search is not None else None,
+        proba_before=np.concatenate(befores) if len(befores) == len(plan.tasks) else None,
+        calibration={"method": method if temperatures or method != "temperature" else "none",
+                     "temperature": temperatures or None},
     )

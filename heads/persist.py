@@ -22,6 +22,8 @@ _OWN_ESTIMATORS = (
     "heads.kernel_approx.ScaledNystroem",
     "heads.kernel_approx.NystroemSVC",
     "heads.blocks.BlockStandardScaler",
+    "heads.calibration.CalibratedHead",
+    "heads.calibration.Calibrator",
 )
 _PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 

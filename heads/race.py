@@ -110,7 +110,16 @@ class Contender:
         return {"representation": self.key[0], "head": self.key[1], "status": self.status, "reason": self.reason,
                 "rung_rows": self.rung_rows, "rung_accuracy": self.rung_accuracy,
                 "probe_params": readable_params(self.probe.params), "fidelity": self.fidelity,
-                "fidelity_rows": self.fidelity_rows, "race_seconds": self.seconds}
+                "fidelity_rows": self.fidelity_rows, "race_seconds": self.seconds,
+                "cost_model": _cost_fields(self.probe.cost),
+                "approximation_cost_model": _cost_fields(self.approximation.cost) if self.approximation else None}
+
+
+def _cost_fields(cost: CostModel) -> dict[str, float]:
+    """A cost model as results.json gives it: seconds of one fit (+ scoring a quarter as many rows) on n rows
+    = fixed (shrunk below fixed_rows) + seconds_at * (n / rows_at) ** exponent."""
+    return {"exponent": cost.exponent, "rows_at": cost.rows_at, "seconds_at": cost.seconds_at,
+            "fixed": cost.fixed, "fixed_rows": cost.fixed_rows}
 
 
 def race_split(y: np.ndarray, fit: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,14 +132,16 @@ def race_split(y: np.ndarray, fit: np.ndarray, seed: int) -> tuple[np.ndarray, n
     return np.setdiff1d(fit, holdout), holdout
 
 
-def _fit_predict(pipeline, X, y, rows, scored) -> tuple[float, float, np.ndarray]:
-    """(fit seconds, predict seconds, predictions) of `pipeline` trained on `rows`, predicting `scored`."""
+def _fit_predict(pipeline, X, y, rows, scored) -> tuple[float, float, np.ndarray, float]:
+    """(fit seconds, predict seconds, predictions, fixed seconds) of `pipeline` trained on `rows`, predicting
+    `scored`; the fixed seconds are the part of the fit its estimator reports as not growing with the rows
+    (``fixed_seconds_``: a kernel map's decomposition), 0 for the others."""
     started = time.perf_counter()
     with quiet_fits():
         pipeline.fit(X[rows], y[rows])
         fitted = time.perf_counter()
         predicted = pipeline.predict(X[scored])
-    return fitted - started, time.perf_counter() - fitted, predicted
+    return fitted - started, time.perf_counter() - fitted, predicted, getattr(pipeline[-1], "fixed_seconds_", 0.0)
 
 
 def probe_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, pool: np.ndarray, holdout: np.ndarray, *,
@@ -152,14 +163,17 @@ def probe_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, pool: np.ndarray, h
     mean: dict[int, float] = {}
     predicting: dict[int, float] = {}
     best_seconds: dict[int, float] = {}
+    fixed: dict[int, float] = {}
     scored: dict[str, Any] = {}
 
     def probe(n: int, score: bool) -> None:
         rows = pool[stratified_subset(y[pool], n, seed)]
         timed = holdout if score else holdout[: max(1, n // 4)]
-        seconds, accuracy, scoring = [], [], []
+        seconds, accuracy, scoring, fixed_parts = [], [], [], []
         for params in settings or _settings(spec, len(rows)):
-            fit_s, predict_s, predicted = _fit_predict(clone(pipeline).set_params(**params), X, y, rows, timed)
+            fit_s, predict_s, predicted, fixed_s = _fit_predict(clone(pipeline).set_params(**params), X, y, rows,
+                                                                timed)
+            fixed_parts.append(fixed_s)
             scoring.append(predict_s * (n / 4) / len(timed))
             seconds.append(fit_s + scoring[-1])
             if score:
@@ -168,6 +182,7 @@ def probe_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, pool: np.ndarray, h
                 if len(accuracy) == 1 or accuracy[-1] > max(accuracy[:-1]):  # first best, in grid order
                     scored.update(params=params, correct=correct, index=len(accuracy) - 1)
         mean[n] = float(np.mean(seconds))
+        fixed[n] = float(np.mean(fixed_parts))
         predicting[n] = float(np.sum(scoring) / max(np.sum(seconds), 1e-9))
         best_seconds[n] = seconds[scored["index"]] if "index" in scored else mean[n]
 
@@ -178,7 +193,8 @@ def probe_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, pool: np.ndarray, h
         pair = (pair[1], 2 * pair[1])
         probe(pair[1], False)
     cost = CostModel.through(pair, (mean[pair[0]], mean[pair[1]]), spec.cost_exponent, predicting[pair[1]],
-                             fixed_rows=spec.rank())  # a sized approximation: its rank's fixed cost
+                             fixed_rows=spec.rank(),  # a sized approximation: its rank's fixed cost, measured
+                             fixed_seconds=fixed[pair[1]] if fixed[pair[1]] > 0 else None)
     return Probe(cost, sizes[1], float(scored["correct"].mean()), scored["correct"], scored["params"],
                  best_seconds, time.perf_counter() - started)
 
@@ -260,7 +276,7 @@ def confirm(contender: Contender, X: np.ndarray, y: np.ndarray, pool: np.ndarray
     spec, probe = contender.spec, contender.probe
     subset = pool[stratified_subset(y[pool], rows, seed)]
     model = clone(base_pipeline(spec, class_weight, seed)).set_params(**probe.params)
-    fit_s, predict_s, predicted = _fit_predict(model, X, y, subset, holdout)
+    fit_s, predict_s, predicted, _ = _fit_predict(model, X, y, subset, holdout)
     contender.add_rung(rows, predicted == y[holdout])
     contender.confirm_seconds += time.perf_counter() - started
     scoring = predict_s * (rows / 4) / len(holdout)

@@ -22,6 +22,7 @@ from featurize.store import FeatureStore
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
 from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, full_plan, head_jobs
+from heads.calibration import CALIBRATION_METRICS, bootstrap_calibration_ci, calibration_metrics
 from heads.fewshot import ALL
 from heads.race import RACE_FRACTION, RUNG_FACTOR, Contender, confirm, cut, drop_duplicates, probe_head, race_split
 from heads.persist import save_head
@@ -147,6 +148,7 @@ def compare_heads(
     rank_rows: int | None = DEFAULT_MAX_ROWS,
     shots: list[int | str] | None = None,
     seeds: int = 5,
+    calibrate: str | None = None,
     progress: bool = True,
 ) -> Comparison:
     """Train and compare every head on every representation under one protocol.
@@ -173,6 +175,9 @@ def compare_heads(
             the same `seeds` draws of k rows per class, tuned on them alone, before the plain comparison (which
             always runs: ``all`` puts it on the curve). Its time counts against the budget.
         seeds: draws per k.
+        calibrate: ``none``, ``temperature``, ``sigmoid`` or ``isotonic`` (:mod:`heads.calibration`), fitted on
+            out-of-fold logits of the fit rows; None: ``temperature`` for heads without probabilities (their
+            NLL, Brier and ECE need some), ``none`` for the rest.
         progress: show a progress bar.
 
     Raises:
@@ -276,11 +281,12 @@ def compare_heads(
                 bar.update(1)
                 continue
             _run_unit(cand, spec, decision, features[cand.name], y, plan, n_classes, jobs, class_weight, seed,
-                      n_boot, y_scored, allocator, rows, predictions, runs, race.get(key))
+                      n_boot, y_scored, allocator, rows, predictions, runs, race.get(key), calibrate=calibrate)
             bar.update(1)
         if probing and leader is not None:
             _second_pass(leader, budget_seconds - (time.perf_counter() - started_at), allocator, rows, features,
-                         y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored, predictions, runs, bar)
+                         y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored, predictions, runs, bar,
+                         calibrate)
 
     if not rows:
         raise HeadsError(f"every head was skipped by the budget of {budget} minutes; raise --budget or use --exhaustive")
@@ -381,13 +387,13 @@ def _without_duplicates(units, named: set[str], skipped: list) -> list:
 
 def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes, jobs, class_weight, seed, n_boot,
               y_scored, allocator: Allocator, rows: list, predictions: dict, runs: dict,
-              contender: Contender | None, replace: bool = False) -> None:
+              contender: Contender | None, replace: bool = False, calibrate: str | None = None) -> None:
     """Run one head as decided, and add (or, with `replace`, put in place of its earlier run) its row."""
     tune_rows = None if decision.mode == "full" else decision.tune_rows
     started = time.perf_counter()
     with _threads_for(decision.spec):
         run = run_head(decision.spec, X, y, plan, n_classes, jobs=head_jobs(decision.spec, jobs),
-                       class_weight=class_weight, seed=seed, tune_rows=tune_rows)
+                       class_weight=class_weight, seed=seed, tune_rows=tune_rows, calibrate=calibrate)
     actual = time.perf_counter() - started
     allocator.record(decision.predicted_seconds, actual)
     metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
@@ -417,6 +423,7 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         "actual_seconds": actual,
         "probe_seconds": decision.probe_seconds,
         "budget_note": decision.reason,
+        **_calibration_fields(run, y_scored, n_boot, seed),
     }
     if contender is not None:
         row["race"] = contender.summary()
@@ -427,7 +434,25 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         rows[:] = [r for r in rows if (r["representation"], r["head"]) != key]
     rows.append(row)
     predictions[key] = run.y_pred
-    runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model, "tune_rows": tune_rows}
+    runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model, "tune_rows": tune_rows,
+                 "proba": run.proba, "proba_before": run.proba_before, "calibration": run.calibration["method"]}
+
+
+def _calibration_fields(run, y_scored: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """NLL, Brier and ECE with bootstrap CIs (None without probabilities), the calibration method and
+    temperature, and the same metrics before calibration."""
+    method = run.calibration["method"]
+    temperatures = run.calibration["temperature"]
+    fields: dict[str, Any] = {"calibration": method,
+                              "temperature": float(np.mean(temperatures)) if temperatures else None}
+    if run.proba is None:
+        return {**fields, **{m: None for m in CALIBRATION_METRICS}, **{f"{m}_ci": None for m in CALIBRATION_METRICS},
+                "before_calibration": None}
+    after = calibration_metrics(y_scored, run.proba)
+    cis = bootstrap_calibration_ci(y_scored, run.proba, n_boot=n_boot, seed=seed)
+    before = after if method == "none" else calibration_metrics(y_scored, run.proba_before)
+    return {**fields, **after, **{f"{m}_ci": list(cis[m]) for m in CALIBRATION_METRICS},
+            "before_calibration": before}
 
 
 SECOND_PASS_ABOVE = 0.1  # a second pass runs when more than this share of the budget is left
@@ -446,7 +471,7 @@ def _better(new: HeadBudget, old: dict[str, Any]) -> bool:
 
 
 def _second_pass(leader: Contender, remaining: float, allocator: Allocator, rows, features, y, plan, n_classes, jobs,
-                 class_weight, seed, n_boot, y_scored, predictions, runs, bar) -> None:
+                 class_weight, seed, n_boot, y_scored, predictions, runs, bar, calibrate=None) -> None:
     """No idle budget: when the leader ran reduced (approximated, or tuned on a subset) and more than
     SECOND_PASS_ABOVE of the budget is left, plan it again with what is left and run it when that is more exact."""
     old = next((r for r in rows if (r["representation"], r["head"]) == leader.key), None)
@@ -460,7 +485,8 @@ def _second_pass(leader: Contender, remaining: float, allocator: Allocator, rows
     bar.set_postfix_str(f"second pass: {leader.key[0]} / {leader.key[1]} ({decision.mode})")
     run = runs[leader.key]
     _run_unit(run["candidate"], leader.spec, decision, features[leader.key[0]], y, plan, n_classes, jobs,
-              class_weight, seed, n_boot, y_scored, allocator, rows, predictions, runs, leader, replace=True)
+              class_weight, seed, n_boot, y_scored, allocator, rows, predictions, runs, leader, replace=True,
+              calibrate=calibrate)
 
 
 def _parallel_backend(jobs: int) -> str:
@@ -483,8 +509,8 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
     if model is None:  # nested CV: tune by CV on every usable row, refit on all of them
         y = store.labels[comparison.usable]
         model = fit_head(run["spec"], run["X"], y, comparison.plan.final, jobs=jobs or os.cpu_count() or 1,
-                         class_weight=class_weight, seed=comparison.plan.seed,
-                         tune_rows=run["tune_rows"]).best_estimator_
+                         class_weight=class_weight, seed=comparison.plan.seed, tune_rows=run["tune_rows"],
+                         calibrate=run["calibration"]).best_estimator_
     attrs = store.attrs
     provenance = {
         "head": best["head"],
@@ -508,6 +534,8 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
         "protocol": comparison.plan.description,
         "accuracy": best["accuracy"],
         "accuracy_ci": best["accuracy_ci"],
+        "calibration": best.get("calibration"),
+        "temperature": best.get("temperature"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "library_versions": library_versions(),
     }

@@ -73,12 +73,15 @@ def predict_images(
     batch_size: int | None = None,
     workers: int | None = None,
     trust: bool = False,
+    proba: bool = False,
     progress: bool = True,
 ) -> PredictResult:
     """Predict a class for every image of `source` with a head saved by ``compare-heads --save-best``.
 
     The backbone, weights, preprocessing, precision, storage dtype and layer(s) are the ones recorded in the
     head, so the head sees features exactly like those it was trained on; weights that differ are refused.
+    With `proba`, one ``p:<class>`` column per class holds the head's (calibrated, when it was saved with a
+    calibrator) probabilities; each row sums to 1.
 
     Raises:
         HeadsError, FeaturizeError: unreadable head, missing weights file, other weights, bad source.
@@ -112,7 +115,10 @@ def predict_images(
     dev = resolve_device(device)
     dtype = np.dtype(prov.get("dtype", "float32"))
     classes = list(prov["classes"])
-    has_proba = hasattr(model, "predict_proba")
+    has_proba = proba and hasattr(model, "predict_proba")
+    if proba and not has_proba:
+        raise HeadsError(f"{head_path} gives no probabilities; save it again with compare-heads --save-best "
+                         "(heads without predict_proba are saved with a temperature-scaled calibrator)")
 
     rows, failed = [], 0
     with tqdm(total=len(src), unit="img", desc="predict", disable=not progress) as bar:
@@ -127,21 +133,22 @@ def predict_images(
             features = np.hstack(parts).astype(dtype).astype(np.float32)  # as the store held them
             ok &= np.isfinite(features).all(axis=1)
             pred = np.full(len(ok), -1)
-            proba = np.full((len(ok), len(classes)), np.nan)
+            probabilities = np.full((len(ok), len(classes)), np.nan)
             if ok.any():
                 pred[ok] = model.predict(features[ok])
                 if has_proba:
-                    proba[np.ix_(ok, model.classes_)] = model.predict_proba(features[ok])
+                    p = np.asarray(model.predict_proba(features[ok]), dtype=np.float64)
+                    probabilities[np.ix_(ok, model.classes_)] = p / p.sum(axis=1, keepdims=True)  # float32 rounding
             for j, index in enumerate(batch.indices):
                 error = batch.errors[j] or ("" if ok[j] else "non-finite features (NaN or Inf)")
                 failed += bool(error)
                 row = [src.samples[index].id, classes[pred[j]] if ok[j] else ""]
                 if has_proba:
-                    row += [f"{p:.6f}" if ok[j] else "" for p in proba[j]]
+                    row += [repr(float(p)) if ok[j] else "" for p in probabilities[j]]
                 rows.append(row + [error])
             bar.update(len(batch.indices))
 
-    header = ["id", "prediction"] + ([f"p_{c}" for c in classes] if has_proba else []) + ["error"]
+    header = ["id", "prediction"] + ([f"p:{c}" for c in classes] if has_proba else []) + ["error"]
     _write_csv(out, header, rows)
 
     accuracy, scored = {}, {}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from heads.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from heads.transferability import SCORES
 from pipelines.compare import Comparison, best_accuracy
 
@@ -17,7 +19,7 @@ CSV_FIELDS = (
     "rank", "representation", "backbone", "layer", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
     "macro_f1", "top5_accuracy", "log_loss", "fit_seconds", "tune_seconds", "predict_us_per_sample",
     "p_value_vs_best", "tied_with_best", "params", "mode", "tune_rows", "approximated", "predicted_seconds",
-    "actual_seconds", "probe_seconds",
+    "actual_seconds", "probe_seconds", "nll", "brier", "ece", "calibration", "temperature",
 )
 
 
@@ -296,6 +298,67 @@ def _plot_learning_curve(comparison: Comparison, path: Path) -> None:
     plt.close(fig)
 
 
+def _calibration_section(comparison: Comparison) -> list[str]:
+    rows = [r for r in comparison.rows if r.get("nll") is not None]
+    if not rows:
+        return []
+    lines = [
+        "## Calibration",
+        "",
+        "How far each head's probabilities can be trusted, on the scored rows: NLL (log-loss), Brier score (mean "
+        f"squared distance to the one-hot label) and ECE ({ECE_BINS} equal-width bins of the top-label confidence, "
+        "L1), with 95 % bootstrap CIs; before → after calibration. Calibrators are fitted on out-of-fold "
+        "predictions of the training rows, never on the scored rows; heads without probabilities are scored "
+        "from a softmax of their decision scores (before: temperature 1).",
+        "",
+        "| representation | head | calibration | temperature | NLL | Brier | ECE % |",
+        "|---|---|---|---:|---|---|---|",
+    ]
+    for r in rows:
+        before = r["before_calibration"] or {}
+        changed = r["calibration"] != "none"
+
+        def cell(metric: str, scale: float = 1.0, digits: int = 3) -> str:
+            low, high = r[f"{metric}_ci"]
+            now = f"{r[metric] * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+            return f"{before[metric] * scale:.{digits}f} → {now}" if changed and metric in before else now
+
+        temperature = f"{r['temperature']:.3g}" if r.get("temperature") else "–"
+        lines.append(f"| {r['representation']} | {r['head']} | {r['calibration']} | {temperature} | {cell('nll')} | "
+                     f"{cell('brier')} | {cell('ece', 100, 2)} |")
+    return [*lines, "", "![reliability diagram of the winner](reliability_diagram.png)", ""]
+
+
+def _plot_reliability(comparison: Comparison, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = comparison.best
+    run = comparison.runs[(best["representation"], best["head"])]
+    y = comparison.y_scored
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=110)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    curves = [("before", run["proba_before"], "C1"), ("after", run["proba"], "C0")]
+    if best["calibration"] == "none":
+        curves = [("no calibration", run["proba"], "C0")]
+    for name, proba, color in curves:
+        confidence, accuracy, _ = reliability_bins(y, proba)
+        ax.plot(confidence, accuracy, marker="o", color=color,
+                label=f"{name}: ECE {expected_calibration_error(y, proba) * 100:.2f} %")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the predicted class (mean per bin)")
+    ax.set_ylabel("accuracy (per bin)")
+    ax.set_title(f"reliability: {best['representation']} + {best['head']} ({best['calibration']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _markdown(comparison: Comparison) -> str:
     best = comparison.best
     lines = [
@@ -311,6 +374,9 @@ def _markdown(comparison: Comparison) -> str:
         f"- classes: {len(comparison.classes)}; rows used: {int(comparison.usable.sum())}; left out: "
         f"{comparison.excluded_failed} failed in at least one store, {comparison.excluded_unlabeled} unlabeled",
         f"- protocol: {comparison.plan.description}; seed {comparison.plan.seed}",
+        "- probabilities: " + ", ".join(sorted({f"{r['head']}: {r['calibration']}" for r in comparison.rows
+                                                  if r.get("calibration") not in (None, "none")}) or ["uncalibrated"])
+        + " (calibrated on out-of-fold predictions of the training rows; see Calibration)",
         f"- uncertainty: 95 % percentile bootstrap over the {len(comparison.y_scored)} scored rows; "
         "p-value: exact McNemar test against the winner on the same rows; "
         "rows with p ≥ 0.05 are not distinguishable from the winner (marked ≈)",
@@ -318,21 +384,23 @@ def _markdown(comparison: Comparison) -> str:
         "## Leaderboard",
         "",
         "| rank | representation | head | accuracy % [95 % CI] | balanced acc. % | macro-F1 % | top-5 % | log-loss "
-        "| fit s | predict µs/sample | p vs best | params |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| ECE % | fit s | predict µs/sample | p vs best | params |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in comparison.rows:
         top5 = f"{r['top5_accuracy'] * 100:.2f}" if r["top5_accuracy"] is not None else "–"
         loss = f"{r['log_loss']:.3f}" if r["log_loss"] is not None else "–"
+        ece = f"{r['ece'] * 100:.2f}" if r.get("ece") is not None else "–"
         mark = " ≈" if r["tied_with_best"] and r["rank"] > 1 else ""
         lines.append(
             f"| {r['rank']} | {r['representation']} | {r['head']} | {format_ci(r)}{mark} | "
-            f"{r['balanced_accuracy'] * 100:.2f} | {r['macro_f1'] * 100:.2f} | {top5} | {loss} | "
+            f"{r['balanced_accuracy'] * 100:.2f} | {r['macro_f1'] * 100:.2f} | {top5} | {loss} | {ece} | "
             f"{r['fit_seconds']:.3f} | {r['predict_us_per_sample']:.1f} | "
             f"{'best' if r['rank'] == 1 else format(r['p_value_vs_best'], '.3g')} | "
             f"`{json.dumps(r['params'], sort_keys=True)}` |"
         )
-    lines += ["", *_curve_section(comparison), *ranking_markdown(comparison), *_cost_section(comparison)]
+    lines += ["", *_curve_section(comparison), *_calibration_section(comparison), *ranking_markdown(comparison),
+              *_cost_section(comparison)]
     lines += [
         "## Plots",
         "",
@@ -344,8 +412,38 @@ def _markdown(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-def write_results(comparison: Comparison, out_dir: str | Path) -> list[Path]:
-    """Write results.json, results.csv, report.md, accuracy_vs_fit_time.png and confusion_matrix.png."""
+def prediction_file_name(representation: str, head: str) -> str:
+    """``<candidate>__<head>.csv``: the representation's display name (backbone[:layer]) with characters unsafe
+    in a file name replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{representation}__{head}") + ".csv"
+
+
+def write_predictions(comparison: Comparison, out_dir: Path) -> list[Path]:
+    """``out_dir/predictions/<candidate>__<head>.csv`` per leaderboard row: ``id,label,prediction`` and one
+    ``p:<class>`` column per class (the probabilities the metrics were computed from, where the head has
+    them) for every scored row, in the protocol's order."""
+    folder = out_dir / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = comparison.stores[0].ids[comparison.usable][comparison.plan.scored]
+    classes = comparison.classes
+    written = []
+    for r in comparison.rows:
+        key = (r["representation"], r["head"])
+        proba = comparison.runs[key].get("proba")
+        path = folder / prediction_file_name(*key)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "label", "prediction"] + ([f"p:{c}" for c in classes] if proba is not None else []))
+            for i, (sample, label, predicted) in enumerate(zip(ids, comparison.y_scored, comparison.predictions[key])):
+                writer.writerow([sample, classes[label], classes[predicted]]
+                                + ([repr(float(p)) for p in proba[i]] if proba is not None else []))
+        written.append(path)
+    return written
+
+
+def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: bool = False) -> list[Path]:
+    """Write results.json, results.csv, report.md, accuracy_vs_fit_time.png and confusion_matrix.png (and
+    reliability_diagram.png, learning_curve.png, predictions/ when there is something to show)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -387,7 +485,13 @@ def write_results(comparison: Comparison, out_dir: str | Path) -> list[Path]:
     written[2].write_text(_markdown(comparison))
     _plot_accuracy_vs_fit_time(comparison, written[3])
     _plot_confusion(comparison, written[4])
+    if comparison.best.get("nll") is not None:
+        written.append(out / "reliability_diagram.png")
+        _plot_reliability(comparison, written[-1])
     if comparison.curve is not None and comparison.curve["rows"]:
         written.append(out / "learning_curve.png")
         _plot_learning_curve(comparison, written[-1])
+    if predictions:
+        written.append(out / "predictions")
+        write_predictions(comparison, out)
     return written

@@ -109,6 +109,18 @@ def digits():
     return scaler.transform(X_train).astype(np.float32), scaler.transform(X_test).astype(np.float32), y_train, y_test
 
 
+TINY = dict(model="test_resnet", weights="random", precision="fp32", workers=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_tiny(tmp_path_factory):
+    """builtin:digits through a tiny random-weight backbone (fast; features are still informative). Read-only:
+    copy it before changing it."""
+    from pipelines.extract import extract_features
+
+    return extract_features("builtin:digits", tmp_path_factory.mktemp("d") / "digits-tiny.h5", **TINY).path
+
+
 @pytest.fixture
 def runner():
     from click.testing import CliRunner

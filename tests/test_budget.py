@@ -226,3 +226,11 @@ def test_bench_heads_bad_input(runner, tmp_path):
     assert_one_line_error(invoke(runner, ["bench-heads", "--cs", "0"]), "--cs needs at least one C > 0")
     assert_one_line_error(invoke(runner, ["bench-heads", "--store", tmp_path / "missing.h5", "--no-compare"]),
                           "missing.h5")
+
+
+def test_a_timed_fixed_part_is_taken_as_measured():
+    model = CostModel.through((4000, 8000), (16.8, 22.0), 1.0, fixed_rows=4000, fixed_seconds=7.8)
+    assert model.fixed == pytest.approx(7.8) and model.seconds(8000) == pytest.approx(22.0)
+    assert model.seconds(60_000) == pytest.approx(7.8 + 14.2 * 7.5)  # measured here: 107 s
+    below = CostModel.through((1000, 2000), (2.0, 4.0), 1.0, fixed_rows=4000, fixed_seconds=1.0)
+    assert below.fixed == pytest.approx(8.0) and below.seconds(2000) == pytest.approx(4.0)

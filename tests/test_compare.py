@@ -13,19 +13,11 @@ from featurize.store import read_store
 from heads.persist import load_head
 from pipelines.extract import extract_features
 
-from conftest import assert_one_line_error, invoke, photo, write_image
-
-TINY = dict(model="test_resnet", weights="random", precision="fp32", workers=0, progress=False)
+from conftest import TINY, assert_one_line_error, invoke, photo, write_image
 
 
 _run = invoke
 _one_line_error = assert_one_line_error
-
-
-@pytest.fixture(scope="module")
-def digits_tiny(tmp_path_factory):
-    """builtin:digits through a tiny random-weight backbone (fast; features are still informative)."""
-    return extract_features("builtin:digits", tmp_path_factory.mktemp("d") / "digits-tiny.h5", **TINY).path
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,8 @@ def test_demo_store_leaderboard_and_outputs(runner, digits_lite0, tmp_path):
     assert float(table[0]["accuracy"]) == pytest.approx(rows[0]["accuracy"])
     report = (out / "report.md").read_text()
     assert "| rank | representation | head |" in report and report.count("| tf_efficientnet_lite0 |") == \
-        2 * len(rows) + len(data["meta"]["skipped"])  # leaderboard + cost table, duplicates in the latter
+        3 * len(rows) + len(data["meta"]["skipped"])  # leaderboard, calibration, cost table (+ duplicates)
+    assert all(r["nll"] is not None and r["ece_ci"][0] <= r["ece"] <= r["ece_ci"][1] for r in rows)
     assert "## Cost and budget" in report and "small store (1347 fit rows): the full protocol" in report
     for png in ("accuracy_vs_fit_time.png", "confusion_matrix.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000
@@ -98,14 +91,19 @@ def test_predict_writes_probabilities_and_failures(runner, digits_tiny, tmp_path
     folder = tmp_path / "imgs"
     write_image(folder / "a.png", photo("coffee")[:64, :64])
     (folder / "b.png").write_bytes(b"")
-    result = _run(runner, ["predict", "--head", head, folder, "--out", tmp_path / "p.csv", "--workers", "0", "-q"])
+    result = _run(runner, ["predict", "--head", head, folder, "--out", tmp_path / "p.csv", "--workers", "0", "-q",
+                           "--proba"])
     assert result.exit_code == 0 and "2 rows, 1 failed" in result.output
     with open(tmp_path / "p.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["id", "prediction"] + [f"p_{d}" for d in range(10)] + ["error"]
+    assert list(rows[0]) == ["id", "prediction"] + [f"p:{d}" for d in range(10)] + ["error"]
     assert rows[0]["prediction"] in {str(d) for d in range(10)} and rows[0]["error"] == ""
-    assert sum(float(rows[0][f"p_{d}"]) for d in range(10)) == pytest.approx(1, abs=1e-4)
+    assert sum(float(rows[0][f"p:{d}"]) for d in range(10)) == pytest.approx(1, abs=1e-9)
     assert rows[1]["prediction"] == "" and rows[1]["error"].startswith("UnidentifiedImageError")
+    plain = _run(runner, ["predict", "--head", head, folder, "--out", tmp_path / "q.csv", "--workers", "0", "-q"])
+    assert plain.exit_code == 0
+    with open(tmp_path / "q.csv") as f:
+        assert list(next(csv.DictReader(f))) == ["id", "prediction", "error"]
 
 
 def test_nested_cv_when_there_is_no_test_split(runner, photo_folder, tmp_path):

@@ -13,14 +13,7 @@ from heads.fewshot import ShotResult, curve_point, draw_shots, paired_p_value, p
 from pipelines.compare import compare_heads
 from pipelines.extract import extract_features
 
-from conftest import assert_one_line_error, invoke
-
-TINY = dict(model="test_resnet", weights="random", precision="fp32", workers=0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def digits_tiny(tmp_path_factory):
-    return extract_features("builtin:digits", tmp_path_factory.mktemp("d") / "digits-tiny.h5", **TINY).path
+from conftest import TINY, assert_one_line_error, invoke
 
 
 @pytest.fixture(scope="module")
