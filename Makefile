@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) cli.py compare-heads $(DEMO)/digits-lite0.h5 --out $(DEMO)/results --save-best $(DEMO)/best-head.skops
 	rm -rf $(DEMO)/digits-png
 	$(PY) examples/digits_to_folder.py $(DEMO)/digits-png --split test --limit 20
-	$(PY) cli.py predict --head $(DEMO)/best-head.skops $(DEMO)/digits-png --out $(DEMO)/predictions.csv
+	$(PY) cli.py predict --head $(DEMO)/best-head.skops $(DEMO)/digits-png --out $(DEMO)/predictions.csv --proba
 	head -n 6 $(DEMO)/predictions.csv
 
 test: $(STAMP)

@@ -662,7 +662,7 @@ def _print_curve(console, curve: dict | None) -> None:
     if not curve or not curve["rows"]:
         return
     parts = []
-    for r in (r for r in curve["rows"] if r["best"]):
+    for r in (r for r in curve["rows"] if r["best"] and r["accuracy"] is not None):
         parts.append(f"{r['shots']}: {r['head']} {r['accuracy'] * 100:.1f} % [{r['accuracy_ci'][0] * 100:.1f}, "
                      f"{r['accuracy_ci'][1] * 100:.1f}]" + (" (untuned)" if r["untuned"] else ""))
     console.print(f"learning curve, best head per labelled rows per class (mean of {len(curve['seeds'])} draws, "

@@ -4,7 +4,8 @@ The draws (:mod:`heads.fewshot`) are made once from the labels and shared by eve
 each point of the curve is paired across heads. Rows come back in the shape of results.json's
 ``learning_curve`` list: one per (representation, head, k), with the mean over seeds, its 95 % CI, the
 per-seed accuracies, whether the setting was untuned (k = 1), the best head at that k and every other head's
-paired p-value against it.
+paired p-value against it; a head that cannot be fitted on k rows per class (LDA on one) gets a row with
+``accuracy`` None and the ``error``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
     pool = plan.final.fit if plan.kind == "holdout" else np.arange(len(y))
     draws = draw_shots(y[pool], shots, seeds)
     results: dict[tuple[str, str, int], list[ShotResult]] = {}
+    unfit: dict[tuple[str, str, int], str] = {}  # heads that cannot be fitted on k rows per class, and why
     for (k, draw_seed), drawn in draws.items():
         score = plan.final.score if plan.kind == "holdout" else np.setdiff1d(np.arange(len(y)), pool[drawn])
         task = shot_task(pool, drawn, score, y, folds=folds, seed=draw_seed)
@@ -65,7 +67,15 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
             if bar is not None:
                 bar.set_postfix_str(f"{k} shots, seed {draw_seed}: {cand.name} / {spec.name}")
             X = features[cand.name]
-            model, params, untuned = _fit_draw(spec, X, y, task, jobs=jobs, class_weight=class_weight, seed=draw_seed)
+            if (cand.name, spec.name, k) in unfit:
+                continue
+            try:
+                model, params, untuned = _fit_draw(spec, X, y, task, jobs=jobs, class_weight=class_weight,
+                                                   seed=draw_seed)
+            except ValueError as e:  # e.g. LDA on one row per class: more samples than classes needed
+                unfit[(cand.name, spec.name, k)] = str(e).splitlines()[0]
+                results.pop((cand.name, spec.name, k), None)
+                continue
             with quiet_fits():  # labels only: a 1-shot NearestCentroid has no within-class spread for probabilities
                 labels = model.predict(X[task.score])
             results.setdefault((cand.name, spec.name, k), []).append(
@@ -74,6 +84,8 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
     backbone = {cand.name: cand.backbone for cand, _ in units}
     for k in shots:
         at_k = {key: value for key, value in results.items() if key[2] == k}
+        if not at_k:
+            continue
         points = {key: curve_point(value, n_boot=n_boot, seed=seed) for key, value in at_k.items()}
         best = max(points, key=lambda key: points[key].accuracy)
         for key, point in points.items():
@@ -84,4 +96,9 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
                 "n_scored": int(len(at_k[key][0].correct)), "best": key == best,
                 "p_value_vs_best": 1.0 if key == best else paired_p_value(at_k[best], at_k[key]),
             })
+    for (name, head, k), why in unfit.items():
+        rows.append({"representation": name, "backbone": backbone[name], "head": head, "shots": k, "seeds": seeds,
+                     "accuracy": None, "accuracy_ci": None, "accuracy_per_seed": None, "untuned": k == 1,
+                     "params_per_seed": None, "n_scored": 0, "best": False, "p_value_vs_best": None,
+                     "error": f"cannot be fitted on {k} row(s) per class: {why}"})
     return rows

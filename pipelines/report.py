@@ -212,7 +212,7 @@ def curve_rows(comparison: Comparison) -> list[dict[str, Any]]:
 
 def _curve_lines(comparison: Comparison) -> list[tuple[str, str]]:
     """(representation, head) of the curve's lines, best first at the largest k."""
-    rows = comparison.curve["rows"]
+    rows = [r for r in comparison.curve["rows"] if r["accuracy"] is not None]
     largest = max(r["shots"] for r in rows)
     at_largest = sorted((r for r in rows if r["shots"] == largest), key=lambda r: -r["accuracy"])
     return [(r["representation"], r["head"]) for r in at_largest]
@@ -248,12 +248,18 @@ def _curve_section(comparison: Comparison) -> list[str]:
         cells = []
         for k in ks:
             r = point[(*key, k)]
+            if r["accuracy"] is None:
+                cells.append("–")
+                continue
             text = f"{r['accuracy'] * 100:.1f} [{r['accuracy_ci'][0] * 100:.1f}, {r['accuracy_ci'][1] * 100:.1f}]"
             text += "*" if r["untuned"] else ""
             cells.append(f"**{text}**" if r["best"] else text + (" ≈" if r["p_value_vs_best"] >= 0.05 else ""))
         if with_all:
             cells.append(format_ci(full[key]) if key in full else "–")
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"- {r['head']}" + (f" on {r['representation']}" if len({x['representation'] for x in
+                                                                                  curve['rows']}) > 1 else "")
+                    + f", {r['error']}" for r in curve["rows"] if r["accuracy"] is None]]
     return [*lines, "", "![learning curve](learning_curve.png)", ""]
 
 
@@ -272,18 +278,19 @@ def _plot_learning_curve(comparison: Comparison, path: Path) -> None:
     several = len({r["representation"] for r in curve["rows"]}) > 1
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for i, key in enumerate(_curve_lines(comparison)[:CURVE_LINES]):
-        rows = [point[(*key, k)] for k in ks]
+        drawn = [k for k in ks if point[(*key, k)]["accuracy"] is not None]
+        rows = [point[(*key, k)] for k in drawn]
         mean = [r["accuracy"] * 100 for r in rows]
         label = f"{key[0]} + {key[1]}" if several else key[1]
-        ax.plot(ks, mean, marker="o", color=f"C{i}", label=label)
-        ax.fill_between(ks, [r["accuracy_ci"][0] * 100 for r in rows], [r["accuracy_ci"][1] * 100 for r in rows],
+        ax.plot(drawn, mean, marker="o", color=f"C{i}", label=label)
+        ax.fill_between(drawn, [r["accuracy_ci"][0] * 100 for r in rows], [r["accuracy_ci"][1] * 100 for r in rows],
                         color=f"C{i}", alpha=0.15)
         if "all" in curve["shots"] and key in full:
             r = full[key]
             ax.errorbar([per_class_all], [r["accuracy"] * 100],
                         yerr=[[(r["accuracy"] - r["accuracy_ci"][0]) * 100], [(r["accuracy_ci"][1] - r["accuracy"]) * 100]],
                         fmt="s", color=f"C{i}", capsize=3)
-            ax.plot([ks[-1], per_class_all], [mean[-1], r["accuracy"] * 100], linestyle=":", color=f"C{i}")
+            ax.plot([drawn[-1], per_class_all], [mean[-1], r["accuracy"] * 100], linestyle=":", color=f"C{i}")
     ticks = ks + ([per_class_all] if "all" in curve["shots"] else [])
     ax.set_xscale("log")
     ax.set_xticks(ticks, [str(k) for k in ks] + ([f"all\n({per_class_all:.0f})"] if "all" in curve["shots"] else []))

@@ -134,7 +134,7 @@ def test_run_head_outputs(data):
     assert set(run.params[0]) == {"prep", "C"} and run.params[0]["prep"] == "standardize"
     assert accuracy_score(y[plan.scored], run.y_pred) > 0.7
     ridge = run_head(get_head("ridge"), X, y, plan, 6)
-    assert ridge.proba is None and ridge.scores.shape == (len(plan.scored), 6)
+    assert ridge.calibration["method"] == "temperature" and ridge.proba.shape == ridge.scores.shape == (len(plan.scored), 6)
 
 
 def test_point_metrics_match_sklearn():
