@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .evaluate import CALIBRATION_ROWS, labels_follow_scores
+from .evaluate import CALIBRATION_ROWS, calibration_method, labels_follow_scores
 from .protocol import Plan, Task
 from .registry import HeadSpec
 
@@ -222,7 +222,7 @@ def _task_shape(task: Task) -> tuple[int, int, float]:
 def _calibration_seconds(spec: HeadSpec, cost: CostModel, task: Task, jobs: int) -> float:
     """The out-of-fold fits that calibrate a head without probabilities by default (a temperature on its
     decision scores, :func:`heads.evaluate.calibrate_head`): one per CV split on at most ``CALIBRATION_ROWS``."""
-    if hasattr(spec.pipeline(), "predict_proba"):
+    if calibration_method(spec, None) == "none":
         return 0.0
     n_fit, splits, fraction = _task_shape(task)
     return splits * cost.seconds(min(n_fit, CALIBRATION_ROWS) * fraction) / _parallel(splits, jobs)

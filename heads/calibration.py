@@ -80,15 +80,15 @@ def bootstrap_calibration_ci(y: np.ndarray, proba: np.ndarray, n_boot: int = 100
     return {m: tuple(float(v) for v in np.quantile(values[m], [alpha, 1 - alpha])) for m in CALIBRATION_METRICS}
 
 
-def head_logits(model, X: np.ndarray, n_classes: int | None = None) -> tuple[np.ndarray, bool]:
-    """(logits, from_proba) of a fitted classifier: log-probabilities where it has ``predict_proba``, else its
-    decision scores ([n] scores of a binary head become [-s/2, s/2])."""
+def head_logits(model, X: np.ndarray) -> np.ndarray:
+    """Logits of a fitted classifier: log-probabilities where it has ``predict_proba``, else its decision scores
+    ([n] scores of a binary head become [-s/2, s/2])."""
     if hasattr(model, "predict_proba"):
-        return np.log(np.clip(model.predict_proba(X), _EPS, 1.0)), True
+        return np.log(np.clip(model.predict_proba(X), _EPS, 1.0))
     scores = np.asarray(model.decision_function(X), dtype=np.float64)
     if scores.ndim == 1:
         scores = np.stack([-scores / 2, scores / 2], axis=1)
-    return scores, False
+    return scores
 
 
 class Calibrator(BaseEstimator):
@@ -172,10 +172,10 @@ class CalibratedHead(ClassifierMixin, BaseEstimator):
         return self.head.classes_
 
     def predict_proba(self, X) -> np.ndarray:
-        return self.calibrator.transform(head_logits(self.head, X)[0])
+        return self.calibrator.transform(head_logits(self.head, X))
 
     def decision_function(self, X) -> np.ndarray:
-        return head_logits(self.head, X)[0]
+        return head_logits(self.head, X)
 
     def predict(self, X) -> np.ndarray:
         if self.calibrator.method == "temperature":

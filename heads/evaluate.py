@@ -205,8 +205,10 @@ def calibration_method(spec: HeadSpec, calibrate: str | None) -> str:
 CALIBRATION_ROWS = 5000  # out-of-fold logits of at most this many fit rows (stratified) fit the calibrator
 
 
-def _oof_logits(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, cv, jobs: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, rows): out-of-fold logits of `pipeline` over the validation rows of `cv` (positions in X)."""
+def _oof_logits(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, classes: np.ndarray, cv,
+                jobs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(logits over `classes`, rows): out-of-fold logits of `pipeline` over the validation rows of `cv`
+    (positions in X); a class missing from a fold's training rows gets -1e9."""
     from joblib import Parallel, delayed
 
     from .calibration import head_logits
@@ -214,9 +216,9 @@ def _oof_logits(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, cv, jobs: int)
     def fold(train, val):
         with quiet_fits():
             model = clone(pipeline).fit(X[train], y[train])
-            logits, _ = head_logits(model, X[val])
-        full = np.full((len(val), len(np.unique(y))), -1e9)
-        full[:, np.searchsorted(np.unique(y), model.classes_)] = logits
+            logits = head_logits(model, X[val])
+        full = np.full((len(val), len(classes)), -1e9)
+        full[:, np.searchsorted(classes, model.classes_)] = logits
         return full
 
     parts = Parallel(n_jobs=min(jobs, len(cv)), prefer="threads")(delayed(fold)(train, val) for train, val in cv)
@@ -237,9 +239,8 @@ def calibrate_head(spec: HeadSpec, tuned: Tuned, X: np.ndarray, y: np.ndarray, t
     X_fit, y_fit = X[task.fit], y[task.fit]
     subset = stratified_subset(y_fit, CALIBRATION_ROWS, seed)
     cv = [(subset[train], subset[val]) for train, val in _subset_cv(task, subset) if len(val)]
-    pipeline = clone(tuned.best_estimator_)
-    logits, rows = _oof_logits(pipeline, X_fit, y_fit, cv, 1 if spec.threaded else jobs)
     classes = np.unique(y_fit)
+    logits, rows = _oof_logits(clone(tuned.best_estimator_), X_fit, y_fit, classes, cv, 1 if spec.threaded else jobs)
     calibrator = Calibrator(method).fit(logits, np.searchsorted(classes, y_fit[rows]))
     model = CalibratedHead(tuned.best_estimator_, calibrator)
     return Tuned(tuned.best_params_, model, tuned.refit_time_)
@@ -300,7 +301,7 @@ def _score_chunk(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, n
     from .calibration import CalibratedHead, head_logits
 
     if isinstance(model, CalibratedHead):  # one pass: the head's logits give both probabilities and labels
-        logits, _ = head_logits(model.head, X)
+        logits = head_logits(model.head, X)
         proba = model.calibrator.transform(logits)
         if model.calibrator.method != "temperature":
             labels = model.classes_[np.argmax(proba, axis=1)]

@@ -210,6 +210,11 @@ def curve_rows(comparison: Comparison) -> list[dict[str, Any]]:
     return rows
 
 
+def _fit_rows(comparison: Comparison) -> int:
+    """Rows the plain comparison fits on: the curve's ``all`` point (holdout: the non-test rows)."""
+    return len(comparison.plan.final.fit) if comparison.plan.kind == "holdout" else int(comparison.usable.sum())
+
+
 def _curve_lines(comparison: Comparison) -> list[tuple[str, str]]:
     """(representation, head) of the curve's lines, best first at the largest k."""
     rows = [r for r in comparison.curve["rows"] if r["accuracy"] is not None]
@@ -226,7 +231,7 @@ def _curve_section(comparison: Comparison) -> list[str]:
     with_all = "all" in curve["shots"]
     full = {(r["representation"], r["head"]): r for r in comparison.rows}
     point = {(r["representation"], r["head"], r["shots"]): r for r in curve["rows"]}
-    fit_rows = len(comparison.plan.final.fit) if comparison.plan.kind == "holdout" else int(comparison.usable.sum())
+    fit_rows = _fit_rows(comparison)
     lines = [
         "## Learning curve",
         "",
@@ -271,7 +276,7 @@ def _plot_learning_curve(comparison: Comparison, path: Path) -> None:
 
     curve = comparison.curve
     ks = [k for k in curve["shots"] if k != "all"]
-    fit_rows = len(comparison.plan.final.fit) if comparison.plan.kind == "holdout" else int(comparison.usable.sum())
+    fit_rows = _fit_rows(comparison)
     per_class_all = fit_rows / len(comparison.classes)
     full = {(r["representation"], r["head"]): r for r in comparison.rows}
     point = {(r["representation"], r["head"], r["shots"]): r for r in curve["rows"]}
