@@ -20,6 +20,7 @@ components when there is time for them).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "stratified_subset",
     "head_jobs",
     "Allocator",
+    "LastRound",
     "full_plan",
 ]
 
@@ -151,6 +153,9 @@ class HeadBudget:
         share_seconds: the part of the budget it was given (None: no budget).
         probe_seconds: time spent probing (charged to the budget).
         reason: one sentence, for the report.
+        cost: the cost model the plan was made with (the approximation's, sized, when ``approximated``).
+        target_seconds: what the plan may take: the share times the fraction planned into (None: no budget).
+        last: whether it is the last head to run, which may grow into what is left (:class:`LastRound`).
     """
 
     mode: str
@@ -161,6 +166,9 @@ class HeadBudget:
     probe_seconds: float = 0.0
     reason: str = ""
     share_seconds: float | None = None
+    cost: CostModel | None = None
+    target_seconds: float | None = None
+    last: bool = False
 
 
 def stratified_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -169,7 +177,7 @@ def stratified_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
     if size >= len(y):
         return positions
     _, counts = np.unique(y, return_counts=True)
-    stratify = y if size >= len(counts) and counts.min() >= 2 else None
+    stratify = y if min(size, len(y) - size) >= len(counts) and counts.min() >= 2 else None
     subset, _ = train_test_split(positions, train_size=size, stratify=stratify, random_state=seed)
     return np.sort(subset)
 
@@ -253,6 +261,74 @@ def _halving_seconds(spec: HeadSpec, cost: CostModel, plan: Plan, rows: int, job
     return total
 
 
+class LastRound:
+    """Sizes the last round of a head's successive halving from what its earlier rounds actually took.
+
+    Predictions can be off by a quarter either way on a busy 2-core machine (timing noise, caches, memory
+    bandwidth). The earlier rounds measure it on this very run: their actual seconds over their predicted ones
+    scale every remaining prediction (the last round, the refit, calibration, scoring), and the last round gets
+    the most rows whose predicted time ends the head when its plan should end (`decision.target_seconds` from
+    when this object was made). A head that is not the last to run only shrinks its last round (what it does not
+    use flows to the heads after it); the last one also grows it, so no budget idles behind a prediction that
+    was too high. The rows stay between the previous round's and every fit row."""
+
+    RATIO_BOUNDS = (0.5, 2.0)  # a ratio outside this is a disturbance, not the model being off
+
+    def __init__(self, decision: HeadBudget, plan: Plan, *, jobs: int, n_classes: int):
+        self.decision, self.plan, self.n_classes = decision, plan, n_classes
+        self.jobs = head_jobs(decision.spec, jobs)
+        self.started = time.perf_counter()
+        self.resized: list[tuple[int, int, float]] = []  # (planned rows, chosen rows, ratio) per task
+
+    def note(self) -> str:
+        """What the resizing did, for the report ('' when nothing was resized)."""
+        changed = [(p, c, r) for p, c, r in self.resized if p != c]
+        if not changed:
+            return ""
+        planned, chosen, ratio = changed[0]
+        return (f"; the earlier rounds took {ratio:.2f}x their predicted time: last round on {chosen} rows instead "
+                f"of {planned}" + (f" (and {len(changed) - 1} more tasks)" if len(changed) > 1 else ""))
+
+    def _round_seconds(self, cost: CostModel, task: Task, candidates: int, rows: int) -> float:
+        _, splits, fraction = _task_shape(task)
+        fits = candidates * splits
+        return fits * cost.seconds(rows * fraction) / _parallel(fits, self.jobs)
+
+    def last_round_rows(self, task: Task, done: list[tuple[int, int]], seconds: float, rows: int) -> int:
+        """Rows for the last round of `task`'s halving, after rounds `done` ((candidates, rows) each) took
+        `seconds`; `rows` is what was planned."""
+        spec, cost = self.decision.spec, self.decision.cost
+        if cost is None or self.decision.target_seconds is None:
+            return rows
+        predicted = sum(self._round_seconds(cost, task, c, r) for c, r in done)
+        ratio = min(max(seconds / max(predicted, 1e-9), self.RATIO_BOUNDS[0]), self.RATIO_BOUNDS[1])
+        scaled = cost.scaled(ratio)
+        index = next(i for i, t in enumerate(self.plan.tasks) if t is task)
+        # This task ends by its part of the target (tasks are alike), the refit, calibration and scoring after.
+        deadline = self.decision.target_seconds * (index + 1) / len(self.plan.tasks)
+        left = deadline - (time.perf_counter() - self.started)
+        n_fit = len(task.fit)
+        after = scaled.refit_seconds(n_fit, len(task.score), self.jobs, _passes(spec)) + \
+            _calibration_seconds(spec, scaled, task, self.jobs)
+        candidates = math.ceil(spec.grid_size() / FACTOR ** len(done))
+        low, high = done[-1][1], n_fit if self.decision.last else rows
+        if self._round_seconds(scaled, task, candidates, high) + after <= left:
+            chosen = high
+        elif self._round_seconds(scaled, task, candidates, low) + after > left:
+            chosen = low
+        else:
+            while high - low > max(1, n_fit // 200):  # bisect the most rows that end in time
+                mid = (low + high) // 2
+                if self._round_seconds(scaled, task, candidates, mid) + after <= left:
+                    low = mid
+                else:
+                    high = mid
+            chosen = low
+        chosen = max(done[-1][1], min(chosen, n_fit))
+        self.resized.append((rows, chosen, ratio))
+        return chosen
+
+
 def _smallest_tuning_rows(spec: HeadSpec, plan: Plan, n_classes: int) -> int:
     """The fewest tuning rows worth halving on: every round has scikit-learn's minimum rows (2 per class
     per split) or more, and never under 1 000."""
@@ -266,12 +342,12 @@ def _fit_in_share(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, job
     predicted = full_plan(spec, cost, plan, jobs)
     n_fit = min(len(t.fit) for t in plan.tasks)
     if predicted <= share:
-        return HeadBudget("full", spec, tune_rows=n_fit, predicted_seconds=predicted,
+        return HeadBudget("full", spec, tune_rows=n_fit, predicted_seconds=predicted, cost=cost,
                           reason=f"full protocol predicted {predicted:.0f}s, within its share of {share:.0f}s")
     if spec.grid_size() == 1:
         refit = _halving_seconds(spec, cost, plan, 0, jobs, n_classes)
         if refit <= share:
-            return HeadBudget("halving", spec, tune_rows=0, predicted_seconds=refit,
+            return HeadBudget("halving", spec, tune_rows=0, predicted_seconds=refit, cost=cost,
                               reason=f"nothing to tune; CV skipped (full protocol predicted {predicted:.0f}s)")
         return None
     low, high = _smallest_tuning_rows(spec, plan, n_classes), n_fit
@@ -284,7 +360,7 @@ def _fit_in_share(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, job
         else:
             high = mid
     seconds = _halving_seconds(spec, cost, plan, low, jobs, n_classes)
-    return HeadBudget("halving", spec, tune_rows=low, predicted_seconds=seconds,
+    return HeadBudget("halving", spec, tune_rows=low, predicted_seconds=seconds, cost=cost,
                       reason=f"full protocol predicted {predicted:.0f}s > share {share:.0f}s: successive halving "
                              f"on {low} of {n_fit} rows, refit on all")
 
@@ -449,6 +525,8 @@ class Allocator:
         decision = plan_head(spec, cost, self.plan, share, jobs=self.jobs, n_classes=self.n_classes,
                              approximation_cost=approx, fraction=fraction, fidelity=self._fidelity.get(key))
         decision.share_seconds = share
+        decision.target_seconds = share * fraction
+        decision.last = pending == [key]
         if self.calibration > 1.0:
             decision.reason += f" (predictions x{self.calibration:.2f}, calibrated on the heads run so far)"
         return decision

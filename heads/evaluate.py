@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class HeadRun:
             decision scores); else the same as `proba`.
         calibration: the method (``none``, ``temperature``, ``sigmoid``, ``isotonic``) and, for temperature,
             the fitted temperature per task.
+        tune_rows: with successive halving, the rows its last round tuned on (the largest over tasks).
     """
 
     head: str
@@ -54,6 +56,7 @@ class HeadRun:
     model: Pipeline | None = None
     proba_before: np.ndarray | None = None
     calibration: dict[str, Any] | None = None
+    tune_rows: int | None = None
 
 
 def _prep_name(value: Any) -> str:
@@ -79,6 +82,7 @@ class Tuned:
     best_params_: dict[str, Any]
     best_estimator_: Pipeline
     refit_time_: float
+    tune_rows_: int | None = None  # rows the last round of successive halving tuned on (None: the plain search)
 
 
 def base_pipeline(spec: HeadSpec, class_weight: str | None, seed: int) -> Pipeline:
@@ -115,33 +119,53 @@ def _subset_cv(task: Task, subset: np.ndarray) -> list[tuple[np.ndarray, np.ndar
 
 
 def _halving(spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, tune_rows: int, jobs: int,
-             class_weight: str | None, seed: int) -> Tuned:
-    from sklearn.experimental import enable_halving_search_cv  # noqa: F401  (registers HalvingGridSearchCV)
-    from sklearn.model_selection import HalvingGridSearchCV
+             class_weight: str | None, seed: int, resize=None) -> Tuned:
+    """Successive halving (factor ``FACTOR``) on a stratified subset of `tune_rows` fit rows, the schedule of
+    ``HalvingGridSearchCV(min_resources="exhaust")`` (:func:`heads.budget.halving_schedule`): each round scores
+    its candidates over the task's CV splits restricted to that round's stratified rows and keeps the best
+    third, the last round the best one (first best in grid order). With `resize` (an object with
+    ``last_round_rows(task, done, seconds, rows)``, e.g. :class:`heads.budget.LastRound`), the last round's
+    rows are set from the time the earlier rounds actually took. Then the refit on every fit row."""
+    from sklearn.model_selection import ParameterGrid
 
     from .budget import FACTOR, halving_schedule, stratified_subset
 
     pipeline = base_pipeline(spec, class_weight, seed)
     X_fit, y_fit = X[task.fit], y[task.fit]
     params: dict[str, Any] = {}
+    tuned_rows = 0
     if tune_rows > 0 and spec.grid_size() > 1:
         subset = stratified_subset(y_fit, tune_rows, seed)
-        cv = _subset_cv(task, subset)
         n_classes = len(np.unique(y_fit))
-        first_rows = halving_schedule(spec.grid_size(), len(subset), len(cv), n_classes)[0][1]
-        n_train = int(first_rows * min(len(train) for train, _ in cv) / len(subset))
-        search = HalvingGridSearchCV(pipeline, spec.param_grid(max(1, n_train)), factor=FACTOR,
-                                     resource="n_samples", min_resources="exhaust", cv=cv, scoring="accuracy",
-                                     refit=False, n_jobs=jobs, random_state=seed, error_score="raise",
-                                     return_train_score=False)  # default True: scoring training folds too, 4x the kNN queries
-        search.fit(X_fit[subset], y_fit[subset])
-        params = search.best_params_
+        schedule = halving_schedule(spec.grid_size(), len(subset), len(task.cv), n_classes)
+        train_fraction = min(len(train) for train, _ in task.cv) / len(task.fit)
+        candidates = list(ParameterGrid(spec.param_grid(max(1, int(schedule[0][1] * train_fraction)))))
+        started = time.perf_counter()
+        for i, (_, rows) in enumerate(schedule):
+            last = i == len(schedule) - 1
+            if last and i > 0 and resize is not None:
+                rows = resize.last_round_rows(task, schedule[:i], time.perf_counter() - started, rows)
+            if rows == len(subset):
+                positions = subset
+            elif rows < len(subset):
+                positions = subset[stratified_subset(y_fit[subset], rows, seed + i)]
+            else:  # the last round grown past the planned subset: a larger stratified draw of the fit rows
+                positions = stratified_subset(y_fit, rows, seed)
+            search = GridSearchCV(pipeline, [{k: [v] for k, v in c.items()} for c in candidates], cv=_subset_cv(
+                task, positions), scoring="accuracy", refit=False, n_jobs=jobs, error_score="raise")
+            search.fit(X_fit[positions], y_fit[positions])
+            scores = search.cv_results_["mean_test_score"]
+            keep = 1 if last else math.ceil(len(candidates) / FACTOR)
+            order = sorted(range(len(candidates)), key=lambda j: (-scores[j], j))  # ties: grid order
+            candidates = [candidates[j] for j in sorted(order[:keep])]
+            tuned_rows = len(positions)
+        params = candidates[0]
     elif spec.grid_size() == 1:
         params = {key: values[0] for key, values in spec.param_grid(len(task.fit)).items()}
     model = clone(pipeline).set_params(**params)
     started = time.perf_counter()
     model.fit(X_fit, y_fit)
-    return Tuned(params, model, time.perf_counter() - started)
+    return Tuned(params, model, time.perf_counter() - started, tuned_rows)
 
 
 def _path_scores(pipeline: Pipeline, path_key: str, values: list, others: list[dict], X: np.ndarray,
@@ -243,12 +267,12 @@ def calibrate_head(spec: HeadSpec, tuned: Tuned, X: np.ndarray, y: np.ndarray, t
     logits, rows = _oof_logits(clone(tuned.best_estimator_), X_fit, y_fit, classes, cv, 1 if spec.threaded else jobs)
     calibrator = Calibrator(method).fit(logits, np.searchsorted(classes, y_fit[rows]))
     model = CalibratedHead(tuned.best_estimator_, calibrator)
-    return Tuned(tuned.best_params_, model, tuned.refit_time_)
+    return Tuned(tuned.best_params_, model, tuned.refit_time_, tuned.tune_rows_)
 
 
 def fit_head(
     spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, *, jobs: int = 1, class_weight: str | None = None,
-    seed: int = 0, tune_rows: int | None = None, calibrate: str = "none",
+    seed: int = 0, tune_rows: int | None = None, calibrate: str = "none", resize=None,
 ) -> Tuned:
     """Tune `spec` on the task's fit rows and refit the best setting on all of them.
 
@@ -256,12 +280,14 @@ def fit_head(
         tune_rows: None: grid search over the task's CV splits on every fit row (the plain protocol). A number:
             successive halving on a stratified subset of that many fit rows (0: nothing tuned, the grid's
             only setting fitted), then the refit on every fit row.
+        resize: with `tune_rows`, what sizes the last halving round from the time the earlier ones took
+            (:class:`heads.budget.LastRound`); None keeps the planned rows.
         calibrate: the calibration method (:func:`calibrate_head`; resolve a user's choice with
             :func:`calibration_method`); ``none`` leaves the head as fitted.
     """
     with quiet_fits():
         if tune_rows is not None:
-            tuned = _halving(spec, X, y, task, tune_rows, jobs, class_weight, seed)
+            tuned = _halving(spec, X, y, task, tune_rows, jobs, class_weight, seed, resize)
         elif spec.path_param is not None and spec.grid_size() > 1:
             tuned = _path_search(spec, X, y, task, jobs, class_weight, seed)
         else:
@@ -352,29 +378,32 @@ def run_head(
     seed: int = 0,
     tune_rows: int | None = None,
     calibrate: str | None = None,
+    resize=None,
 ) -> HeadRun:
     """Tune, refit and predict `spec` on every task of `plan` (the scored rows never take part in tuning).
 
-    `tune_rows` as in :func:`fit_head` (None: the plain grid search); `calibrate` as in
+    `tune_rows` and `resize` as in :func:`fit_head` (None: the plain grid search); `calibrate` as in
     :func:`calibration_method` (None: heads without probabilities get a temperature).
     """
     from scipy.special import softmax
 
     from .calibration import CalibratedHead
 
-    params, preds, scores, probas, befores, fit_times, temperatures = [], [], [], [], [], [], []
+    params, preds, scores, probas, befores, fit_times, temperatures, halved = [], [], [], [], [], [], [], []
     tune_seconds = predict_seconds = 0.0
     search = None
     method = calibration_method(spec, calibrate)
     for task in plan.tasks:
         started = time.perf_counter()
         search = fit_head(spec, X, y, task, jobs=jobs, class_weight=class_weight, seed=seed, tune_rows=tune_rows,
-                          calibrate=method)
+                          calibrate=method, resize=resize)
         tune_seconds += time.perf_counter() - started
         calibrated = isinstance(search.best_estimator_, CalibratedHead)
         if calibrated and method == "temperature":
             temperatures.append(search.best_estimator_.calibrator.temperature_)
         fit_times.append(search.refit_time_)
+        if search.tune_rows_ is not None:
+            halved.append(search.tune_rows_)
         params.append(readable_params(search.best_params_))
         model = search.best_estimator_
         X_score = X[task.score]
@@ -405,4 +434,5 @@ def run_head(
         proba_before=np.concatenate(befores) if len(befores) == len(plan.tasks) else None,
         calibration={"method": method if temperatures or method != "temperature" else "none",
                      "temperature": temperatures or None},
+        tune_rows=max(halved) if halved else None,
     )

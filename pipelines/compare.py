@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from featurize.store import FeatureStore
 from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
 from heads import resolve_heads, run_head
-from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, full_plan, head_jobs
+from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, LastRound, full_plan, head_jobs
 from heads.calibration import CALIBRATION_METRICS, bootstrap_calibration_ci, calibration_metrics
 from heads.fewshot import ALL
 from heads.race import RACE_FRACTION, RUNG_FACTOR, Contender, confirm, cut, drop_duplicates, probe_head, race_split
@@ -390,10 +390,13 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
               contender: Contender | None, replace: bool = False, calibrate: str | None = None) -> None:
     """Run one head as decided, and add (or, with `replace`, put in place of its earlier run) its row."""
     tune_rows = None if decision.mode == "full" else decision.tune_rows
+    resize = None
+    if decision.mode == "halving" and decision.target_seconds is not None:
+        resize = LastRound(decision, plan, jobs=jobs, n_classes=n_classes)
     started = time.perf_counter()
     with _threads_for(decision.spec):
         run = run_head(decision.spec, X, y, plan, n_classes, jobs=head_jobs(decision.spec, jobs),
-                       class_weight=class_weight, seed=seed, tune_rows=tune_rows, calibrate=calibrate)
+                       class_weight=class_weight, seed=seed, tune_rows=tune_rows, calibrate=calibrate, resize=resize)
     actual = time.perf_counter() - started
     allocator.record(decision.predicted_seconds, actual)
     metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
@@ -414,7 +417,8 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         "params": _summary_params(run.params),
         "n_scored": int(len(y_scored)),
         "mode": decision.mode,
-        "tune_rows": decision.tune_rows,
+        "tune_rows": run.tune_rows if run.tune_rows is not None else decision.tune_rows,
+        "planned_tune_rows": decision.tune_rows,
         "approximated": decision.approximated,
         "components": decision.spec.rank(),
         "method": decision.spec.description,
@@ -422,7 +426,7 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         "predicted_seconds": decision.predicted_seconds,
         "actual_seconds": actual,
         "probe_seconds": decision.probe_seconds,
-        "budget_note": decision.reason,
+        "budget_note": decision.reason + (resize.note() if resize is not None else ""),
         **_calibration_fields(run, y_scored, n_boot, seed),
     }
     if contender is not None:
@@ -434,7 +438,8 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         rows[:] = [r for r in rows if (r["representation"], r["head"]) != key]
     rows.append(row)
     predictions[key] = run.y_pred
-    runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model, "tune_rows": tune_rows,
+    runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model,
+                 "tune_rows": tune_rows if run.tune_rows is None else run.tune_rows,
                  "proba": run.proba, "proba_before": run.proba_before, "calibration": run.calibration["method"]}
 
 

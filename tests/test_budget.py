@@ -143,6 +143,63 @@ def test_halving_tunes_on_a_subset_and_refits_on_every_fit_row():
     assert only.best_params_ and only.best_estimator_.score(X[task.score], y[task.score]) > 0.5
 
 
+class _Recorder:
+    """A stand-in for budget.LastRound that records what the halving asked and answers a fixed size."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, []
+
+    def last_round_rows(self, task, done, seconds, rows):
+        self.calls.append((done, rows))
+        return self.rows
+
+
+def test_halving_last_round_is_sized_by_resize():
+    X, y = synthetic_features(3000, 32, 4, seed=0)
+    X = X.astype(np.float32)
+    plan = plan_protocol(y, np.where(np.arange(3000) < 2500, "train", "test"), folds=3)
+    task = plan.tasks[0]
+    spec = get_head("knn")  # 8 settings: rounds of 8, 3 and 1 candidates
+    schedule = halving_schedule(spec.grid_size(), 900, len(task.cv), 4)
+    for size in (1500, 700):  # grown past the planned subset (more fit rows drawn), and shrunk within it
+        recorder = _Recorder(size)
+        tuned = fit_head(spec, X, y, task, tune_rows=900, resize=recorder)
+        assert tuned.tune_rows_ == size and len(recorder.calls) == 1
+        done, planned = recorder.calls[0]
+        assert done == schedule[:-1] and planned == schedule[-1][1] == 900
+        assert tuned.best_estimator_.named_steps["clf"].n_samples_fit_ == len(task.fit)  # the refit: every row
+
+
+def test_last_round_fills_the_target_from_the_measured_ratio():
+    plan = _plan(n=60_000)
+    spec = get_head("logreg")
+    cost = CostModel(1.0, 1000, 3.0)  # 150 s for one fit on every row: tuning fits only on a subset
+    task = plan.tasks[0]
+    planned = plan_head(spec, cost, plan, 400.0, jobs=1, n_classes=10, fraction=1.0)
+    assert planned.mode == "halving"
+    planned.target_seconds, planned.last = 400.0, True
+    schedule = halving_schedule(spec.grid_size(), planned.tune_rows, len(task.cv), 10)
+    predicted = sum(budget.LastRound(planned, plan, jobs=1, n_classes=10)._round_seconds(cost, task, c, r)
+                    for c, r in schedule[:-1])
+
+    def last_rows(ratio, last=True):
+        planned.last = last
+        sizing = budget.LastRound(planned, plan, jobs=1, n_classes=10)
+        sizing.started -= ratio * predicted  # as if the earlier rounds had just taken that long
+        rows = sizing.last_round_rows(task, schedule[:-1], ratio * predicted, schedule[-1][1])
+        return rows, sizing
+
+    same, _ = last_rows(1.0)  # as predicted: about the planned rows (the plan left a little room)
+    assert abs(same - planned.tune_rows) <= 0.05 * planned.tune_rows
+    faster, sizing = last_rows(0.6)  # the earlier rounds ran fast: the last one grows into the target
+    assert faster > 1.3 * planned.tune_rows and "instead of" in sizing.note()
+    slower, _ = last_rows(1.6)
+    assert schedule[-2][1] <= slower < 0.8 * planned.tune_rows
+    kept, sizing = last_rows(0.6, last=False)  # a head before the last never takes more than planned
+    assert kept == schedule[-1][1] and sizing.note() == ""
+    assert last_rows(0.01)[0] <= len(task.fit)
+
+
 def test_stratified_subset_keeps_class_shares():
     y = np.repeat([0, 1, 2], [600, 300, 100])
     subset = stratified_subset(y, 100, seed=0)
