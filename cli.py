@@ -207,7 +207,8 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(store, as_json):
-    """Show what a feature store holds: rows, feature width, layers, classes per split, failures, provenance.
+    """Show what a feature store holds: rows, feature width, layers, classes per split (per task, for a CSV
+    manifest with label:NAME columns), failures, provenance.
 
     \b
     Examples:
@@ -239,17 +240,22 @@ def _print_summary(summary: dict) -> None:
         console.print("layers (compare them as STORE.h5:NAME, STORE.h5:all or STORE.h5:concat): last "
                       f"({summary['features']}, /features), " + ", ".join(
                           f"{t['name']} ({t['width']}, {t['pooling']})" for t in summary["layers"]))
-    splits = list(summary["counts"])
-    table = Table(title="samples per class and split", title_justify="left", box=None, pad_edge=False)
-    table.add_column("class")
-    for split in splits:
-        table.add_column(split, justify="right")
-    names = summary["classes"] + ["(unlabeled)"]
-    for name in names:
-        cells = [summary["counts"][s].get(name, 0) for s in splits]
-        if any(cells):
-            table.add_row(name, *map(str, cells))
-    console.print(table)
+    several = len(summary["tasks"]) > 1
+    if several:
+        console.print(f"tasks (compare-heads --task NAME|all): {', '.join(summary['tasks'])}; default "
+                      f"{summary['default_task']}")
+    for task, labelling in summary["tasks"].items():
+        splits = list(labelling["counts"])
+        title = f"task {task}: samples per class and split" if several else "samples per class and split"
+        table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+        table.add_column("class")
+        for split in splits:
+            table.add_column(split, justify="right")
+        for name in labelling["classes"] + ["(unlabeled)"]:
+            cells = [labelling["counts"][s].get(name, 0) for s in splits]
+            if any(cells):
+                table.add_row(name, *map(str, cells))
+        console.print(table)
     if summary["failed"]:
         console.print("failures by reason: " + ", ".join(f"{r} {n}" for r, n in summary["failure_reasons"].items()))
         for row in summary["failed_examples"]:
@@ -535,11 +541,16 @@ def _rank_by_option(help_text: str):
               help="Calibrate probabilities on out-of-fold predictions of the training rows (never the test rows) "
                    "[default: temperature for heads without predict_proba (ridge, SVMs), none for the rest]. "
                    "Temperature scaling never changes a prediction; isotonic needs 1 000 calibration rows.")
+@click.option("--task", metavar="NAME|all",
+              help="Which label set to predict, for stores of a CSV manifest with label:NAME columns (see: "
+                   "python cli.py inspect STORE) [default: the plain label column, else the first]. 'all': one "
+                   "leaderboard per task, each with an equal part of --budget; with --out, one folder per task "
+                   "and a results.json of every row; with --save-best PATH, one head per task (PATH.TASK.skops).")
 @_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_predictions,
                           save_best, budget,
-                          exhaustive, top, rank_by, shots, seeds, calibrate, ray_address, quiet):
+                          exhaustive, top, rank_by, shots, seeds, calibrate, task, ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -574,13 +585,14 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads pixels.h5 lite0.h5:all lite0.h5:concat --out results/
       python cli.py compare-heads pixels.h5 lite0.h5:all lite2.h5:all --top 3 --rank-by knn_loo
       python cli.py compare-heads digits.h5 --shots 1,2,4,8,16,all --seeds 5 --out results/
+      python cli.py compare-heads photos.h5 --task all --out results/ --save-best best.skops
       python cli.py compare-heads big.h5 --budget 30 --out results/
       python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
     """
     import contextlib
 
     from heads.fewshot import parse_shots
-    from pipelines.compare import compare_heads, save_best_head
+    from pipelines.compare import compare_heads, save_best_head, task_names
 
     heads = [h.strip() for h in head_names.split(",") if h.strip()] if head_names else None
     shots = parse_shots(shots) if shots is not None else None
@@ -593,20 +605,37 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
         backend = joblib_on_ray(ray_address)
     else:
         backend = contextlib.nullcontext(None)
+    tasks = task_names(stores) if task == "all" else [task]
+    several = len(tasks) > 1
     with backend as cluster_cpus:
         jobs = jobs or cluster_cpus
-        comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
-                                   n_boot=n_boot, budget=None if exhaustive else budget, top=top, rank_by=rank_by,
-                                   shots=shots, seeds=seeds, calibrate=calibrate, progress=not quiet)
-        _print_leaderboard(comparison)
-        if out_dir:
-            from pipelines.report import write_results
+        comparisons = []
+        for name in tasks:
+            if several:
+                _console().rule(f"task {name}")
+            comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
+                                       n_boot=n_boot, budget=None if exhaustive else budget / len(tasks), top=top,
+                                       rank_by=rank_by, shots=shots, seeds=seeds, calibrate=calibrate, task=name,
+                                       progress=not quiet)
+            comparisons.append(comparison)
+            _print_leaderboard(comparison)
+            if out_dir:
+                from pipelines.report import write_results
 
-            written = write_results(comparison, out_dir, predictions=save_predictions)
-            click.echo(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
-        if save_best:
-            path = save_best_head(comparison, save_best, jobs=jobs, class_weight=weight)
-            click.echo(f"saved the winning head to {path} (use: python cli.py predict --head {path} SOURCE --out preds.csv)")
+                where = out_dir / comparison.task if several else out_dir
+                written = write_results(comparison, where, predictions=save_predictions)
+                click.echo(f"wrote {', '.join(p.name for p in written)} to {where}")
+            if save_best:
+                target = save_best.with_name(f"{save_best.stem}.{comparison.task}{save_best.suffix}") if several \
+                    else save_best
+                path = save_best_head(comparison, target, jobs=jobs, class_weight=weight)
+                click.echo(f"saved the winning head{f' for task {comparison.task}' if several else ''} to {path} "
+                           f"(use: python cli.py predict --head {path} SOURCE --out preds.csv)")
+        if out_dir and several:
+            from pipelines.report import write_task_summary
+
+            written = write_task_summary(comparisons, out_dir)
+            click.echo(f"wrote {', '.join(p.name for p in written)} (every task) to {out_dir}")
 
 
 def _tuned_on(row: dict) -> str:

@@ -5,7 +5,8 @@ Three kinds, chosen by :func:`open_source` from one string:
 * an **ImageFolder** directory: ``root/<class>/<image>``, or ``root/<split>/<class>/<image>`` with split
   folders named ``train``, ``val`` and ``test``, or just ``root/<image>`` (unlabeled);
 * a **CSV manifest** ``*.csv`` with a header and the columns ``path`` (relative to the CSV's folder),
-  optional ``label`` (a class name; empty means unlabeled) and optional ``split``;
+  optional ``label`` (a class name; empty means unlabeled), optional ``split``, and any number of
+  ``label:NAME`` columns -- more label sets (tasks) over the same images, e.g. ``label:species,label:colour``;
 * a **builtin** dataset, ``builtin:digits`` (scikit-learn's 1 797 handwritten 8x8 digits as RGB images, with a
   fixed, seeded, stratified train/test split).
 
@@ -19,6 +20,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ __all__ = [
     "SPLITS",
     "BUILTIN_DATASETS",
     "Sample",
+    "LabelSet",
+    "DEFAULT_TASK",
     "Source",
     "ImageFolderSource",
     "CsvSource",
@@ -47,6 +51,9 @@ BUILTIN_DATASETS = ("digits",)
 # Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. We make the warning
 # level an error too, so a huge image becomes a recorded failure instead of eating the machine's memory.
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+DEFAULT_TASK = "label"  # the task of the plain `label` column (and of image folders and builtins)
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a task's name is an HDF5 group name: /tasks/<name>
 
 
 @dataclass(frozen=True)
@@ -118,15 +125,50 @@ def decode_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = N
         return _to_rgb(img)
 
 
+@dataclass(frozen=True)
+class LabelSet:
+    """One labelling of every sample (a task): class names (sorted) and per sample an index into them, or -1
+    where that sample has no label for this task."""
+
+    classes: list[str]
+    labels: list[int]
+
+
 class Source:
-    """Base class: a list of samples, their class names, a way to decode one, and a fingerprint."""
+    """Base class: a list of samples, their class names, a way to decode one, and a fingerprint.
+
+    Attributes:
+        tasks: the named label sets (``label:NAME`` columns of a CSV manifest), in column order; empty for
+            sources with one labelling. The samples' own labels are the default task, `default_task`: the plain
+            ``label`` column, else the first named set.
+    """
 
     kind: str = ""
 
-    def __init__(self, spec: str, samples: list[Sample], classes: list[str]):
+    def __init__(self, spec: str, samples: list[Sample], classes: list[str],
+                 tasks: dict[str, LabelSet] | None = None, default_task: str = DEFAULT_TASK):
         self.spec = spec
         self.samples = samples
         self.classes = classes
+        self.tasks = dict(tasks or {})
+        self.default_task = default_task
+
+    def task(self, name: str | None) -> LabelSet:
+        """The label set `name` (None or the default task's name: the samples' own labels).
+
+        Raises:
+            FeaturizeError: the source has no such task (naming those it has).
+        """
+        if name is None or name == self.default_task:
+            return LabelSet(self.classes, [s.label for s in self.samples])
+        if name not in self.tasks:
+            raise FeaturizeError(f"{self.spec} has no task {name!r}; it has: {', '.join(self.task_names)}")
+        return self.tasks[name]
+
+    @property
+    def task_names(self) -> list[str]:
+        """Every task: the default first."""
+        return [self.default_task] + [t for t in self.tasks if t != self.default_task]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -146,6 +188,10 @@ class Source:
         for row in self._fingerprint_rows():
             h.update(json.dumps(row, separators=(",", ":")).encode())
             h.update(b"\n")
+        if self.tasks:  # only then: a source with one labelling keeps the fingerprint it always had
+            h.update(json.dumps({"default_task": self.default_task, "tasks": {
+                name: {"classes": t.classes, "labels": t.labels} for name, t in self.tasks.items()}},
+                separators=(",", ":")).encode())
         return h.hexdigest()
 
     def describe(self) -> dict:
@@ -156,8 +202,9 @@ class Source:
 class _FileSource(Source):
     """A source whose samples are files below a root folder (ids are posix paths relative to it)."""
 
-    def __init__(self, spec: str, root: Path, samples: list[Sample], classes: list[str]):
-        super().__init__(spec, samples, classes)
+    def __init__(self, spec: str, root: Path, samples: list[Sample], classes: list[str],
+                 tasks: dict[str, LabelSet] | None = None, default_task: str = DEFAULT_TASK):
+        super().__init__(spec, samples, classes, tasks, default_task)
         self.root = root
 
     def path_of(self, index: int) -> Path:
@@ -246,14 +293,23 @@ class ImageFolderSource(_FileSource):
         return cls(spec or str(root), root, samples, classes)
 
 
+def _label_set(values: list[str]) -> LabelSet:
+    classes = sorted({v for v in values if v})
+    index = {c: i for i, c in enumerate(classes)}
+    return LabelSet(classes, [index[v] if v else -1 for v in values])
+
+
 class CsvSource(_FileSource):
-    """A CSV manifest with a header: ``path`` (required), ``label`` and ``split`` (optional); rows in file order.
+    """A CSV manifest with a header: ``path`` (required), ``label`` and ``split`` (optional), and any number of
+    ``label:NAME`` columns (more tasks over the same images); rows in file order.
 
     Paths are relative to the CSV's folder (absolute paths are kept as they are). A listed file that does not
-    exist is not an error here: its row fails at decode time and is recorded as failed.
+    exist is not an error here: its row fails at decode time and is recorded as failed. An empty label cell
+    leaves that row unlabeled for that task only.
     """
 
     kind = "csv"
+    HEADER_HINT = "expected a header 'path,label[,split]' (more label sets: label:NAME columns)"
 
     @classmethod
     def read(cls, csv_path: Path, spec: str | None = None) -> "CsvSource":
@@ -269,23 +325,33 @@ class CsvSource(_FileSource):
 
         rows = [r for r in rows if any(cell.strip() for cell in r)]
         if not rows:
-            raise FeaturizeError(f"{csv_path} is empty; expected a header 'path,label[,split]' and one row per image")
-        header = [h.strip().lower() for h in rows[0]]
-        if "path" not in header:
+            raise FeaturizeError(f"{csv_path} is empty; {cls.HEADER_HINT} and one row per image")
+        header = [h.strip() for h in rows[0]]
+        # Column names are case-insensitive; a task keeps the name as written after "label:".
+        keys = [h.lower() if not h.lower().startswith("label:") else "label:" + h[6:].strip() for h in header]
+        if "path" not in keys:
             raise FeaturizeError(
-                f"{csv_path} has no 'path' column in its header (found: {','.join(header)!r}); "
-                "expected a header 'path,label[,split]'"
+                f"{csv_path} has no 'path' column in its header (found: {','.join(header)!r}); {cls.HEADER_HINT}"
             )
-        unknown = [h for h in header if h not in ("path", "label", "split")]
+        unknown = [h for h, k in zip(header, keys) if k not in ("path", "label", "split") and not k.startswith("label:")]
         if unknown:
-            raise FeaturizeError(
-                f"{csv_path} has unknown column(s) {', '.join(map(repr, unknown))}; allowed: path, label, split"
-            )
-        col = {name: header.index(name) for name in header}
+            raise FeaturizeError(f"{csv_path} has unknown column(s) {', '.join(map(repr, unknown))}; allowed: path, "
+                                 "label, split and label:NAME")
+        task_names = [k[6:] for k in keys if k.startswith("label:")]
+        for name in task_names:
+            if not TASK_NAME.fullmatch(name) or name == DEFAULT_TASK:
+                raise FeaturizeError(f"{csv_path}: label set name {name!r} must be letters, digits, '_', '.' or "
+                                     f"'-' (starting with a letter or digit) and not {DEFAULT_TASK!r} (the plain "
+                                     "column's), e.g. label:species")
+        repeated = sorted(k for k in set(keys) if keys.count(k) > 1)
+        if repeated:
+            raise FeaturizeError(f"{csv_path} has column {repeated[0]!r} more than once; give each column once")
+        col = {name: keys.index(name) for name in keys}
         if len(rows) == 1:
             raise FeaturizeError(f"{csv_path} lists no images (only a header)")
 
         parsed, seen = [], {}
+        task_values: dict[str, list[str]] = {name: [] for name in task_names}
         for lineno, row in enumerate(rows[1:], start=2):
             if len(row) != len(header):
                 raise FeaturizeError(
@@ -305,14 +371,14 @@ class CsvSource(_FileSource):
                 raise FeaturizeError(f"{csv_path} line {lineno}: path {path!r} is already listed on line {seen[norm]}")
             seen[norm] = lineno
             parsed.append((norm, label, split))
+            for name in task_names:
+                task_values[name].append(row[col["label:" + name]].strip())
 
-        classes = sorted({label for _, label, _ in parsed if label})
-        class_index = {c: i for i, c in enumerate(classes)}
-        samples = [
-            Sample(i, path, class_index[label] if label else -1, split)
-            for i, (path, label, split) in enumerate(parsed)
-        ]
-        return cls(spec or str(csv_path), csv_path.parent, samples, classes)
+        tasks = {name: _label_set(values) for name, values in task_values.items()}
+        default = DEFAULT_TASK if "label" in col or not task_names else task_names[0]
+        base = _label_set([label for _, label, _ in parsed]) if default == DEFAULT_TASK else tasks[default]
+        samples = [Sample(i, path, base.labels[i], split) for i, (path, _, split) in enumerate(parsed)]
+        return cls(spec or str(csv_path), csv_path.parent, samples, base.classes, tasks, default)
 
 
 class DigitsSource(Source):

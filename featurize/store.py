@@ -19,7 +19,8 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LAYERS_GROUP",
+    "TASKS_GROUP",
     "LAST_LAYER",
     "DTYPES",
     "STATUS_OK",
@@ -61,6 +63,10 @@ _LOCK = ".lock"
 _REQUIRED = ("features", "labels", "ids", "split", "status", "errors", "classes")
 # Intermediate layers live in /layers/<name>, listed (name, width, pooling) in the "layers" attribute.
 LAYERS_GROUP = "layers"
+# More label sets (tasks) live in /tasks/<name>/{labels,classes}, named in the "tasks" attribute; /labels and
+# /classes hold the default task, named in "default_task" ("label" when the attribute is absent).
+TASKS_GROUP = "tasks"
+DEFAULT_TASK = "label"
 # The name of the default representation (the pooled pre-logits in /features) wherever layers are named.
 LAST_LAYER = "last"
 _LAYER_KEY = "layer:"
@@ -391,6 +397,8 @@ class StoreWriter:
         split: Sequence[str],
         classes: Sequence[str],
         attrs: dict[str, Any],
+        tasks: dict[str, tuple[Sequence[str], Sequence[int]]] | None = None,
+        default_task: str = DEFAULT_TASK,
     ) -> Path:
         """Write the complete store atomically and remove the partial folder.
 
@@ -398,6 +406,8 @@ class StoreWriter:
             ids, labels, split: one entry per sample, in index order.
             classes: class names (labels index into them).
             attrs: provenance attributes (JSON-able values are stored as JSON strings when not scalar).
+            tasks: more label sets, name -> (classes, labels); `labels`/`classes` are the one named
+                `default_task`.
         """
         self.close()
         missing = [k for k in range(self.num_shards) if k not in self.committed]
@@ -432,6 +442,13 @@ class StoreWriter:
             f.create_dataset("status", data=status, dtype=_STATUS_DTYPE)
             f.create_dataset("errors", data=errors, dtype=_STR)
             f.create_dataset("classes", data=np.asarray(list(classes), dtype=object), dtype=_STR)
+            for name, (task_classes, task_labels) in (tasks or {}).items():
+                f.create_dataset(f"{TASKS_GROUP}/{name}/labels", data=np.asarray(task_labels, dtype=np.int64))
+                f.create_dataset(f"{TASKS_GROUP}/{name}/classes", data=np.asarray(list(task_classes), dtype=object),
+                                 dtype=_STR)
+            if tasks:
+                f.attrs["tasks"] = json.dumps(list(tasks))
+                f.attrs["default_task"] = default_task
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["config_hash"] = self.config_hash
@@ -493,6 +510,10 @@ class FeatureStore:
         classes: class names.
         attrs: root attributes, JSON strings decoded.
         shape: (N, D) of the features dataset.
+        tasks: every label set, name -> (classes, labels): the default task (/labels, /classes) first, then
+            those of /tasks.
+        task_name: which label set `labels` and `classes` are (the default task, unless :meth:`with_task`
+            chose another).
     """
 
     path: Path
@@ -505,6 +526,32 @@ class FeatureStore:
     classes: list[str]
     attrs: dict[str, Any]
     shape: tuple[int, int]
+    tasks: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
+    task_name: str = DEFAULT_TASK
+
+    @property
+    def default_task(self) -> str:
+        return str(self.attrs.get("default_task", DEFAULT_TASK))
+
+    @property
+    def task_names(self) -> list[str]:
+        """Every label set, the default first."""
+        return list(self.tasks) or [self.default_task]
+
+    def with_task(self, name: str | None) -> "FeatureStore":
+        """This store with `labels` and `classes` of the task `name` (None: the default task); the arrays are
+        shared, not copied.
+
+        Raises:
+            StoreError: the store has no such task (naming those it has).
+        """
+        name = self.default_task if name is None else name
+        if name == self.task_name:
+            return self
+        if name not in self.tasks:
+            raise StoreError(f"{self.path} has no task {name!r}; it has: {', '.join(self.task_names)}")
+        classes, labels = self.tasks[name]
+        return dataclasses.replace(self, labels=labels, classes=list(classes), task_name=name)
 
     @property
     def ok(self) -> np.ndarray:
@@ -591,17 +638,31 @@ def _read_open_store(f: h5py.File, path: Path, features: bool) -> FeatureStore:
         if where not in f or f[where].shape != (shape[0], int(layer["width"])):
             raise StoreError(f"{path} lists layer {layer['name']!r} but /{where} is missing or not "
                              f"{shape[0]} x {layer['width']}; the store is damaged")
+    default = str(_decode_attr(f.attrs.get("default_task", DEFAULT_TASK)))
+    labels, classes = f["labels"][()].astype(np.int64), [str(c) for c in _strings(f["classes"])]
+    tasks = {default: (classes, labels)}
+    n_rows = shape[0]
+    for name in _decode_attr(f.attrs.get("tasks", "[]")) or []:
+        where = f"{TASKS_GROUP}/{name}"
+        if f"{where}/labels" not in f or f"{where}/classes" not in f or f[f"{where}/labels"].shape != (n_rows,):
+            raise StoreError(f"{path} lists task {name!r} but /{where}/labels (of {n_rows} rows) or /{where}/classes "
+                             "is missing; the store is damaged")
+        if str(name) != default:
+            tasks[str(name)] = ([str(c) for c in _strings(f[f"{where}/classes"])],
+                                f[f"{where}/labels"][()].astype(np.int64))
     return FeatureStore(
         path=path,
         features=f["features"][()] if features else None,
-        labels=f["labels"][()].astype(np.int64),
+        labels=labels,
         ids=_strings(f["ids"]),
         split=_strings(f["split"]),
         status=f["status"][()].astype(np.uint8),
         errors=_strings(f["errors"]),
-        classes=[str(c) for c in _strings(f["classes"])],
+        classes=classes,
         attrs={k: _decode_attr(v) for k, v in f.attrs.items()},
         shape=shape,
+        tasks=tasks,
+        task_name=default,
     )
 
 
@@ -647,6 +708,14 @@ def verify_store(path: str | os.PathLike, block_rows: int = 8192) -> dict[str, A
         problems.append(f"features have {d} columns but num_features says {store.attrs['num_features']}")
     if len(store.labels) and (store.labels.min() < -1 or store.labels.max() >= len(store.classes)):
         problems.append(f"labels outside -1..{len(store.classes) - 1}")
+    for name, (task_classes, task_labels) in store.tasks.items():
+        if len(task_labels) and (task_labels.min() < -1 or task_labels.max() >= len(task_classes)):
+            problems.append(f"task {name!r} has labels outside -1..{len(task_classes) - 1}")
+    with h5py.File(store.path, "r") as f:  # a named default task is stored twice: /tasks/<name> and /labels
+        where = f"{TASKS_GROUP}/{store.default_task}"
+        if where in f and not (np.array_equal(f[f"{where}/labels"][()], store.labels)
+                               and [str(c) for c in _strings(f[f"{where}/classes"])] == store.classes):
+            problems.append(f"/labels and /classes differ from /{where}, the default task's")
     bad_split = sorted(set(store.split.tolist()) - {"train", "val", "test", ""})
     if bad_split:
         problems.append(f"unknown split names {bad_split[:3]}")

@@ -111,12 +111,13 @@ def _split(spec: str) -> tuple[Path, str]:
     return Path(path), layer or LAST
 
 
-def parse_candidates(specs: list[str | os.PathLike]) -> list[Candidate]:
-    """Turn ``STORE.h5[:LAYER|:all|:concat]`` arguments into candidates, reading each store's metadata once.
+def parse_candidates(specs: list[str | os.PathLike], task: str | None = None) -> list[Candidate]:
+    """Turn ``STORE.h5[:LAYER|:all|:concat]`` arguments into candidates, reading each store's metadata once;
+    with `task`, the stores' labels and classes are that label set's (:meth:`FeatureStore.with_task`).
 
     Raises:
         StoreError: a store that is missing or unreadable, a layer it does not hold (naming those it does),
-            ``concat`` on a store without layers.
+            ``concat`` on a store without layers, a task it does not have.
         HeadsError: no candidates, or the same candidate twice.
     """
     if not specs:
@@ -127,7 +128,7 @@ def parse_candidates(specs: list[str | os.PathLike]) -> list[Candidate]:
         path, layer = _split(raw)
         key = path.resolve()
         if key not in stores:
-            stores[key] = read_store(path, features=False)
+            stores[key] = read_store(path, features=False).with_task(task)
         store = stores[key]
         if layer == ALL:
             out += [Candidate(f"{path}:{name}", store, name) for name in [LAST, *store.layer_names]]

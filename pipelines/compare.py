@@ -32,7 +32,7 @@ from pipelines.provenance import library_versions
 from pipelines.curves import learning_curve, scored_rows_note
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
 
-__all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save_best_head", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
+__all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save_best_head", "task_names", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
            "MIN_CANDIDATES_FOR_TRUST"]
 
 SIGNIFICANCE = 0.05
@@ -93,6 +93,11 @@ class Comparison:
     def best(self) -> dict[str, Any]:
         return self.rows[0]
 
+    @property
+    def task(self) -> str:
+        """The label set compared (the stores' default one unless ``task`` was given)."""
+        return self.stores[0].task_name
+
 
 def _threads_for(spec):
     """All cores for a head that spreads one fit over them itself; the comparison's per-fit limit otherwise."""
@@ -149,6 +154,7 @@ def compare_heads(
     shots: list[int | str] | None = None,
     seeds: int = 5,
     calibrate: str | None = None,
+    task: str | None = None,
     progress: bool = True,
 ) -> Comparison:
     """Train and compare every head on every representation under one protocol.
@@ -178,6 +184,8 @@ def compare_heads(
         calibrate: ``none``, ``temperature``, ``sigmoid`` or ``isotonic`` (:mod:`heads.calibration`), fitted on
             out-of-fold logits of the fit rows; None: ``temperature`` for heads without probabilities (their
             NLL, Brier and ECE need some), ``none`` for the rest.
+        task: which label set of the stores to predict (``label:NAME`` columns of a CSV manifest; None: the
+            default one); every row names it.
         progress: show a progress bar.
 
     Raises:
@@ -196,7 +204,7 @@ def compare_heads(
     if class_weight not in (None, "balanced"):
         raise HeadsError(f"--class-weight must be 'balanced' or 'none', got {class_weight!r}")
     jobs = jobs or os.cpu_count() or 1
-    candidates = parse_candidates(store_paths)
+    candidates = parse_candidates(store_paths, task=task)
     stores = distinct_stores(candidates)
     labeled, usable = usable_rows(stores)
     ref = stores[0]
@@ -407,6 +415,7 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         "layer": cand.layer,
         "store": str(cand.store.path),
         "head": spec.name,
+        "task": cand.store.task_name,
         **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
         **{f"{k}_ci": list(v) for k, v in cis.items()},
         "top5_accuracy": metrics["top5_accuracy"],
@@ -503,6 +512,11 @@ def _parallel_backend(jobs: int) -> str:
     return f"{name}, {jobs} parallel fit{'s' if jobs > 1 else ''}"
 
 
+def task_names(store_paths: list[str | Path]) -> list[str]:
+    """Every label set of the first candidate's store, its default first (``--task all``)."""
+    return parse_candidates(store_paths[:1])[0].store.task_names
+
+
 def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None = None,
                    class_weight: str | None = None) -> Path:
     """Save the winning head (refit as the protocol says) with its provenance, via skops."""
@@ -524,6 +538,7 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
         "layer": candidate.layer,
         "blocks": candidate.blocks,
         "classes": comparison.classes,
+        "task": comparison.task,
         "backbone": attrs.get("backbone"),
         "weights_source": attrs.get("weights_source"),
         "weights_sha256": attrs.get("weights_sha256"),

@@ -189,6 +189,8 @@ def extract_features(
         }
         if computed["layers"]:  # only then: a store without layers keeps the config (and hash) it always had
             config["layers"] = computed["layers"]
+        if src.tasks:  # the same: the label sets' contents are in the fingerprint, their names here
+            config["dataset"]["tasks"] = src.task_names
         writer = StoreWriter(
             out, config, len(src), computed["num_features"], dtype=dtype, shard_size=shard_size, overwrite=overwrite,
             layers=computed["layers"],
@@ -217,6 +219,8 @@ def extract_features(
         labels=[s.label for s in samples],
         split=[s.split for s in samples],
         classes=src.classes,
+        tasks={name: (t.classes, t.labels) for name, t in src.tasks.items()},
+        default_task=src.default_task,
         attrs={
             "backbone": computed["backbone"],
             "weights_source": computed["weights"]["source"],

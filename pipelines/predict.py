@@ -152,12 +152,14 @@ def predict_images(
     _write_csv(out, header, rows)
 
     accuracy, scored = {}, {}
-    if src.classes:
+    task = prov.get("task")  # a head saved for one label set is scored against the source's labels of that set
+    truth = src.task(task) if task is None or task in src.task_names else None
+    if truth is not None and truth.classes:
         hits: dict[str, list[bool]] = {}
-        for sample, row in zip(src.samples, rows):
-            if sample.label < 0 or row[-1] or src.classes[sample.label] not in classes:
+        for sample, label, row in zip(src.samples, truth.labels, rows):
+            if label < 0 or row[-1] or truth.classes[label] not in classes:
                 continue
-            hit = row[1] == src.classes[sample.label]
+            hit = row[1] == truth.classes[label]
             for key in ("all", sample.split) if sample.split else ("all",):
                 hits.setdefault(key, []).append(hit)
         accuracy = {k: float(np.mean(v)) for k, v in hits.items()}

@@ -13,10 +13,10 @@ from heads.calibration import ECE_BINS, expected_calibration_error, reliability_
 from heads.transferability import SCORES
 from pipelines.compare import Comparison, best_accuracy
 
-__all__ = ["write_results", "format_ci", "format_tau", "ranking_markdown", "CSV_FIELDS"]
+__all__ = ["write_results", "write_task_summary", "format_ci", "format_tau", "ranking_markdown", "CSV_FIELDS"]
 
 CSV_FIELDS = (
-    "rank", "representation", "backbone", "layer", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
+    "rank", "task", "representation", "backbone", "layer", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
     "macro_f1", "top5_accuracy", "log_loss", "fit_seconds", "tune_seconds", "predict_us_per_sample",
     "p_value_vs_best", "tied_with_best", "params", "mode", "tune_rows", "approximated", "predicted_seconds",
     "actual_seconds", "probe_seconds", "nll", "brier", "ece", "calibration", "temperature",
@@ -374,7 +374,7 @@ def _plot_reliability(comparison: Comparison, path: Path) -> None:
 def _markdown(comparison: Comparison) -> str:
     best = comparison.best
     lines = [
-        "# compare-heads report",
+        "# compare-heads report" + (f": task {comparison.task}" if len(comparison.stores[0].task_names) > 1 else ""),
         "",
         f"**Winner:** {best['representation']} + {best['head']} (`{json.dumps(best['params'], sort_keys=True)}`), "
         f"accuracy {format_ci(best)} %.",
@@ -459,6 +459,7 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
+        "task": comparison.task,
         "protocol": comparison.plan.kind,
         "protocol_description": comparison.plan.description,
         "folds": comparison.plan.folds,
@@ -506,4 +507,28 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
     if predictions:
         written.append(out / "predictions")
         write_predictions(comparison, out)
+    return written
+
+
+def write_task_summary(comparisons: list[Comparison], out_dir: str | Path) -> list[Path]:
+    """For ``--task all``: results.json with every task's rows (each names its task) and meta, and report.md
+    with each task's winner and a link to its own report (``TASK/report.md``, from :func:`write_results`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    document = {"tasks": [c.task for c in comparisons], "rows": [r for c in comparisons for r in c.rows],
+                "meta": {c.task: {"classes": c.classes, "rows_used": int(c.usable.sum()),
+                                  "excluded_unlabeled": c.excluded_unlabeled, "n_scored": int(len(c.y_scored)),
+                                  "protocol_description": c.plan.description, "seconds": c.seconds}
+                         for c in comparisons}}
+    lines = ["# compare-heads report: every task", "",
+             f"Stores: {', '.join(f'`{s.path}`' for s in comparisons[0].stores)}. One leaderboard per label set, "
+             "each under the same protocol on the rows labelled for it.", "",
+             "| task | classes | rows used | winner | accuracy % [95 % CI] | report |", "|---|---:|---:|---|---|---|"]
+    for c in comparisons:
+        best = c.best
+        lines.append(f"| {c.task} | {len(c.classes)} | {int(c.usable.sum())} | {best['representation']} + "
+                     f"{best['head']} | {format_ci(best)} | [{c.task}/report.md]({c.task}/report.md) |")
+    written = [out / "results.json", out / "report.md"]
+    written[0].write_text(json.dumps(document, indent=2))
+    written[1].write_text("\n".join(lines + [""]))
     return written

@@ -198,6 +198,8 @@ def test_last_round_fills_the_target_from_the_measured_ratio():
     kept, sizing = last_rows(0.6, last=False)  # a head before the last never takes more than planned
     assert kept == schedule[-1][1] and sizing.note() == ""
     assert last_rows(0.01)[0] <= len(task.fit)
+    planned.cost = CostModel(1.0, 1000, 0.001)  # earlier rounds of milliseconds: overheads, not the model
+    assert last_rows(2.0)[0] == schedule[-1][1]
 
 
 def test_stratified_subset_keeps_class_shares():
