@@ -23,7 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones import Backbone
 from .errors import FeaturizeError
 from .sources import Source
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 __all__ = [
     "DEVICE_CHOICES",
@@ -248,6 +251,7 @@ def iter_features(
     streams: int | None = None,
     jpeg_draft: bool = True,
     compile: bool = False,
+    runtime: "Runtime | None" = None,
 ) -> Iterator[FeatureBatch]:
     """Yield features for `indices` (in that order) in batches.
 
@@ -268,12 +272,18 @@ def iter_features(
         jpeg_draft: let large JPEGs decode at a reduced scale (see :func:`draft_size`); changes features
             slightly, so it belongs in the store's config.
         compile: run the model through ``torch.compile`` (then one stream).
+        runtime: a resolved OpenVINO runtime (:func:`featurize.runtime.resolve_runtime`) runs the model instead
+            of torch, `streams` defaulting to its optimal number of requests; None or torch: the torch path.
     """
     if batch_size < 1:
         raise FeaturizeError(f"--batch-size must be at least 1, got {batch_size}")
     if workers < 0:
         raise FeaturizeError(f"--workers must be 0 or more, got {workers}")
-    streams = (1 if compile else default_streams(device)) if streams is None else streams
+    openvino = runtime is not None and runtime.name == "openvino"
+    if openvino and batch_size > runtime.batch_size:
+        raise FeaturizeError(f"batch size {batch_size} is over the {runtime.batch_size} the OpenVINO model was compiled for")
+    if streams is None:
+        streams = runtime.requests if openvino else 1 if compile else default_streams(device)
     if streams < 1:
         raise FeaturizeError(f"--streams must be at least 1, got {streams}")
     dataset = _DecodeDataset(source, backbone, jpeg_draft)
@@ -291,7 +301,7 @@ def iter_features(
         ))
     else:
         items = _chunks(indices, batch_size)
-    forward = prepare_model(backbone, device, compile)
+    forward = None if openvino else prepare_model(backbone, device, compile)
     dim = backbone.num_features
 
     def run(item) -> FeatureBatch:
@@ -299,7 +309,12 @@ def iter_features(
         ok = torch.tensor([not e for e in errors], dtype=torch.bool)
         features = np.full((len(errors), dim), np.nan, dtype=np.float32)
         layers = {t["name"]: np.full((len(errors), t["width"]), np.nan, dtype=np.float32) for t in backbone.layers}
-        if ok.any():
+        if ok.any() and openvino:  # the runtime's infer releases the GIL: the streams overlap like torch's
+            outputs = runtime.infer((images[ok] if not ok.all() else images).numpy())
+            features[ok.numpy()] = outputs[0]
+            for t, value in zip(backbone.layers, outputs[1:]):
+                layers[t["name"]][ok.numpy()] = value
+        elif ok.any():
             # inference_mode and autocast are thread-local: entered here, in the stream's own thread.
             with torch.inference_mode(), autocast(device, precision):
                 x = images[ok] if not ok.all() else images

@@ -13,10 +13,16 @@ Every number comes from one run on one machine, so the ratios are meaningful eve
 * ``bf16_min_cosine`` / ``bf16_mean_cosine`` -- bf16 vs fp32 features of the same images;
 * ``bf16_probe_acc_delta`` -- logistic-regression test accuracy on builtin:digits with bf16 minus fp32
   features, in percentage points.
+
+All of these are the torch runtime's. With ``openvino`` among the runtimes (:mod:`featurize.runtime`), the same
+run adds ``openvino_*``: its start-up from an empty cache and from a warm one, forward and end-to-end speed,
+their ratios to torch's, the 2-core compute bound ``cores / (cores / forward + 1 / decode_per_core)`` and the
+end-to-end share of it, min/mean cosine to torch fp32 features, and the digits probe's accuracy delta.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import tempfile
@@ -43,6 +49,7 @@ from featurize.engine import (
     stream_threads,
 )
 from featurize.errors import FeaturizeError
+from featurize.runtime import resolve_runtime
 from featurize.sources import Source, open_source
 from featurize.store import StoreWriter, read_store
 from heads import get_head
@@ -178,12 +185,86 @@ def _write_mb_s(folder: Path, rows: int = 20_000, dim: int = 1280) -> float:
     return rows * dim * 2 / 1e6 / seconds
 
 
-def _features(source, model_name, weights, precision, device, batch_size, workers, streams, limit) -> np.ndarray:
+def _features(source, model_name, weights, precision, device, batch_size, workers, streams, limit,
+              runtime: str = "torch") -> np.ndarray:
     backbone = create_backbone(model_name, weights)
     indices = range(min(limit, len(source)))
+    engine = resolve_runtime(runtime, backbone, device, precision, batch_size)
     return np.concatenate([b.features for b in iter_features(source, backbone, indices, device=device,
-                                                              precision=precision, batch_size=batch_size,
-                                                              workers=workers, streams=streams)])
+                                                              precision=engine.precision, batch_size=batch_size,
+                                                              workers=workers, streams=streams if runtime == "torch"
+                                                              else None, runtime=engine)])
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(a).all(1) & np.isfinite(b).all(1)
+    return (a[ok] * b[ok]).sum(1) / np.linalg.norm(a[ok], axis=1) / np.linalg.norm(b[ok], axis=1)
+
+
+@contextlib.contextmanager
+def _cache_at(folder: Path):
+    """Point the converted-model cache at `folder` for a block (a cold start measured without touching the
+    user's cache)."""
+    before = os.environ.get("HEADBENCH_CACHE")
+    os.environ["HEADBENCH_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HEADBENCH_CACHE", None)
+        else:
+            os.environ["HEADBENCH_CACHE"] = before
+
+
+def _openvino_measures(model: str, weights: str, folder: Path, source: Source, tmp: Path, device: torch.device,
+                       precision: str, batch: int, workers: int, torch_result: dict[str, Any],
+                       reference: np.ndarray | None, reference_probe: float | None) -> dict[str, Any]:
+    """The OpenVINO runtime measured like torch in the same run (see the module docstring)."""
+    out: dict[str, Any] = {}
+    backbone = create_backbone(model, weights)
+    with _cache_at(tmp / "openvino-cache"):
+        started = time.perf_counter()
+        cold = resolve_runtime("openvino", backbone, device, precision, batch)
+        out["openvino_first_start_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        engine = resolve_runtime("openvino", backbone, device, precision, batch)
+        out["openvino_second_start_s"] = time.perf_counter() - started
+        del cold
+        out.update(openvino_version=engine.version, openvino_precision=engine.precision,
+                   openvino_requests=engine.requests)
+        channels, height, width = backbone.data_config["input_size"]
+        x = np.random.default_rng(0).integers(0, 256, size=(batch, channels, height, width), dtype=np.uint8)
+        if backbone.mean is None:
+            x = x.astype(np.float32) / 255.0
+
+        def step(pool) -> int:
+            rounds = 4
+            list(pool.map(lambda _: [engine.infer(x) for _ in range(rounds)], range(engine.requests)))
+            return rounds * engine.requests * batch
+
+        with ThreadPoolExecutor(engine.requests) as pool:
+            step(pool)  # warm-up
+            out["openvino_forward_ips"] = _timed(lambda: step(pool))
+        e2e = extract_features(folder, tmp / "e2e-openvino.h5", model=model, weights=weights, device=str(device),
+                               precision=precision, batch_size=batch, workers=workers, runtime="openvino",
+                               progress=False)
+        out["openvino_end_to_end_ips"] = e2e.images_per_second
+        if reference is not None:
+            cosine = _cosines(reference, _features(source, model, weights, precision, device, batch, workers, None,
+                                                   limit=len(reference), runtime="openvino"))
+            out["openvino_min_cosine"], out["openvino_mean_cosine"] = float(cosine.min()), float(cosine.mean())
+        if reference_probe is not None:
+            store = extract_features("builtin:digits", tmp / "digits-openvino.h5", model=model, weights=weights,
+                                     device=str(device), precision=precision, batch_size=batch, workers=workers,
+                                     runtime="openvino", progress=False)
+            out["openvino_probe_acc_delta"] = (_probe_accuracy(store.path) - reference_probe) * 100
+    cores = os.cpu_count() or 1
+    per_core = torch_result["decode_ips_per_worker"]
+    out["openvino_compute_bound_ips"] = cores / (cores / out["openvino_forward_ips"] + 1 / per_core)
+    out["ratio_openvino_end_to_end_vs_compute_bound"] = out["openvino_end_to_end_ips"] / out["openvino_compute_bound_ips"]
+    out["ratio_openvino_vs_torch_forward"] = out["openvino_forward_ips"] / torch_result["forward_ips"]
+    out["ratio_openvino_vs_torch_end_to_end"] = out["openvino_end_to_end_ips"] / torch_result["end_to_end_ips"]
+    return out
 
 
 def _probe_accuracy(store_path: Path) -> float:
@@ -222,9 +303,16 @@ def run_benchmark(
     streams: int | None = None,
     compile: bool = False,
     quality: bool = True,
+    runtimes: tuple[str, ...] = ("torch",),
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Measure extraction speed and reduced-precision quality in one run; returns a JSON-able dict."""
+    """Measure extraction speed and reduced-precision quality in one run; returns a JSON-able dict.
+
+    `runtimes`: ``torch`` is always measured (the reference); with ``openvino`` too, its measures are added
+    (``openvino_*``)."""
+    unknown = [r for r in runtimes if r not in ("torch", "openvino")]
+    if unknown:
+        raise FeaturizeError(f"bench --runtime takes torch and/or openvino, got {', '.join(unknown)}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     batch = batch_size or default_batch_size(dev)
@@ -252,7 +340,7 @@ def run_benchmark(
         result["forward_ips"] = _forward_ips(backbone, dev, prec, batch, n_streams, compile)
         e2e = extract_features(folder, tmp / "e2e.h5", model=model, weights=weights, device=device, precision=prec,
                                batch_size=batch, workers=n_workers, streams=n_streams, compile=compile,
-                               progress=progress)
+                               runtime="torch", progress=progress)
         result["end_to_end_ips"] = e2e.images_per_second
         result["naive_ips"] = _naive_ips(model, weights, source, naive_images, dev)
         result["decode_ips_per_worker"] = _decode_ips(backbone, source, min(200, len(source)))
@@ -266,20 +354,23 @@ def run_benchmark(
         result["ratio_end_to_end_vs_forward"] = result["end_to_end_ips"] / result["forward_ips"]
         result["speedup_vs_naive"] = result["end_to_end_ips"] / result["naive_ips"]
 
+        fp32 = None
         if quality:
             fp32 = _features(source, model, weights, "fp32", dev, batch, n_workers, n_streams, limit=200)
             bf16 = _features(source, model, weights, "bf16", dev, batch, n_workers, n_streams, limit=200)
-            ok = np.isfinite(fp32).all(1) & np.isfinite(bf16).all(1)
-            cosine = (fp32[ok] * bf16[ok]).sum(1) / np.linalg.norm(fp32[ok], axis=1) / np.linalg.norm(bf16[ok], axis=1)
+            cosine = _cosines(fp32, bf16)
             result["bf16_min_cosine"] = float(cosine.min())
             result["bf16_mean_cosine"] = float(cosine.mean())
             accuracy = {}
             for p in ("fp32", "bf16"):
                 store = extract_features("builtin:digits", tmp / f"digits-{p}.h5", model=model, weights=weights,
                                          device=device, precision=p, batch_size=batch, workers=n_workers,
-                                         streams=n_streams, progress=progress)
+                                         streams=n_streams, runtime="torch", progress=progress)
                 accuracy[p] = _probe_accuracy(store.path)
             result["probe_accuracy_fp32"] = accuracy["fp32"]
             result["probe_accuracy_bf16"] = accuracy["bf16"]
             result["bf16_probe_acc_delta"] = (accuracy["bf16"] - accuracy["fp32"]) * 100
+        if "openvino" in runtimes:
+            result.update(_openvino_measures(model, weights, folder, source, tmp, dev, precision, batch, n_workers,
+                                             result, fp32, result.get("probe_accuracy_fp32")))
     return result

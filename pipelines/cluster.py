@@ -167,8 +167,9 @@ class _Extractor:
     """
 
     def __init__(self, source: str, model: str, options: dict[str, Any]):
-        from featurize.backbones import PIXELS, create_backbone
-        from featurize.engine import default_batch_size, default_workers, resolve_device, resolve_precision
+        from featurize.backbones import create_backbone
+        from featurize.engine import default_batch_size, default_workers, resolve_device
+        from featurize.runtime import resolve_runtime
         from featurize.sources import open_source
 
         self.error = ""
@@ -178,12 +179,15 @@ class _Extractor:
                                             crop_pct=options.get("crop_pct"), grayscale=options.get("grayscale", False),
                                             layers=options.get("layers"))
             self.device = resolve_device(options["device"])
-            self.precision = "fp32" if model == PIXELS else resolve_precision(options["precision"], self.device)
+            batch_size = options["batch_size"] or default_batch_size(self.device)
+            self.runtime = resolve_runtime(options.get("runtime", "torch"), self.backbone, self.device,
+                                           options["precision"], batch_size)
+            self.precision = self.runtime.precision
         except Exception as e:  # reported by describe(), with the node it happened on
             self.error = _first_line(e)
             return
         self.options = dict(options)
-        self.options["batch_size"] = options["batch_size"] or default_batch_size(self.device)
+        self.options["batch_size"] = batch_size
         self.options["workers"] = default_workers(self.device) if options["workers"] is None else options["workers"]
 
     def describe(self) -> dict[str, Any]:
@@ -204,6 +208,8 @@ class _Extractor:
             "num_features": b.num_features,
             "layers": b.layers,
             "precision": self.precision,
+            "runtime": self.runtime.name,
+            "runtime_info": self.runtime.describe(),
             "dataset": {"kind": self.source.kind, "fingerprint": self.source.fingerprint(),
                         "num_rows": len(self.source)},
         }
@@ -219,7 +225,8 @@ class _Extractor:
         layers: dict[str, list[np.ndarray]] = {t["name"]: [] for t in self.backbone.layers}
         for batch in iter_features(self.source, self.backbone, rows, device=self.device,
                                    precision=self.precision, batch_size=o["batch_size"], workers=o["workers"],
-                                   streams=o["streams"], jpeg_draft=o["jpeg_draft"], compile=o["compile"]):
+                                   streams=o["streams"], jpeg_draft=o["jpeg_draft"], compile=o["compile"],
+                                   runtime=self.runtime):
             indices.append(batch.indices)
             with np.errstate(over="ignore"):  # overflow to inf is recorded as a failed row by the writer
                 features.append(batch.features.astype(dtype))
@@ -246,7 +253,7 @@ def group_shards(shards: list[range], rows_per_call: int) -> list[tuple[range, .
 
 
 # What an actor reports that must be the same on every node (the rest: where it runs).
-_AGREED = ("backbone", "weights", "data_config", "pooling", "num_features", "layers", "precision", "dataset")
+_AGREED = ("backbone", "weights", "data_config", "pooling", "num_features", "layers", "precision", "runtime", "dataset")
 
 
 class RayExtractPool:
@@ -307,7 +314,7 @@ class RayExtractPool:
                 f"{self.resources} each); check `ray status` for free resources"
             )
         self._join(ready[0])
-        self.description = {k: self._reference[k] for k in (*_AGREED, "device")}
+        self.description = {k: self._reference[k] for k in (*_AGREED, "device", "runtime_info")}
 
     def _start_actor(self) -> None:
         actor = self._actor_class.remote(*self._args)

@@ -546,6 +546,7 @@ def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None
         "pooling": attrs.get("pooling"),
         "decode": store.config.get("decode"),
         "precision": attrs.get("precision"),
+        "runtime": (attrs.get("runtime") or {}).get("name", "torch"),
         "dtype": attrs.get("dtype"),
         "num_features": candidate.width,
         "layers": [t for t in store.layers if t["name"] in candidate.blocks],

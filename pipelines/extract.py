@@ -13,9 +13,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from featurize.backbones import PIXELS, check_model_name, create_backbone
+from featurize.backbones import check_model_name, create_backbone
 from featurize.errors import FeaturizeError
-from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, resolve_precision
+from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device
+from featurize.runtime import resolve_runtime
 from featurize.sources import open_source
 from featurize.store import FORMAT_VERSION, StoreWriter, check_writable
 from pipelines.provenance import library_versions
@@ -36,6 +37,8 @@ class ExtractResult:
         images_per_second: rows computed by this run per second of that loop.
         failure_reasons: failed-row counts by error type.
         config_hash: the store's config hash.
+        runtime: what ran the model (:meth:`featurize.runtime.Runtime.describe`: name, version, precision, and
+            for OpenVINO its start-up seconds).
     """
 
     path: Path
@@ -46,6 +49,7 @@ class ExtractResult:
     images_per_second: float
     config_hash: str
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
 
 
 DEFAULT_MAX_FAILURES = "5%"
@@ -72,6 +76,10 @@ def allowed_failures(spec: str | int, total: int) -> int:
         raise FeaturizeError(
             f"--max-failures must be a count such as 10 or a share such as 5%, got {text!r}"
         ) from None
+
+
+def _warn(line: str) -> None:
+    tqdm.write(f"warning: {line}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -104,6 +112,7 @@ def extract_features(
     shard_size: int = 1024,
     jpeg_draft: bool = True,
     compile: bool = False,
+    runtime: str = "auto",
     max_failures: str | int = DEFAULT_MAX_FAILURES,
     overwrite: bool = False,
     ray: str | None = None,
@@ -121,6 +130,8 @@ def extract_features(
         grayscale: pixels only: one grey channel.
         layers: intermediate layers stored beside the features, from the same forward pass: ``last`` (none),
             ``stages``, or module names / stage indices (:func:`featurize.backbones.resolve_layers`).
+        runtime: ``auto`` (OpenVINO on a CPU when installed and the model converts, else torch), ``torch`` or
+            ``openvino`` (:mod:`featurize.runtime`); part of the config, so a resume must use the same one.
         ray: None: run here. An address (``HOST:PORT``, ``auto``, ``ray://...``) or ``local``: spread the shards
             over a Ray cluster's actors (:mod:`pipelines.cluster`); the store is the same as a local run's.
 
@@ -141,18 +152,19 @@ def extract_features(
             backbone = create_backbone(model, weights, image_size=image_size, crop_pct=crop_pct, grayscale=grayscale,
                                        layers=layers)
             dev = resolve_device(device)
-            prec = "fp32" if backbone.name == PIXELS else resolve_precision(precision, dev)  # pixels: no arithmetic
+            batch = batch_size or default_batch_size(dev)
+            engine = resolve_runtime(runtime, backbone, dev, precision, batch, warn=_warn)
             computed = {"backbone": backbone.name, "weights": backbone.weights, "data_config": backbone.data_config,
-                        "pooling": backbone.pooling, "num_features": backbone.num_features, "precision": prec,
-                        "layers": backbone.layers}
+                        "pooling": backbone.pooling, "num_features": backbone.num_features,
+                        "precision": engine.precision, "layers": backbone.layers, "runtime": engine.name,
+                        "runtime_info": engine.describe()}
             placement = str(dev)
 
             def batches(shards: list[range]):
                 return iter_features(
-                    src, backbone, [i for rows in shards for i in rows], device=dev, precision=prec,
-                    batch_size=batch_size or default_batch_size(dev),
-                    workers=default_workers(dev) if workers is None else workers, streams=streams,
-                    jpeg_draft=jpeg_draft, compile=compile,
+                    src, backbone, [i for rows in shards for i in rows], device=dev, precision=engine.precision,
+                    batch_size=batch, workers=default_workers(dev) if workers is None else workers, streams=streams,
+                    jpeg_draft=jpeg_draft, compile=compile, runtime=engine,
                 )
         else:
             from pipelines.cluster import RayExtractPool, ray_session
@@ -162,7 +174,7 @@ def extract_features(
                 "weights": weights, "image_size": image_size, "crop_pct": crop_pct, "grayscale": grayscale,
                 "layers": layers, "device": device, "precision": precision,
                 "batch_size": batch_size, "workers": workers, "streams": streams, "jpeg_draft": jpeg_draft,
-                "compile": compile,
+                "compile": compile, "runtime": runtime,
             }, report=lambda line: tqdm.write(line, file=sys.stderr))
             stack.callback(pool.shutdown)
             computed = pool.description
@@ -189,6 +201,8 @@ def extract_features(
         }
         if computed["layers"]:  # only then: a store without layers keeps the config (and hash) it always had
             config["layers"] = computed["layers"]
+        if computed["runtime"] != "torch":  # the same: a store computed by torch keeps its config and hash
+            config["runtime"] = computed["runtime"]
         if src.tasks:  # the same: the label sets' contents are in the fingerprint, their names here
             config["dataset"]["tasks"] = src.task_names
         writer = StoreWriter(
@@ -229,6 +243,7 @@ def extract_features(
             "pooling": computed["pooling"],
             "decode": config["decode"],
             "precision": computed["precision"],
+            "runtime": computed["runtime_info"],
             "device": placement,
             "num_features": computed["num_features"],
             **({"layers": computed["layers"]} if computed["layers"] else {}),
@@ -248,4 +263,5 @@ def extract_features(
         images_per_second=computed_rows / seconds if seconds > 0 else 0.0,
         config_hash=writer.config_hash,
         failure_reasons=writer.failure_reasons,
+        runtime=computed["runtime_info"],
     )

@@ -20,6 +20,7 @@ PROVENANCE_KEYS = (
     "pooling",
     "decode",
     "precision",
+    "runtime",
     "dtype",
     "device",
     "config_hash",

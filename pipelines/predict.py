@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from featurize.backbones import create_backbone
 from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device
+from featurize.runtime import resolve_runtime
 from featurize.sources import open_source
 from featurize.store import LAST_LAYER
 from heads import HeadsError
@@ -74,6 +76,7 @@ def predict_images(
     workers: int | None = None,
     trust: bool = False,
     proba: bool = False,
+    runtime: str = "auto",
     progress: bool = True,
 ) -> PredictResult:
     """Predict a class for every image of `source` with a head saved by ``compare-heads --save-best``.
@@ -81,7 +84,8 @@ def predict_images(
     The backbone, weights, preprocessing, precision, storage dtype and layer(s) are the ones recorded in the
     head, so the head sees features exactly like those it was trained on; weights that differ are refused.
     With `proba`, one ``p:<class>`` column per class holds the head's (calibrated, when it was saved with a
-    calibrator) probabilities; each row sums to 1.
+    calibrator) probabilities; each row sums to 1. `runtime` runs the backbone as extract does
+    (:func:`featurize.runtime.resolve_runtime`, at the head's recorded precision).
 
     Raises:
         HeadsError, FeaturizeError: unreadable head, missing weights file, other weights, bad source.
@@ -120,13 +124,15 @@ def predict_images(
         raise HeadsError(f"{head_path} gives no probabilities; save it again with compare-heads --save-best "
                          "(heads without predict_proba are saved with a temperature-scaled calibrator)")
 
+    size = batch_size or default_batch_size(dev)
+    engine = resolve_runtime(runtime, backbone, dev, prov["precision"], size,
+                             warn=lambda line: tqdm.write(f"warning: {line}", file=sys.stderr))
     rows, failed = [], 0
     with tqdm(total=len(src), unit="img", desc="predict", disable=not progress) as bar:
         for batch in iter_features(
-            src, backbone, range(len(src)), device=dev, precision=prov["precision"],
-            batch_size=batch_size or default_batch_size(dev),
+            src, backbone, range(len(src)), device=dev, precision=engine.precision, batch_size=size,
             workers=default_workers(dev) if workers is None else workers,
-            jpeg_draft=prov["decode"]["jpeg_draft"],
+            jpeg_draft=prov["decode"]["jpeg_draft"], runtime=engine,
         ):
             ok = np.array([not e for e in batch.errors])
             parts = [batch.features if b == LAST_LAYER else batch.layers[b] for b in blocks]  # the candidate's columns

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ if str(ROOT) not in sys.path:
 
 # Tests must never reach for the network: the hub path fails fast and from the local cache only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Converted OpenVINO models go to a cache of this test session, never the user's (subprocesses inherit it).
+os.environ["HEADBENCH_CACHE"] = tempfile.mkdtemp(prefix="headbench-test-cache-")
 
 
 def photo(name: str) -> np.ndarray:

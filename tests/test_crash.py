@@ -37,8 +37,8 @@ def image_dir(tmp_path_factory):
 
 def _cmd(source, out):
     return [sys.executable, str(ROOT / "cli.py"), "extract", str(source), "--model", "test_resnet", "--weights",
-            "random", "--precision", "fp32", "--out", str(out), "--shard-size", str(SHARD), "--batch-size", "16",
-            "--workers", "0", "-q"]
+            "random", "--precision", "fp32", "--runtime", "torch", "--out", str(out), "--shard-size", str(SHARD),
+            "--batch-size", "16", "--workers", "0", "-q"]
 
 
 def _run(source, out, fault=None):
