@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,17 +33,20 @@ from .errors import FeaturizeError
 __all__ = ["RUNTIME_CHOICES", "Runtime", "resolve_runtime", "openvino_version", "cache_dir"]
 
 RUNTIME_CHOICES = ("auto", "torch", "openvino")
+RUNTIME_ENV = "HEADBENCH_RUNTIME"  # torch or openvino: what auto means on this machine (e.g. to opt out everywhere)
 _OV_PRECISION = {"bf16": "bf16", "fp32": "f32"}
 INSTALL_HINT = "pip install openvino"
 
 
 def openvino_version() -> str | None:
-    """The installed OpenVINO's version, or None when it is not installed."""
+    """The installed OpenVINO's version, or None when it is not installed (read from the package metadata:
+    nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import openvino
-    except ImportError:
+        return version("openvino")
+    except PackageNotFoundError:
         return None
-    return str(openvino.__version__).split("-")[0]
 
 
 def cache_dir() -> Path:
@@ -145,7 +149,9 @@ def _convert(backbone: Backbone, batch_size: int, folder: Path) -> tuple[Any, fl
     channels, height, width = backbone.data_config["input_size"]
     dtype = torch.uint8 if backbone.mean is not None else torch.float32
     example = torch.zeros((batch_size, channels, height, width), dtype=dtype)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's notice that jit.trace (used inside) is deprecated
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         model = ov.convert_model(_Exported(backbone).eval(), example_input=example,
                                  input=[(ov.PartialShape([batch_size, channels, height, width]),
                                          ov.Type.u8 if dtype == torch.uint8 else ov.Type.f32)])
@@ -196,7 +202,7 @@ def resolve_runtime(requested: str, backbone: Backbone, device: torch.device, pr
     """The runtime for `backbone` on `device`: ``torch``, ``openvino`` (CPU only) or ``auto``.
 
     ``auto`` is OpenVINO on a CPU when it is installed and the model converts, else torch (`warn` gets one line
-    saying why, when OpenVINO was expected to work); the ``pixels`` pseudo-backbone always runs on torch (there
+    saying why, when OpenVINO was expected to work); ``$HEADBENCH_RUNTIME`` (torch or openvino) overrides it; the ``pixels`` pseudo-backbone always runs on torch (there
     is nothing to compile). `precision` is the user's (``auto`` resolved per runtime).
 
     Raises:
@@ -207,6 +213,8 @@ def resolve_runtime(requested: str, backbone: Backbone, device: torch.device, pr
 
     if requested not in RUNTIME_CHOICES:
         raise FeaturizeError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {requested!r}")
+    if requested == "auto" and os.environ.get(RUNTIME_ENV) in ("torch", "openvino"):
+        requested = os.environ[RUNTIME_ENV]
     torch_runtime = Runtime("torch", "fp32" if backbone.name == PIXELS else resolve_precision(precision, device),
                             torch.__version__.split("+")[0])
     if requested == "torch":

@@ -19,6 +19,9 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Converted OpenVINO models go to a cache of this test session, never the user's (subprocesses inherit it).
 os.environ["HEADBENCH_CACHE"] = tempfile.mkdtemp(prefix="headbench-test-cache-")
+# --runtime auto means torch in the tests: OpenVINO runs only where a test names it, and then in a subprocess of
+# its own (in one full run, a process that had run OpenVINO and then Ray aborted in joblib's result thread).
+os.environ["HEADBENCH_RUNTIME"] = "torch"
 
 
 def photo(name: str) -> np.ndarray:

@@ -23,7 +23,7 @@ from pipelines.extract import extract_features
 
 from conftest import ROOT, assert_one_line_error, invoke
 
-TINY = dict(model="test_resnet", weights="random", precision="fp32", workers=0, progress=False)
+TINY = dict(model="test_resnet", weights="random", precision="fp32", runtime="torch", workers=0, progress=False)
 FIXTURE_V1 = ROOT / "tests" / "data" / "store-v1.h5"
 
 

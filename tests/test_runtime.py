@@ -1,13 +1,18 @@
 """The OpenVINO runtime: the same features as torch fp32 (features and layers), part of the config (a resume
-with another runtime is refused), cached conversions, clean fallbacks and errors, predict and bench."""
+with another runtime is refused), cached conversions, clean fallbacks and errors, and bench.
+
+OpenVINO runs in subprocesses only (the CLI, or a short script): the test process itself stays on torch (see
+tests/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -15,15 +20,12 @@ import featurize.runtime as runtime_module
 from featurize.backbones import create_backbone
 from featurize.engine import resolve_device
 from featurize.errors import FeaturizeError
-from featurize.runtime import resolve_runtime
+from featurize.runtime import openvino_version, resolve_runtime
 from featurize.store import read_store
-from pipelines.extract import extract_features
 
 from conftest import ROOT, assert_one_line_error, invoke, photo, write_image
 
-pytest.importorskip("openvino")
-
-TINY = dict(model="test_efficientnet", weights="random", precision="fp32", workers=0, progress=False)
+pytestmark = pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -39,58 +41,84 @@ def photos(tmp_path_factory):
     return root
 
 
+def _cli(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=env, **kwargs)
+
+
+def _extract(source, out, runtime, *more, env=None, **kwargs):
+    return _cli("extract", source, "--model", "test_efficientnet", "--weights", "random", "--precision", "fp32",
+                "--out", out, "--runtime", runtime, "-q", *more, env=env, **kwargs)
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def test_openvino_store_equals_the_torch_fp32_store(photos, tmp_path):
-    ov = extract_features(photos, tmp_path / "ov.h5", runtime="openvino", layers="stages", **TINY)
-    pt = extract_features(photos, tmp_path / "pt.h5", runtime="torch", layers="stages", **TINY)
-    a, b = read_store(ov.path), read_store(pt.path)
-    assert _cosines(a.features.astype(np.float64), b.features.astype(np.float64)).min() >= 0.999
-    with __import__("h5py").File(ov.path) as fa, __import__("h5py").File(pt.path) as fb:
+    ov = _extract(photos, tmp_path / "ov.h5", "openvino", "--layers", "stages")
+    pt = _extract(photos, tmp_path / "pt.h5", "torch", "--layers", "stages")
+    assert ov.returncode == 0 and pt.returncode == 0, ov.stderr + pt.stderr
+    assert "runtime: openvino" in ov.stdout and "runtime: torch" in pt.stdout
+    a, b = read_store(tmp_path / "ov.h5"), read_store(tmp_path / "pt.h5")
+    assert _cosines(a.features, b.features).min() >= 0.999
+    with h5py.File(tmp_path / "ov.h5") as fa, h5py.File(tmp_path / "pt.h5") as fb:
         for name in a.layer_names:
-            assert _cosines(fa[f"layers/{name}"][()].astype(np.float64),
-                            fb[f"layers/{name}"][()].astype(np.float64)).min() >= 0.999, name
+            assert _cosines(fa[f"layers/{name}"][()], fb[f"layers/{name}"][()]).min() >= 0.999, name
     assert a.attrs["runtime"]["name"] == "openvino" and a.config["runtime"] == "openvino"
+    assert a.attrs["runtime"]["precision"] == "fp32" and a.attrs["runtime"]["startup_seconds"]["compile"] >= 0
     assert "runtime" not in b.config  # a torch store keeps the config (and hash) it always had
-    assert ov.runtime["precision"] == "fp32" and ov.runtime["startup_seconds"]["compile"] >= 0
 
 
-def test_the_converted_model_is_cached_and_the_second_start_is_fast(tmp_path, monkeypatch):
-    monkeypatch.setenv("HEADBENCH_CACHE", str(tmp_path / "cache"))
-    backbone = create_backbone("test_resnet", "random")
-    device = resolve_device("cpu")
-    first = resolve_runtime("openvino", backbone, device, "fp32", 4)
-    second = resolve_runtime("openvino", backbone, device, "fp32", 4)
-    assert not first.cached and second.cached and second.seconds["convert"] < first.seconds["convert"]
-    x = np.random.default_rng(0).integers(0, 256, size=(3, *backbone.data_config["input_size"]), dtype=np.uint8)
-    assert np.array_equal(first.infer(x)[0], second.infer(x)[0])  # padded to the compiled batch of 4
+CACHE_SCRIPT = """
+import json, sys
+import numpy as np
+from featurize.backbones import create_backbone
+from featurize.engine import resolve_device
+from featurize.runtime import resolve_runtime
+backbone = create_backbone("test_resnet", "random")
+runs = [resolve_runtime("openvino", backbone, resolve_device("cpu"), "fp32", 4) for _ in range(2)]
+x = np.random.default_rng(0).integers(0, 256, size=(3, *backbone.data_config["input_size"]), dtype=np.uint8)
+outputs = [r.infer(x)[0] for r in runs]
+print(json.dumps({"cached": [r.cached for r in runs], "convert": [r.seconds["convert"] for r in runs],
+                  "shape": list(outputs[0].shape), "diff": float(np.abs(outputs[0] - outputs[1]).max())}))
+"""
+
+
+def test_the_converted_model_is_cached_and_the_second_start_is_fast(tmp_path):
+    env = {**os.environ, "HEADBENCH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["cached"] == [False, True] and result["convert"][1] < result["convert"][0]
+    assert result["shape"][0] == 3 and result["diff"] < 1e-4  # 3 rows out of a batch compiled for 4
     assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 1
 
 
 def test_a_resume_with_another_runtime_is_refused_naming_it(photos, tmp_path):
     out = tmp_path / "s.h5"
-    cmd = [sys.executable, str(ROOT / "cli.py"), "extract", str(photos), "--model", "test_resnet", "--weights",
-           "random", "--precision", "fp32", "--out", str(out), "--shard-size", "16", "--batch-size", "8", "-q"]
-    killed = subprocess.run(cmd + ["--runtime", "torch"], env={**os.environ, "HEADBENCH_FAULT": "after-shard:1"},
-                            capture_output=True, text=True, cwd=ROOT, start_new_session=True, timeout=300)
+    more = ("--shard-size", "16", "--batch-size", "8")
+    killed = _extract(photos, out, "torch", *more, env={**os.environ, "HEADBENCH_FAULT": "after-shard:1"},
+                      start_new_session=True)
     assert killed.returncode == -signal.SIGKILL
-    other = subprocess.run(cmd + ["--runtime", "openvino"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    other = _extract(photos, out, "openvino", *more)
     assert other.returncode == 1 and "changed: runtime" in other.stderr and "Traceback" not in other.stderr
-    same = subprocess.run(cmd + ["--runtime", "torch"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    same = _extract(photos, out, "torch", *more)
     assert same.returncode == 0 and "resumed" in same.stdout
 
 
 def test_auto_falls_back_to_torch_with_one_warning_and_explicit_openvino_fails_cleanly(monkeypatch, runner,
                                                                                        photos, tmp_path):
+    monkeypatch.delenv("HEADBENCH_RUNTIME")
     backbone = create_backbone("test_resnet", "random")
     device = resolve_device("cpu")
 
-    def broken(*args, **kwargs):
+    def broken(*args, **kwargs):  # stands in for a model OpenVINO cannot convert (OpenVINO itself never runs)
         raise RuntimeError("unsupported operation aten::frobnicate\nmore detail")
 
-    monkeypatch.setattr(runtime_module, "_convert", broken)
+    monkeypatch.setattr(runtime_module, "_openvino", broken)
     warnings = []
     chosen = resolve_runtime("auto", backbone, device, "fp32", 8, warn=warnings.append)
     assert chosen.name == "torch" and len(warnings) == 1 and "aten::frobnicate" in warnings[0]
@@ -99,6 +127,10 @@ def test_auto_falls_back_to_torch_with_one_warning_and_explicit_openvino_fails_c
     result = invoke(runner, ["extract", str(photos), "--model", "test_resnet", "--weights", "random", "--out",
                              str(tmp_path / "x.h5"), "--runtime", "openvino", "-q"])
     assert_one_line_error(result, "did not convert")
+    monkeypatch.setenv("HEADBENCH_RUNTIME", "torch")
+    assert resolve_runtime("auto", backbone, device, "fp32", 8, warn=warnings.append).name == "torch"
+    assert len(warnings) == 1  # the environment chose: nothing to warn about
+    monkeypatch.delenv("HEADBENCH_RUNTIME")
 
     monkeypatch.setattr(runtime_module, "openvino_version", lambda: None)
     warnings.clear()
@@ -114,3 +146,17 @@ def test_openvino_on_pixels_is_one_clear_error(runner, photos, tmp_path):
     result = invoke(runner, ["extract", str(photos), "--model", "pixels", "--out", str(tmp_path / "p.h5"),
                              "--runtime", "openvino", "-q"])
     assert_one_line_error(result, "the pixels pseudo-backbone has no model to compile")
+
+
+def test_bench_measures_both_runtimes_in_one_run(tmp_path):
+    out = tmp_path / "bench.json"
+    done = _cli("bench", "--model", "test_resnet", "--weights", "random", "--num-images", "16", "--no-quality",
+                "--runtime", "torch,openvino", "--json", out)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    for key in ("openvino_forward_ips", "openvino_end_to_end_ips", "ratio_openvino_vs_torch_forward",
+                "ratio_openvino_vs_torch_end_to_end", "openvino_compute_bound_ips",
+                "ratio_openvino_end_to_end_vs_compute_bound", "openvino_first_start_s", "openvino_second_start_s"):
+        assert data[key] > 0 and key in done.stdout, key
+    assert data["ratio_openvino_vs_torch_forward"] == pytest.approx(data["openvino_forward_ips"] / data["forward_ips"])
+    assert data["openvino_second_start_s"] < data["openvino_first_start_s"]  # from the cache
