@@ -146,11 +146,14 @@ def test_workers_that_would_compute_different_features_are_refused():
     pool = object.__new__(RayExtractPool)
     pool.actors = []
     same = {"backbone": "test_resnet", "weights": {"sha256": "a"}, "data_config": {}, "pooling": "avg",
-            "num_features": 8, "layers": [], "precision": "fp32", "dataset": {"fingerprint": "f"}, "device": "cpu"}
+            "num_features": 8, "layers": [], "precision": "fp32", "runtime": "torch", "dataset": {"fingerprint": "f"},
+            "device": "cpu"}
     pool._reference = {**same, "node": "10.0.0.1"}
     assert pool._check({**same, "node": "10.0.0.9", "device": "cuda"})["node"] == "10.0.0.9"
     with pytest.raises(ClusterError, match="nodes 10.0.0.1 and 10.0.0.2 .* differ in weights, dataset"):
         pool._check({**same, "weights": {"sha256": "b"}, "dataset": {"fingerprint": "g"}, "node": "10.0.0.2"})
+    with pytest.raises(ClusterError, match="nodes 10.0.0.1 and 10.0.0.4 .* differ in runtime"):
+        pool._check({**same, "runtime": "openvino", "node": "10.0.0.4"})  # one node without OpenVINO installed
     with pytest.raises(ClusterError, match="on node 10.0.0.3 could not start: FeaturizeError: source x does not"):
         pool._check({"node": "10.0.0.3", "error": "FeaturizeError: source x does not exist"})
 
