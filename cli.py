@@ -217,6 +217,8 @@ def _runtime_line(runtime: dict) -> str:
     if seconds:
         how = "from the cache" if runtime.get("cached") else f"converted in {seconds.get('convert', 0):.1f} s"
         line += f" (model ready in {sum(seconds.values()):.1f} s: {how})"
+    if runtime.get("note"):
+        line += f"; {runtime['note']}"
     return line
 
 

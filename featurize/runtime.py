@@ -68,7 +68,7 @@ class Runtime:
         batch_size: the batch the OpenVINO model was compiled for (smaller batches are zero-padded).
         seconds: start-up time by step (``convert``, ``compile``); ``cached`` says whether the converted model
             came from the cache.
-        note: why ``auto`` chose it, or what the precision became ('' when nothing to say).
+        note: what the requested precision became when the runtime cannot compute in it ('' otherwise).
     """
 
     name: str
@@ -86,6 +86,8 @@ class Runtime:
     def describe(self) -> dict[str, Any]:
         """What the store records (attributes; only the name enters the config hash)."""
         out: dict[str, Any] = {"name": self.name, "version": self.version, "precision": self.precision}
+        if self.note:
+            out["note"] = self.note
         if self.name == "openvino":
             out.update(requests=self.requests, batch_size=self.batch_size, cached=self.cached,
                        startup_seconds={k: round(v, 3) for k, v in self.seconds.items()})
@@ -136,13 +138,12 @@ def _timm_version() -> str:
     return timm.__version__
 
 
-def _convert(backbone: Backbone, batch_size: int, folder: Path) -> tuple[Any, float, bool]:
+def _convert(core: Any, backbone: Backbone, batch_size: int, folder: Path) -> tuple[Any, float, bool]:
     """The OpenVINO model for `backbone` at `batch_size`: read from `folder` when cached, else converted and
     saved there (atomically: a finished folder or none). Returns (model, seconds, cached)."""
     import openvino as ov
 
     started = time.perf_counter()
-    core = ov.Core()
     xml = folder / "model.xml"
     if xml.is_file():
         return core.read_model(xml), time.perf_counter() - started, True
@@ -181,9 +182,9 @@ def _openvino(backbone: Backbone, precision: str, batch_size: int) -> Runtime:
         note = f"--precision {precision}: this CPU has no native {precision}; OpenVINO computes in fp32"
     dtype = "uint8" if backbone.mean is not None else "float32"
     folder = cache_dir() / _cache_key(backbone, batch_size, dtype, version)
-    model, convert_seconds, cached = _convert(backbone, batch_size, folder)
-    started = time.perf_counter()
     core = ov.Core()
+    model, convert_seconds, cached = _convert(core, backbone, batch_size, folder)
+    started = time.perf_counter()
     config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": _OV_PRECISION[wanted]}
     try:
         (folder / "compiled").mkdir(parents=True, exist_ok=True)
@@ -232,8 +233,6 @@ def resolve_runtime(requested: str, backbone: Backbone, device: torch.device, pr
         if warn:
             warn(f"OpenVINO is not installed, so the model runs on torch (slower on CPUs); {INSTALL_HINT}")
         return torch_runtime
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        resolve_precision(precision, device)  # the one clear error for a bad value
     try:
         return _openvino(backbone, precision, batch_size)
     except Exception as e:  # conversion or compilation of an unusual model

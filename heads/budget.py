@@ -243,26 +243,31 @@ def _calibration_seconds(spec: HeadSpec, cost: CostModel, task: Task, jobs: int)
 
 def full_plan(spec: HeadSpec, cost: CostModel, plan: Plan, jobs: int) -> float:
     """Predicted wall seconds of the plain protocol (grid search on every fit row, refit, calibration, score)."""
-    total, jobs = 0.0, head_jobs(spec, jobs)
-    for task in plan.tasks:
-        n_fit, splits, fraction = _task_shape(task)
-        fits = spec.grid_size() * splits
-        total += fits * cost.seconds(n_fit * fraction) / _parallel(fits, jobs)
-        total += cost.refit_seconds(n_fit, len(task.score), jobs, _passes(spec))
-        total += _calibration_seconds(spec, cost, task, jobs)
-    return total
+    jobs = head_jobs(spec, jobs)
+    return sum(_round_seconds(cost, task, spec.grid_size(), len(task.fit), jobs)
+               + _after_tuning_seconds(spec, cost, task, jobs) for task in plan.tasks)
+
+
+def _round_seconds(cost: CostModel, task: Task, candidates: int, rows: int, jobs: int) -> float:
+    """One halving round: `candidates` settings x the task's CV splits, on `rows` tuning rows."""
+    _, splits, fraction = _task_shape(task)
+    fits = candidates * splits
+    return fits * cost.seconds(rows * fraction) / _parallel(fits, jobs)
+
+
+def _after_tuning_seconds(spec: HeadSpec, cost: CostModel, task: Task, jobs: int) -> float:
+    """The refit on every fit row, scoring the task's rows, and calibration."""
+    return cost.refit_seconds(len(task.fit), len(task.score), jobs, _passes(spec)) + \
+        _calibration_seconds(spec, cost, task, jobs)
 
 
 def _halving_seconds(spec: HeadSpec, cost: CostModel, plan: Plan, rows: int, jobs: int, n_classes: int) -> float:
     total, jobs = 0.0, head_jobs(spec, jobs)
     for task in plan.tasks:
-        n_fit, splits, fraction = _task_shape(task)
         if spec.grid_size() > 1:
-            for candidates, resources in halving_schedule(spec.grid_size(), rows, splits, n_classes):
-                fits = candidates * splits
-                total += fits * cost.seconds(resources * fraction) / _parallel(fits, jobs)
-        total += cost.refit_seconds(n_fit, len(task.score), jobs, _passes(spec))
-        total += _calibration_seconds(spec, cost, task, jobs)
+            for candidates, resources in halving_schedule(spec.grid_size(), rows, len(task.cv), n_classes):
+                total += _round_seconds(cost, task, candidates, resources, jobs)
+        total += _after_tuning_seconds(spec, cost, task, jobs)
     return total
 
 
@@ -295,18 +300,13 @@ class LastRound:
         return (f"; the earlier rounds took {ratio:.2f}x their predicted time: last round on {chosen} rows instead "
                 f"of {planned}" + (f" (and {len(changed) - 1} more tasks)" if len(changed) > 1 else ""))
 
-    def _round_seconds(self, cost: CostModel, task: Task, candidates: int, rows: int) -> float:
-        _, splits, fraction = _task_shape(task)
-        fits = candidates * splits
-        return fits * cost.seconds(rows * fraction) / _parallel(fits, self.jobs)
-
     def last_round_rows(self, task: Task, done: list[tuple[int, int]], seconds: float, rows: int) -> int:
         """Rows for the last round of `task`'s halving, after rounds `done` ((candidates, rows) each) took
         `seconds`; `rows` is what was planned."""
         spec, cost = self.decision.spec, self.decision.cost
         if cost is None or self.decision.target_seconds is None:
             return rows
-        predicted = sum(self._round_seconds(cost, task, c, r) for c, r in done)
+        predicted = sum(_round_seconds(cost, task, c, r, self.jobs) for c, r in done)
         if predicted < self.MIN_MEASURED:
             return rows
         # The earlier rounds ran on a third of the rows or fewer, where the cost's parts weigh differently (an
@@ -319,18 +319,17 @@ class LastRound:
         deadline = self.decision.target_seconds * (index + 1) / len(self.plan.tasks)
         left = deadline - (time.perf_counter() - self.started)
         n_fit = len(task.fit)
-        after = scaled.refit_seconds(n_fit, len(task.score), self.jobs, _passes(spec)) + \
-            _calibration_seconds(spec, scaled, task, self.jobs)
+        after = _after_tuning_seconds(spec, scaled, task, self.jobs)
         candidates = math.ceil(spec.grid_size() / FACTOR ** len(done))
         low, high = done[-1][1], n_fit if self.decision.last else rows
-        if self._round_seconds(scaled, task, candidates, high) + after <= left:
+        if _round_seconds(scaled, task, candidates, high, self.jobs) + after <= left:
             chosen = high
-        elif self._round_seconds(scaled, task, candidates, low) + after > left:
+        elif _round_seconds(scaled, task, candidates, low, self.jobs) + after > left:
             chosen = low
         else:
             while high - low > max(1, n_fit // 200):  # bisect the most rows that end in time
                 mid = (low + high) // 2
-                if self._round_seconds(scaled, task, candidates, mid) + after <= left:
+                if _round_seconds(scaled, task, candidates, mid, self.jobs) + after <= left:
                     low = mid
                 else:
                     high = mid

@@ -179,8 +179,7 @@ def test_last_round_fills_the_target_from_the_measured_ratio():
     assert planned.mode == "halving"
     planned.target_seconds, planned.last = 400.0, True
     schedule = halving_schedule(spec.grid_size(), planned.tune_rows, len(task.cv), 10)
-    predicted = sum(budget.LastRound(planned, plan, jobs=1, n_classes=10)._round_seconds(cost, task, c, r)
-                    for c, r in schedule[:-1])
+    predicted = sum(budget._round_seconds(cost, task, c, r, 1) for c, r in schedule[:-1])
 
     def last_rows(ratio, last=True):
         planned.last = last
