@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from featurize.backbones import list_backbones
+from featurize.decode import DECODE_CHOICES
 from featurize.engine import DEVICE_CHOICES, PRECISION_CHOICES
 from featurize.runtime import RUNTIME_CHOICES
 from featurize.errors import FeaturizeError
@@ -54,6 +55,25 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
+
+
+def _source_options(command):
+    """Options of packed sources (tar shards, Parquet); the command receives them as keyword arguments."""
+    for option in reversed([
+        click.option("--label-key", metavar="KEY",
+                     help="Tar shards: take labels from this key of each sample's .json [default: the .cls member, "
+                          "else the .json's label]."),
+        click.option("--image-column", metavar="NAME",
+                     help="Parquet: the column of encoded images (bytes or {bytes, path}) [default: image, or the "
+                          "only such column]."),
+        click.option("--label-column", metavar="NAME", help="Parquet: the label column [default: label, if any]."),
+        click.option("--split-column", metavar="NAME",
+                     help="Parquet: the split column (train/val/validation/test) [default: the split folder or file "
+                          "name prefix, if any]."),
+        click.option("--id-column", metavar="NAME", help="Parquet: unique row ids [default: FILE/ROW]."),
+    ]):
+        command = option(command)
+    return command
 
 
 def _console():
@@ -138,6 +158,11 @@ def main():
               help="What runs the model: auto = OpenVINO on a CPU when installed and the model converts (compiled "
                    "for this CPU, cached per user: about twice torch's speed), else torch. Part of the store's "
                    "config: a resume must use the same.")
+@click.option("--decode", type=click.Choice(DECODE_CHOICES), default="auto", show_default=True,
+              help="Who decodes JPEGs: cpu = Pillow in decode workers or streams; gpu = batched nvJPEG on the GPU, "
+                   "resized there (CPU threads only read bytes; PNGs and odd JPEGs go to Pillow beside it); tensor = "
+                   "torchvision's decoder on the model's device, whatever it is; auto = gpu on CUDA, else cpu. "
+                   "Tensor decoding is part of the store's config.")
 @click.option(
     "--max-failures",
     default="5%",
@@ -146,16 +171,20 @@ def main():
     help="Fail the run (writing no store) when more images than this cannot be decoded: a count or a share.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store (and discard an unfinished run).")
+@_source_options
 @_ray_option("Spread the shards over actors (one per GPU, or one per CPU core)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers, batch_size, workers, device,
-            precision, dtype, shard_size, jpeg_draft, streams, compile_model, runtime, max_failures, overwrite,
-            ray_address, quiet):
+            precision, dtype, shard_size, jpeg_draft, streams, compile_model, runtime, decode, max_failures, overwrite,
+            ray_address, quiet, **source_options):
     """Embed every image of SOURCE with a frozen backbone into an HDF5 feature store.
 
     SOURCE is an image folder (ROOT/<class>/<image>, ROOT/<split>/<class>/<image> with split folders
     train/val/test, or ROOT/<image> unlabeled), a CSV manifest with a header path,label[,split] (paths
-    relative to the CSV), or builtin:digits (scikit-learn's handwritten digits, train/test split included).
+    relative to the CSV), builtin:digits (scikit-learn's handwritten digits, train/test split included),
+    webdataset tar shards (one .tar, a folder of them -- split folders train/val/test name the split -- or a
+    brace pattern 'shards/{000000..000099}.tar'; ids SHARD/KEY, labels from .cls or .json), or Parquet files /
+    a Hugging Face save_to_disk folder with an image column (ids FILE/ROW unless --id-column).
 
     Images that cannot be decoded are recorded as failed rows with their reason, and summed up by reason at
     the end; only when more than --max-failures of them fail does the run stop without writing a store.
@@ -173,6 +202,8 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
       python cli.py extract photos/ --model resnet50 --weights hub --out photos-r50.h5
       python cli.py extract list.csv --model vit_small_patch16_224 --weights vit.safetensors --out list.h5
       python cli.py extract /shared/photos --model resnet50 --out /shared/photos-r50.h5 --ray 10.0.0.1:6379
+      python cli.py extract 'shards/{000000..000099}.tar' --model resnet50 --decode gpu --out shards-r50.h5
+      python cli.py extract data/ --image-column image --label-column label --model resnet50 --out hf-r50.h5
     """
     from pipelines.extract import extract_features
 
@@ -195,6 +226,8 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
         streams=streams,
         compile=compile_model,
         runtime=runtime,
+        decode=decode,
+        source_options=source_options,
         max_failures=max_failures,
         overwrite=overwrite,
         ray=ray_address,
@@ -205,7 +238,7 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
         f"wrote {result.path}: {result.num_rows} rows, {result.num_failed} failed{resumed} "
         f"({result.images_per_second:.1f} img/s)"
     )
-    click.echo(f"  runtime: {_runtime_line(result.runtime)}")
+    click.echo(f"  runtime: {_runtime_line(result.runtime)}; decoder: {result.decoder}")
     for reason, count in sorted(result.failure_reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  failed: {count} x {reason} (see: python cli.py inspect {result.path})")
 
@@ -353,9 +386,11 @@ def models(pattern, offline):
 @click.option("--runtime", "runtimes", default="auto", show_default=True, metavar="auto|torch[,openvino]",
               help="Runtimes to measure in this run: torch always (the reference), openvino too when named; auto = "
                    "both when OpenVINO is installed and the device is a CPU.")
+@click.option("--decode", type=click.Choice(DECODE_CHOICES), default="auto", show_default=True,
+              help="Decoding of the end-to-end run, as extract's; with gpu/tensor the Pillow path is measured too.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
 def bench(model, weights, images, num_images, device, precision, batch_size, workers, streams, compile_model,
-          no_quality, runtimes, json_out):
+          no_quality, runtimes, decode, json_out):
     """Measure extraction speed against the model's own forward speed and a naive loop, in one run.
 
     Reports forward_ips (model alone, synthetic tensors), end_to_end_ips (extract from JPEG files into a
@@ -378,7 +413,7 @@ def bench(model, weights, images, num_images, device, precision, batch_size, wor
     chosen = tuple(dict.fromkeys(["torch", *(r.strip() for r in runtimes.split(",") if r.strip())]))
     result = run_benchmark(model, weights=weights, images=images, num_images=num_images, device=device,
                            precision=precision, batch_size=batch_size, workers=workers, streams=streams,
-                           compile=compile_model, quality=not no_quality, runtimes=chosen)
+                           compile=compile_model, quality=not no_quality, runtimes=chosen, decode=decode)
     _print_bench(result)
     _write_json(result, json_out)
 
@@ -405,6 +440,9 @@ def _print_bench(result: dict) -> None:
         ("forward_ips", "{:.1f} img/s"), ("end_to_end_ips", "{:.1f} img/s"), ("naive_ips", "{:.1f} img/s"),
         ("decode_ips_per_worker", "{:.1f} img/s"), ("decode_capacity_ips", "{:.1f} img/s"),
         ("predecoded_ips", "{:.1f} img/s"), ("write_mb_s", "{:.1f} MB/s"),
+        ("decoder", "{}"), ("end_to_end_cpu_decode_ips", "{:.1f} img/s"), ("ratio_end_to_end_vs_cpu_decode", "{:.2f}x"),
+        ("startup_seconds", "{:.2f} s"), ("first_batch_seconds", "{:.2f} s"), ("shutdown_seconds", "{:.2f} s"),
+        ("nonfinite_rows", "{}"),
         ("ratio_end_to_end_vs_forward", "{:.3f}"), ("ratio_predecoded_vs_forward", "{:.3f}"),
         ("ratio_end_to_end_vs_decode_capacity", "{:.3f}"), ("speedup_vs_naive", "{:.2f}x"),
         ("bf16_min_cosine", "{:.5f}"), ("bf16_mean_cosine", "{:.5f}"), ("bf16_probe_acc_delta", "{:+.2f} points"),
@@ -824,14 +862,16 @@ def _print_ranking(ranking) -> None:
               help="Add one p:<class> column per class: the head's probabilities (calibrated as it was saved).")
 @click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto", show_default=True,
               help="What runs the backbone, as in extract (auto: OpenVINO on a CPU when installed).")
+@_source_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def predict(head_path, source, out, weights, device, batch_size, workers, trust, proba, runtime, quiet):
+def predict(head_path, source, out, weights, device, batch_size, workers, trust, proba, runtime, quiet,
+            **source_options):
     """Predict a class for every image of SOURCE with a saved head.
 
     The backbone is rebuilt from the head's provenance (model, weights, preprocessing, precision) and the
     weights are checked against the recorded sha256. Writes id,prediction (with --proba one p:<class> column
     per class, each row summing to 1), and an error column for images that could not be decoded. When SOURCE
-    has labels, prints the accuracy.
+    has labels, prints the accuracy. SOURCE is anything extract reads (folder, CSV, tar shards, Parquet).
 
     \b
     Examples:
@@ -841,7 +881,8 @@ def predict(head_path, source, out, weights, device, batch_size, workers, trust,
     from pipelines.predict import predict_images
 
     result = predict_images(head_path, source, out, weights=weights, device=device, batch_size=batch_size,
-                            workers=workers, trust=trust, proba=proba, runtime=runtime, progress=not quiet)
+                            workers=workers, trust=trust, proba=proba, runtime=runtime,
+                            source_options=source_options, progress=not quiet)
     click.echo(f"wrote {result.path}: {result.num_rows} rows, {result.num_failed} failed")
     for key, acc in result.accuracy.items():
         label = "all labeled rows" if key == "all" else f"split {key}"

@@ -247,20 +247,26 @@ class ResizeCenterCrop:
         self.crop_h, self.crop_w = crop.size
         self.resample = F.pil_modes_mapping[resize.interpolation]
 
-    def __call__(self, img):
-        if not isinstance(img, Image.Image):
-            return self.crop(self.resize(img))
-        w, h = img.size
+    def box(self, w: int, h: int) -> tuple[float, float, float, float] | None:
+        """The region of a `w` x `h` image that resize-then-crop keeps, in its own pixels (left, top, right,
+        bottom), or None when the crop would need padding."""
         if w <= h:
             new_w, new_h = self.size, int(self.size * h / w)
         else:
             new_w, new_h = int(self.size * w / h), self.size
         if new_w < self.crop_w or new_h < self.crop_h:
-            return self.crop(self.resize(img))
+            return None
         top = int(round((new_h - self.crop_h) / 2.0))
         left = int(round((new_w - self.crop_w) / 2.0))
         sx, sy = w / new_w, h / new_h
-        box = (left * sx, top * sy, (left + self.crop_w) * sx, (top + self.crop_h) * sy)
+        return (left * sx, top * sy, (left + self.crop_w) * sx, (top + self.crop_h) * sy)
+
+    def __call__(self, img):
+        if not isinstance(img, Image.Image):
+            return self.crop(self.resize(img))
+        box = self.box(*img.size)
+        if box is None:
+            return self.crop(self.resize(img))
         return img.resize((self.crop_w, self.crop_h), self.resample, box=box)
 
     def __repr__(self) -> str:

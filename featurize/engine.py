@@ -20,6 +20,7 @@ import collections
 import contextlib
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -30,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
+from .decode import TensorDecoder, error_text
 from .errors import FeaturizeError
 from .sources import Source
 
@@ -167,25 +169,32 @@ def draft_size(data_config: dict) -> tuple[int, int]:
 
 
 class _DecodeDataset(Dataset):
-    """Decode + per-image transform of one sample; a failure becomes an error string, never another sample."""
+    """Decode + per-image transform of one sample; a failure becomes an error string, never another sample.
 
-    def __init__(self, source: Source, backbone: Backbone, jpeg_draft: bool):
+    ``decode="tensor"`` decodes JPEGs with torchvision on the CPU (:class:`featurize.decode.TensorDecoder`),
+    everything else with Pillow, as the CUDA path does on the GPU."""
+
+    def __init__(self, source: Source, backbone: Backbone, jpeg_draft: bool, decode: str = "pillow"):
         self.source = source
         self.transform = backbone.image_transform
         self.draft = draft_size(backbone.data_config) if jpeg_draft else None
         self.blank = torch.zeros(
             tuple(backbone.data_config["input_size"]), dtype=torch.float32 if backbone.mean is None else torch.uint8
         )
+        self.tensor = TensorDecoder(source, backbone, torch.device("cpu"), self.pillow) if decode == "tensor" else None
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int):
+    def pillow(self, index: int) -> tuple[torch.Tensor, str]:
         try:
-            return index, self.transform(self.source.load(index, self.draft)), ""
+            return self.transform(self.source.load(index, self.draft)), ""
         except Exception as e:  # every decode/transform failure is recorded for this row alone
-            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return index, self.blank, f"{type(e).__name__}: {message}".rstrip(": ")
+            return self.blank, error_text(e)
+
+    def __getitem__(self, index: int):
+        image, error = self.tensor.decode_one(index) if self.tensor is not None else self.pillow(index)
+        return index, image, error
 
 
 def _collate(items):
@@ -252,6 +261,8 @@ def iter_features(
     jpeg_draft: bool = True,
     compile: bool = False,
     runtime: "Runtime | None" = None,
+    decode: str = "pillow",
+    timings: dict[str, float] | None = None,
 ) -> Iterator[FeatureBatch]:
     """Yield features for `indices` (in that order) in batches.
 
@@ -274,11 +285,18 @@ def iter_features(
         compile: run the model through ``torch.compile`` (then one stream).
         runtime: a resolved OpenVINO runtime (:func:`featurize.runtime.resolve_runtime`) runs the model instead
             of torch, `streams` defaulting to its optimal number of requests; None or torch: the torch path.
+        decode: ``pillow`` (decode workers or streams, Pillow) or ``tensor`` (:mod:`featurize.decode`: on a GPU,
+            `workers` threads read bytes and the GPU decodes whole batches; on a CPU, torchvision's decoder runs
+            where Pillow would); see :func:`featurize.decode.resolve_decode`.
+        timings: filled with ``time.perf_counter()`` stamps: ``model_ready``, ``first_batch``, ``last_batch``
+            (when those batches were handed over) and ``closed`` (decoders stopped).
     """
     if batch_size < 1:
         raise FeaturizeError(f"--batch-size must be at least 1, got {batch_size}")
     if workers < 0:
         raise FeaturizeError(f"--workers must be 0 or more, got {workers}")
+    if decode not in ("pillow", "tensor"):
+        raise FeaturizeError(f"decode must be resolved to pillow or tensor (featurize.decode.resolve_decode), got {decode!r}")
     openvino = runtime is not None and runtime.name == "openvino"
     if openvino and batch_size > runtime.batch_size:
         raise FeaturizeError(f"batch size {batch_size} is over the {runtime.batch_size} the OpenVINO model was compiled for")
@@ -286,11 +304,20 @@ def iter_features(
         streams = runtime.requests if openvino else 1 if compile else default_streams(device)
     if streams < 1:
         raise FeaturizeError(f"--streams must be at least 1, got {streams}")
-    dataset = _DecodeDataset(source, backbone, jpeg_draft)
-    if workers:
-        # Workers are forked before the model moves to the device: a process that has loaded the GPU's
-        # libraries is slower to fork.
-        items: Iterator = iter(DataLoader(
+    stamps = timings if timings is not None else {}
+    on_device = decode == "tensor" and device.type != "cpu"  # decoded in batches on the device, read by threads
+    dataset = _DecodeDataset(source, backbone, jpeg_draft, "pillow" if on_device else decode)
+    decoder = TensorDecoder(source, backbone, device, dataset.pillow) if on_device else None
+    readers = loader = None
+    if decoder is not None:
+        # Threads of this process read bytes and parse headers (and run Pillow for what the device cannot
+        # decode): nothing to fork, nothing to start up or shut down but threads.
+        readers = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headbench-read")
+        items: Iterator = _read_ahead(_chunks(indices, batch_size), readers, decoder.prepare, depth=4)
+    elif workers:
+        # Workers start here, before the model moves to the device (a process that has loaded the GPU's
+        # libraries is slower to fork), and decode while the model loads; they are stopped explicitly below.
+        loader = iter(DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=list(indices),
@@ -299,13 +326,26 @@ def iter_features(
             pin_memory=device.type == "cuda",
             prefetch_factor=4,
         ))
+        items = loader
     else:
         items = _chunks(indices, batch_size)
     forward = None if openvino else prepare_model(backbone, device, compile)
+    if forward is not None and device.type == "cuda":
+        # One batch of zeros first: cuDNN's autotuning (and torch.compile's graph) for this batch shape happen
+        # here, as part of getting the model ready, not in the first batch of images.
+        with torch.inference_mode(), autocast(device, precision):
+            forward(torch.zeros(batch_size, *backbone.data_config["input_size"], device=device)
+                    .contiguous(memory_format=torch.channels_last))
+            backbone.take_layers()
+        torch.cuda.synchronize(device)
+    stamps["model_ready"] = time.perf_counter()
     dim = backbone.num_features
 
     def run(item) -> FeatureBatch:
-        batch_indices, images, errors = item if workers else _collate([dataset[i] for i in item])
+        if decoder is not None:
+            batch_indices, images, errors = decoder.finish([future.result() for future in item])
+        else:
+            batch_indices, images, errors = item if workers else _collate([dataset[i] for i in item])
         ok = torch.tensor([not e for e in errors], dtype=torch.bool)
         features = np.full((len(errors), dim), np.nan, dtype=np.float32)
         layers = {t["name"]: np.full((len(errors), t["width"]), np.nan, dtype=np.float32) for t in backbone.layers}
@@ -317,18 +357,43 @@ def iter_features(
         elif ok.any():
             # inference_mode and autocast are thread-local: entered here, in the stream's own thread.
             with torch.inference_mode(), autocast(device, precision):
-                x = images[ok] if not ok.all() else images
+                x = images[ok.to(images.device)] if not ok.all() else images
                 x = backbone.normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
                 features[ok.numpy()] = forward(x).float().cpu().numpy()
                 for name, value in backbone.take_layers().items():  # tapped in the same forward pass
                     layers[name][ok.numpy()] = value.cpu().numpy()
         return FeatureBatch(batch_indices.numpy(), features, list(errors), layers)
 
-    with intra_op_threads(stream_threads(device, streams)), ThreadPoolExecutor(streams, thread_name_prefix="headbench-stream") as pool:
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append(pool.submit(run, item))
-            if len(pending) > 2 * streams:  # bounded look-ahead: flat memory, results in order
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    try:
+        with intra_op_threads(stream_threads(device, streams)), ThreadPoolExecutor(streams, thread_name_prefix="headbench-stream") as pool:
+            pending: collections.deque = collections.deque()
+
+            def take() -> FeatureBatch:
+                batch = pending.popleft().result()
+                stamps.setdefault("first_batch", time.perf_counter())
+                stamps["last_batch"] = time.perf_counter()
+                return batch
+
+            for item in items:
+                pending.append(pool.submit(run, item))
+                if len(pending) > 2 * streams:  # bounded look-ahead: flat memory, results in order
+                    yield take()
+            while pending:
+                yield take()
+    finally:
+        if readers is not None:
+            readers.shutdown(wait=True, cancel_futures=True)
+        if loader is not None and hasattr(loader, "_shutdown_workers"):
+            loader._shutdown_workers()  # now, not whenever the iterator is collected
+        stamps["closed"] = time.perf_counter()
+
+
+def _read_ahead(chunks: Iterator[list[int]], readers: ThreadPoolExecutor, read: Callable, depth: int) -> Iterator[list]:
+    """Per batch, the futures of `read` for its rows, submitted `depth` batches ahead of the consumer."""
+    queue: collections.deque = collections.deque()
+    for chunk in chunks:
+        queue.append([readers.submit(read, i) for i in chunk])
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

@@ -193,9 +193,17 @@ def _openvino(backbone: Backbone, precision: str, batch_size: int) -> Runtime:
         pass
     compiled = core.compile_model(model, "CPU", config)
     requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-    return Runtime("openvino", wanted, version, requests=max(1, requests), batch_size=batch_size,
-                   seconds={"convert": convert_seconds, "compile": time.perf_counter() - started}, cached=cached,
-                   note=note, _compiled=compiled, _outputs=1 + len(backbone.layers))
+    runtime = Runtime("openvino", wanted, version, requests=max(1, requests), batch_size=batch_size,
+                      seconds={"convert": convert_seconds, "compile": time.perf_counter() - started}, cached=cached,
+                      note=note, _compiled=compiled, _outputs=1 + len(backbone.layers))
+    # One inference here, on this thread, before the engine's streams infer at once. Besides warming the model,
+    # it runs OpenVINO's one-time set-up of numpy access (pybind11's call_once under the GIL): two streams
+    # entering it together for their first batch deadlocked -- both threads waiting in that call_once, seen
+    # with py-spy in an extraction that hung.
+    started = time.perf_counter()
+    runtime.infer(np.zeros((1, *backbone.data_config["input_size"]), dtype=np.dtype(dtype)))
+    runtime.seconds["first_inference"] = time.perf_counter() - started
+    return runtime
 
 
 def resolve_runtime(requested: str, backbone: Backbone, device: torch.device, precision: str, batch_size: int,

@@ -177,6 +177,11 @@ class Source:
         """Decode sample `index` as an RGB image (raises on failure); see :func:`decode_image` for `draft_size`."""
         raise NotImplementedError
 
+    def read_bytes(self, index: int) -> bytes | None:
+        """Sample `index`'s encoded file (raises when it cannot be read), or None for a source that has no
+        encoded form (builtins hold arrays): the tensor decoder (:mod:`featurize.decode`) then uses :meth:`load`."""
+        return None
+
     def _fingerprint_rows(self):
         """Yield one JSON-able row per sample that changes when the sample's content may have changed."""
         raise NotImplementedError
@@ -212,6 +217,10 @@ class _FileSource(Source):
 
     def load(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
         return decode_image(self.path_of(index), draft_size)
+
+    def read_bytes(self, index: int) -> bytes:
+        with open(self.path_of(index), "rb") as f:
+            return f.read()
 
     def _fingerprint_rows(self):
         for s in self.samples:
@@ -423,13 +432,27 @@ class DigitsSource(Source):
         }
 
 
-def open_source(spec: str | os.PathLike) -> Source:
-    """Open a source from what the user typed: a folder, a ``.csv`` file, or ``builtin:<name>``.
+def open_source(spec: str | os.PathLike, **options) -> Source:
+    """Open a source from what the user typed: a folder, a ``.csv`` file, ``builtin:<name>``, tar shards (one
+    ``.tar``, a folder of them, or a brace pattern ``shards/{000000..000099}.tar``), or Parquet / Arrow tables
+    (a ``.parquet`` file, a folder of them, or a Hugging Face ``save_to_disk`` folder).
+
+    Args:
+        options: for packed sources (:data:`featurize.packed.SOURCE_OPTIONS`): ``image_column``,
+            ``label_column``, ``split_column``, ``id_column`` (Parquet), ``label_key`` (tar); None means unset.
 
     Raises:
-        FeaturizeError: the source does not exist, is empty, or is malformed.
+        FeaturizeError: the source does not exist, is empty, or is malformed; an option it does not read.
     """
+    from .packed import open_packed
+
     spec = str(spec)
+    if not spec.startswith("builtin:") and ("{" in spec or Path(spec).exists()):
+        packed = open_packed(spec, options)
+        if packed is not None:
+            return packed
+    elif spec.startswith("builtin:") and any(v is not None for v in options.values()):
+        open_packed(spec, options)  # refuses the options this source does not read, naming the option
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name != "digits":
@@ -440,7 +463,8 @@ def open_source(spec: str | os.PathLike) -> Source:
     path = Path(spec)
     if not path.exists():
         raise FeaturizeError(
-            f"source {spec} does not exist; give an image folder, a CSV manifest, or builtin:digits"
+            f"source {spec} does not exist; give an image folder, a CSV manifest, tar shards, Parquet files, or "
+            "builtin:digits"
         )
     if path.is_dir():
         try:
@@ -449,4 +473,5 @@ def open_source(spec: str | os.PathLike) -> Source:
             raise FeaturizeError(f"cannot read folder {e.filename}: permission denied") from None
     if path.suffix.lower() == ".csv":
         return CsvSource.read(path, spec)
-    raise FeaturizeError(f"source {spec} is a file but not a .csv manifest; give an image folder or a CSV file")
+    raise FeaturizeError(f"source {spec} is a file but not a .csv manifest, a .tar shard or a .parquet table; give an "
+                         "image folder or one of those")

@@ -9,6 +9,11 @@ Every number comes from one run on one machine, so the ratios are meaningful eve
   times the decode workers, what the JPEG path can be fed at most;
 * ``predecoded_ips`` -- the engine from already decoded uint8 images (copy to the device, normalise, model,
   features back), i.e. everything but decoding; ``ratio_predecoded_vs_forward`` is the engine's own overhead;
+* ``decoder`` -- who decoded the JPEGs in the end-to-end run (``pillow`` or ``tensor``: ``--decode``); with
+  tensor decoding the same run also measures the Pillow path, ``end_to_end_cpu_decode_ips``, and its ratio;
+* ``startup_seconds``, ``first_batch_seconds``, ``shutdown_seconds`` -- of the end-to-end run: call to model
+  ready, model ready to the first batch of features, last batch to the finished store; ``nonfinite_rows`` --
+  its rows with NaN/Inf features;
 * ``write_mb_s`` -- the store writer (shards + manifest + fsync, then the atomic final HDF5) on synthetic rows;
 * ``bf16_min_cosine`` / ``bf16_mean_cosine`` -- bf16 vs fp32 features of the same images;
 * ``bf16_probe_acc_delta`` -- logistic-regression test accuracy on builtin:digits with bf16 minus fp32
@@ -304,6 +309,7 @@ def run_benchmark(
     compile: bool = False,
     quality: bool = True,
     runtimes: tuple[str, ...] = ("torch",),
+    decode: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Measure extraction speed and reduced-precision quality in one run; returns a JSON-able dict.
@@ -340,8 +346,19 @@ def run_benchmark(
         result["forward_ips"] = _forward_ips(backbone, dev, prec, batch, n_streams, compile)
         e2e = extract_features(folder, tmp / "e2e.h5", model=model, weights=weights, device=device, precision=prec,
                                batch_size=batch, workers=n_workers, streams=n_streams, compile=compile,
-                               runtime="torch", progress=progress)
+                               runtime="torch", decode=decode, progress=progress)
         result["end_to_end_ips"] = e2e.images_per_second
+        result["decoder"] = e2e.decoder
+        for key in ("startup_seconds", "first_batch_seconds", "shutdown_seconds"):
+            result[key] = getattr(e2e, key)
+        features = np.asarray(read_store(e2e.path).features, dtype=np.float32)
+        result["nonfinite_rows"] = int((~np.isfinite(features).all(axis=1)).sum())
+        if e2e.decoder == "tensor":  # the same run, decoded by Pillow: what tensor decoding gains
+            cpu = extract_features(folder, tmp / "e2e-cpu.h5", model=model, weights=weights, device=device,
+                                   precision=prec, batch_size=batch, workers=n_workers, streams=n_streams,
+                                   compile=compile, runtime="torch", decode="cpu", progress=progress)
+            result["end_to_end_cpu_decode_ips"] = cpu.images_per_second
+            result["ratio_end_to_end_vs_cpu_decode"] = e2e.images_per_second / cpu.images_per_second
         result["naive_ips"] = _naive_ips(model, weights, source, naive_images, dev)
         result["decode_ips_per_worker"] = _decode_ips(backbone, source, min(200, len(source)))
         result["predecoded_ips"] = _predecoded_ips(backbone, source, min(max(4 * batch, 256), 1024), dev, prec, batch,

@@ -168,13 +168,14 @@ class _Extractor:
 
     def __init__(self, source: str, model: str, options: dict[str, Any]):
         from featurize.backbones import create_backbone
+        from featurize.decode import resolve_decode
         from featurize.engine import default_batch_size, default_workers, resolve_device
         from featurize.runtime import resolve_runtime
         from featurize.sources import open_source
 
         self.error = ""
         try:
-            self.source = open_source(source)
+            self.source = open_source(source, **options.get("source_options", {}))
             self.backbone = create_backbone(model, options["weights"], image_size=options["image_size"],
                                             crop_pct=options.get("crop_pct"), grayscale=options.get("grayscale", False),
                                             layers=options.get("layers"))
@@ -183,6 +184,7 @@ class _Extractor:
             self.runtime = resolve_runtime(options.get("runtime", "torch"), self.backbone, self.device,
                                            options["precision"], batch_size)
             self.precision = self.runtime.precision
+            self.decode = resolve_decode(options.get("decode", "auto"), self.device, self.backbone)
         except Exception as e:  # reported by describe(), with the node it happened on
             self.error = _first_line(e)
             return
@@ -210,6 +212,7 @@ class _Extractor:
             "precision": self.precision,
             "runtime": self.runtime.name,
             "runtime_info": self.runtime.describe(),
+            "decoder": self.decode,
             "dataset": {"kind": self.source.kind, "fingerprint": self.source.fingerprint(),
                         "num_rows": len(self.source)},
         }
@@ -226,7 +229,7 @@ class _Extractor:
         for batch in iter_features(self.source, self.backbone, rows, device=self.device,
                                    precision=self.precision, batch_size=o["batch_size"], workers=o["workers"],
                                    streams=o["streams"], jpeg_draft=o["jpeg_draft"], compile=o["compile"],
-                                   runtime=self.runtime):
+                                   runtime=self.runtime, decode=self.decode):
             indices.append(batch.indices)
             with np.errstate(over="ignore"):  # overflow to inf is recorded as a failed row by the writer
                 features.append(batch.features.astype(dtype))
@@ -253,7 +256,8 @@ def group_shards(shards: list[range], rows_per_call: int) -> list[tuple[range, .
 
 
 # What an actor reports that must be the same on every node (the rest: where it runs).
-_AGREED = ("backbone", "weights", "data_config", "pooling", "num_features", "layers", "precision", "runtime", "dataset")
+_AGREED = ("backbone", "weights", "data_config", "pooling", "num_features", "layers", "precision", "runtime", "decoder",
+           "dataset")
 
 
 class RayExtractPool:

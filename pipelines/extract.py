@@ -14,6 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from featurize.backbones import check_model_name, create_backbone
+from featurize.decode import resolve_decode
 from featurize.errors import FeaturizeError
 from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device
 from featurize.runtime import resolve_runtime
@@ -39,6 +40,11 @@ class ExtractResult:
         config_hash: the store's config hash.
         runtime: what ran the model (:meth:`featurize.runtime.Runtime.describe`: name, version, precision, and
             for OpenVINO its start-up seconds).
+        decoder: ``pillow`` or ``tensor`` (:func:`featurize.decode.resolve_decode`).
+        startup_seconds: from the call to the model being ready to run (local runs).
+        first_batch_seconds: from the model being ready to the first batch of features (local runs).
+        shutdown_seconds: from the last batch of features to the finished store (decoders stopped, shards
+            written, store finalised).
     """
 
     path: Path
@@ -50,6 +56,10 @@ class ExtractResult:
     config_hash: str
     failure_reasons: dict[str, int] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
+    decoder: str = "pillow"
+    startup_seconds: float | None = None
+    first_batch_seconds: float | None = None
+    shutdown_seconds: float | None = None
 
 
 DEFAULT_MAX_FAILURES = "5%"
@@ -113,6 +123,8 @@ def extract_features(
     jpeg_draft: bool = True,
     compile: bool = False,
     runtime: str = "auto",
+    decode: str = "auto",
+    source_options: dict[str, Any] | None = None,
     max_failures: str | int = DEFAULT_MAX_FAILURES,
     overwrite: bool = False,
     ray: str | None = None,
@@ -132,6 +144,11 @@ def extract_features(
             ``stages``, or module names / stage indices (:func:`featurize.backbones.resolve_layers`).
         runtime: ``auto`` (OpenVINO on a CPU when installed and the model converts, else torch), ``torch`` or
             ``openvino`` (:mod:`featurize.runtime`); part of the config, so a resume must use the same one.
+        decode: ``auto`` (GPU decoding on CUDA, Pillow elsewhere), ``cpu`` (Pillow), ``gpu`` (nvJPEG) or
+            ``tensor`` (torchvision's decoder on the model's device); see :func:`featurize.decode.resolve_decode`.
+            Tensor decoding is part of the config (its pixels differ slightly from Pillow's).
+        source_options: for tar and Parquet sources: ``label_key``; ``image_column``, ``label_column``,
+            ``split_column``, ``id_column`` (:func:`featurize.sources.open_source`).
         ray: None: run here. An address (``HOST:PORT``, ``auto``, ``ray://...``) or ``local``: spread the shards
             over a Ray cluster's actors (:mod:`pipelines.cluster`); the store is the same as a local run's.
 
@@ -140,13 +157,16 @@ def extract_features(
             other settings.
         ClusterError: Ray missing or unreachable, or the cluster could not finish.
     """
+    called = time.perf_counter()
     out = Path(out)
     check_writable(out, overwrite)
+    source_options = {k: v for k, v in (source_options or {}).items() if v is not None}
     limit_spec = str(max_failures)
     check_model_name(model)  # cheap, so a typo fails before a large folder is scanned
-    src = open_source(source)
+    src = open_source(source, **source_options)
     allowed = allowed_failures(limit_spec, len(src))
     fingerprint = src.fingerprint()
+    stamps: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         if ray is None:
             backbone = create_backbone(model, weights, image_size=image_size, crop_pct=crop_pct, grayscale=grayscale,
@@ -154,17 +174,18 @@ def extract_features(
             dev = resolve_device(device)
             batch = batch_size or default_batch_size(dev)
             engine = resolve_runtime(runtime, backbone, dev, precision, batch, warn=_warn)
+            decoder = resolve_decode(decode, dev, backbone)
             computed = {"backbone": backbone.name, "weights": backbone.weights, "data_config": backbone.data_config,
                         "pooling": backbone.pooling, "num_features": backbone.num_features,
                         "precision": engine.precision, "layers": backbone.layers, "runtime": engine.name,
-                        "runtime_info": engine.describe()}
+                        "runtime_info": engine.describe(), "decoder": decoder}
             placement = str(dev)
 
             def batches(shards: list[range]):
                 return iter_features(
                     src, backbone, [i for rows in shards for i in rows], device=dev, precision=engine.precision,
                     batch_size=batch, workers=default_workers(dev) if workers is None else workers, streams=streams,
-                    jpeg_draft=jpeg_draft, compile=compile, runtime=engine,
+                    jpeg_draft=jpeg_draft, compile=compile, runtime=engine, decode=decoder, timings=stamps,
                 )
         else:
             from pipelines.cluster import RayExtractPool, ray_session
@@ -174,7 +195,7 @@ def extract_features(
                 "weights": weights, "image_size": image_size, "crop_pct": crop_pct, "grayscale": grayscale,
                 "layers": layers, "device": device, "precision": precision,
                 "batch_size": batch_size, "workers": workers, "streams": streams, "jpeg_draft": jpeg_draft,
-                "compile": compile, "runtime": runtime,
+                "compile": compile, "runtime": runtime, "decode": decode, "source_options": source_options,
             }, report=lambda line: tqdm.write(line, file=sys.stderr))
             stack.callback(pool.shutdown)
             computed = pool.description
@@ -203,6 +224,8 @@ def extract_features(
             config["layers"] = computed["layers"]
         if computed["runtime"] != "torch":  # the same: a store computed by torch keeps its config and hash
             config["runtime"] = computed["runtime"]
+        if computed["decoder"] != "pillow":  # the same: Pillow-decoded stores keep theirs
+            config["decode"]["decoder"] = computed["decoder"]
         if src.tasks:  # the same: the label sets' contents are in the fingerprint, their names here
             config["dataset"]["tasks"] = src.task_names
         writer = StoreWriter(
@@ -226,6 +249,7 @@ def extract_features(
                         "raise --max-failures"
                     )
         seconds = time.perf_counter() - started
+        stamps.setdefault("last_batch", time.perf_counter())
 
     samples = src.samples
     path = writer.finalize(
@@ -254,6 +278,7 @@ def extract_features(
         },
     )
     computed_rows = sum(len(rows) for rows in pending)
+    finished = time.perf_counter()
     return ExtractResult(
         path=path,
         num_rows=len(src),
@@ -264,4 +289,8 @@ def extract_features(
         config_hash=writer.config_hash,
         failure_reasons=writer.failure_reasons,
         runtime=computed["runtime_info"],
+        decoder=computed["decoder"],
+        startup_seconds=stamps["model_ready"] - called if "model_ready" in stamps else None,
+        first_batch_seconds=stamps["first_batch"] - stamps["model_ready"] if "first_batch" in stamps else None,
+        shutdown_seconds=finished - stamps["last_batch"],
     )

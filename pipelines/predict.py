@@ -77,6 +77,7 @@ def predict_images(
     trust: bool = False,
     proba: bool = False,
     runtime: str = "auto",
+    source_options: dict | None = None,
     progress: bool = True,
 ) -> PredictResult:
     """Predict a class for every image of `source` with a head saved by ``compare-heads --save-best``.
@@ -85,7 +86,8 @@ def predict_images(
     head, so the head sees features exactly like those it was trained on; weights that differ are refused.
     With `proba`, one ``p:<class>`` column per class holds the head's (calibrated, when it was saved with a
     calibrator) probabilities; each row sums to 1. `runtime` runs the backbone as extract does
-    (:func:`featurize.runtime.resolve_runtime`, at the head's recorded precision).
+    (:func:`featurize.runtime.resolve_runtime`, at the head's recorded precision). Images are decoded as the
+    head's store decoded them (Pillow, or torchvision's tensor decoder on this machine's device).
 
     Raises:
         HeadsError, FeaturizeError: unreadable head, missing weights file, other weights, bad source.
@@ -94,7 +96,7 @@ def predict_images(
     if not out.parent.exists():
         raise HeadsError(f"folder {out.parent} does not exist; create it or choose another --out")
     model, prov = load_head(head_path, trust=trust)
-    src = open_source(source)
+    src = open_source(source, **{k: v for k, v in (source_options or {}).items() if v is not None})
     blocks = list(prov.get("blocks") or [LAST_LAYER])  # heads saved before layers existed: the default features
     backbone = create_backbone(
         prov["backbone"], _weights_for(prov, weights), image_size=int(prov["data_config"]["input_size"][-1]),
@@ -132,7 +134,7 @@ def predict_images(
         for batch in iter_features(
             src, backbone, range(len(src)), device=dev, precision=engine.precision, batch_size=size,
             workers=default_workers(dev) if workers is None else workers,
-            jpeg_draft=prov["decode"]["jpeg_draft"], runtime=engine,
+            jpeg_draft=prov["decode"]["jpeg_draft"], runtime=engine, decode=prov["decode"].get("decoder", "pillow"),
         ):
             ok = np.array([not e for e in batch.errors])
             parts = [batch.features if b == LAST_LAYER else batch.layers[b] for b in blocks]  # the candidate's columns

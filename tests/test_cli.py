@@ -70,7 +70,7 @@ def test_extract_refuses_existing_store_and_overwrites_on_request(runner, photo_
 @pytest.mark.parametrize(
     "make_source, extra, expected",
     [
-        (lambda d: d / "missing", [], "does not exist; give an image folder, a CSV manifest, or builtin:digits"),
+        (lambda d: d / "missing", [], "does not exist; give an image folder, a CSV manifest, tar shards, Parquet files, or builtin:digits"),
         (lambda d: d, [], "no images found in"),
         (lambda d: "builtin:digits", ["--model", "efficientnet_lite_0"], "unknown model 'efficientnet_lite_0'; did you mean"),
         (lambda d: "builtin:digits", ["--model", "test_resnet", "--weights", "hub"],

@@ -60,6 +60,26 @@ def test_a_ray_extraction_equals_the_local_one(ray_runtime, folder, local_store,
     assert _cpus_freed(ray_runtime)  # the actors were stopped: the cluster has its CPUs back
 
 
+def test_a_parquet_source_with_its_options_on_ray_equals_the_local_run(ray_runtime, folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from featurize.sources import open_source
+
+    src = open_source(folder)
+    pq.write_table(pa.table({"picture": [src.read_bytes(s.index) for s in src.samples],
+                             "name": [s.id for s in src.samples],
+                             "label": [src.classes[s.label] for s in src.samples]}), tmp_path / "d.parquet",
+                   row_group_size=5)
+    options = {"image_column": "picture", "id_column": "name"}  # travel to the actors with the source
+    local = extract_features(str(tmp_path / "d.parquet"), tmp_path / "local.h5", progress=False,
+                             source_options=options, **OPTIONS)
+    on_ray = extract_features(str(tmp_path / "d.parquet"), tmp_path / "ray.h5", ray="local", progress=False,
+                              source_options=options, **OPTIONS)
+    store = assert_same_store(on_ray.path, read_store(local.path))
+    assert list(store.ids) == [s.id for s in src.samples] and on_ray.num_failed == 1
+
+
 def test_a_ray_extraction_with_layers_and_crop_pct_equals_the_local_one(ray_runtime, folder, tmp_path):
     from featurize.store import read_features
 
@@ -146,14 +166,16 @@ def test_workers_that_would_compute_different_features_are_refused():
     pool = object.__new__(RayExtractPool)
     pool.actors = []
     same = {"backbone": "test_resnet", "weights": {"sha256": "a"}, "data_config": {}, "pooling": "avg",
-            "num_features": 8, "layers": [], "precision": "fp32", "runtime": "torch", "dataset": {"fingerprint": "f"},
-            "device": "cpu"}
+            "num_features": 8, "layers": [], "precision": "fp32", "runtime": "torch", "decoder": "pillow",
+            "dataset": {"fingerprint": "f"}, "device": "cpu"}
     pool._reference = {**same, "node": "10.0.0.1"}
     assert pool._check({**same, "node": "10.0.0.9", "device": "cuda"})["node"] == "10.0.0.9"
     with pytest.raises(ClusterError, match="nodes 10.0.0.1 and 10.0.0.2 .* differ in weights, dataset"):
         pool._check({**same, "weights": {"sha256": "b"}, "dataset": {"fingerprint": "g"}, "node": "10.0.0.2"})
     with pytest.raises(ClusterError, match="nodes 10.0.0.1 and 10.0.0.4 .* differ in runtime"):
         pool._check({**same, "runtime": "openvino", "node": "10.0.0.4"})  # one node without OpenVINO installed
+    with pytest.raises(ClusterError, match="nodes 10.0.0.1 and 10.0.0.5 .* differ in decoder"):
+        pool._check({**same, "decoder": "tensor", "node": "10.0.0.5"})  # a GPU node decoding with nvJPEG
     with pytest.raises(ClusterError, match="on node 10.0.0.3 could not start: FeaturizeError: source x does not"):
         pool._check({"node": "10.0.0.3", "error": "FeaturizeError: source x does not exist"})
 

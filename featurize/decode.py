@@ -1,0 +1,345 @@
+"""Tensor decoding: JPEG bytes decoded by torchvision -- batched nvJPEG on CUDA, libjpeg-turbo on a CPU -- then
+resized and center-cropped as tensors on the model's device, with Pillow's own resampling weights
+(:class:`PillowResample`), so that the features are those of the Pillow path.
+
+On a GPU the Pillow path is bound by CPU decoding (15 decode processes feed about a quarter of what an H100
+runs). Here the CPU only reads bytes and parses headers (threads of the main process: nothing to fork), and the
+GPU decodes whole batches. What the tensor path cannot take goes to the Pillow decoder, row by row, beside it:
+
+* anything but a baseline RGB/greyscale JPEG (PNG, WebP, CMYK, and on CUDA progressive JPEGs, which nvJPEG's
+  hardware path refuses), sources without encoded bytes (builtins), truncated files (no end-of-image marker:
+  libjpeg would pad them with grey; Pillow refuses them, and the row is recorded with its reason);
+* a batch that fails on the device is decoded again image by image, and an image that still fails goes to
+  Pillow, so one bad file never costs its neighbours their features.
+
+EXIF orientation is read from the header and applied to the tensor (torchvision applies it only on CPU).
+Before each batched decode on CUDA the caller's stream is synchronised: batched hardware decoding has been
+reported to corrupt unrelated tensors on H100 otherwise (torchvision PR #9606).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import FeaturizeError
+
+if TYPE_CHECKING:
+    from .backbones import Backbone
+    from .sources import Source
+
+__all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "Prepared", "TensorDecoder",
+           "error_text"]
+
+DECODE_CHOICES = ("auto", "cpu", "gpu", "tensor")
+_EXIF_ORIENTATION = 0x0112
+_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def error_text(e: BaseException) -> str:
+    """How a failed row's reason is recorded: ``Type: first line of the message``."""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {message}".rstrip(": ")
+
+
+def tensor_steps(backbone: "Backbone") -> list[Callable] | None:
+    """The backbone's per-image transform as steps that run on uint8 tensors, or None when it has a step that
+    only runs on Pillow images. The engine's fused resize + crop (:class:`~featurize.backbones.ResizeCenterCrop`)
+    becomes a :class:`PillowResample` of the same region, the other resize / crop steps torchvision's."""
+    from torchvision import transforms as T
+
+    from .backbones import ResizeCenterCrop, ToUint8Tensor
+
+    if backbone.mean is None:  # the transform was not split: it ends in float tensors, not uint8 ones
+        return None
+    steps: list[Callable] = []
+    for step in getattr(backbone.image_transform, "transforms", []):
+        if isinstance(step, ResizeCenterCrop) and step.resample in _FILTERS:
+            steps.append(PillowResample(step))
+        elif isinstance(step, ResizeCenterCrop):
+            steps += [step.resize, step.crop]
+        elif type(step) in (T.Resize, T.CenterCrop):
+            steps.append(step)
+        elif not isinstance(step, ToUint8Tensor):
+            return None
+    return steps
+
+
+# Pillow's resampling filters (support, kernel), as its Resample.c defines them.
+def _box(x):
+    return ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+
+
+def _triangle(x):
+    return np.clip(1.0 - np.abs(x), 0.0, None)
+
+
+def _hamming(x):
+    x = np.abs(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        px = x * np.pi
+        value = np.sin(px) / px * (0.54 + 0.46 * np.cos(px))
+    return np.where(x == 0, 1.0, np.where(x >= 1.0, 0.0, value))
+
+
+def _bicubic(x, a=-0.5):
+    x = np.abs(x)
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
+                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def _sinc(x):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(x == 0, 1.0, np.sin(np.pi * x) / (np.pi * x))
+
+
+def _lanczos(x):
+    return np.where((x >= -3.0) & (x < 3.0), _sinc(x) * _sinc(x / 3.0), 0.0)
+
+
+_FILTERS = {Image.Resampling.BOX: (0.5, _box), Image.Resampling.BILINEAR: (1.0, _triangle),
+            Image.Resampling.HAMMING: (1.0, _hamming), Image.Resampling.BICUBIC: (2.0, _bicubic),
+            Image.Resampling.LANCZOS: (3.0, _lanczos)}
+_PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2
+
+
+@lru_cache(maxsize=512)
+def _coefficients(in_size: int, start: float, stop: float, out_size: int, resample: int) -> np.ndarray:
+    """[out_size, in_size]: the weights Pillow's resample gives each input pixel of [start, stop) for each
+    output pixel, quantised to its 8-bit fixed point (``precompute_coeffs`` + ``normalize_coeffs_8bpc``)."""
+    support, kernel = _FILTERS[resample]
+    scale = float(np.float32(stop) - np.float32(start)) / out_size  # Pillow: (double)(in1 - in0), floats
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    ss = 1.0 / filterscale
+    weights = np.zeros((out_size, in_size))
+    for xx in range(out_size):  # the same float operations in the same order as Pillow's C
+        center = start + (xx + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        w = kernel((np.arange(lo, hi) - center + 0.5) * ss)
+        total = float(np.cumsum(w)[-1]) if len(w) else 0.0  # summed left to right, as the C loop does
+        if total != 0.0:
+            w = w / total
+        one = float(1 << _PRECISION_BITS)
+        weights[xx, lo:hi] = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)) / one
+    return weights
+
+
+def _band(weights: np.ndarray) -> tuple[int, int]:
+    """The input pixels [first, last) that any output pixel reads."""
+    used = np.flatnonzero(weights.any(0))
+    return int(used[0]), int(used[-1]) + 1
+
+
+class PillowResample:
+    """Pillow's ``resize(size, resample, box)`` of 8-bit images, as two matrix products on tensors: the same
+    quantised weights, a horizontal then a vertical pass, each rounded and clipped to 8 bits as Pillow does. So
+    the tensor path resizes and crops (one region, like :class:`~featurize.backbones.ResizeCenterCrop`) what
+    the Pillow path does: on a CPU, in float64, the same bytes; on a GPU, in float32, within a grey level on
+    rare pixels. (Pillow 13 runs the vertical pass first for some shapes -- mostly portrait ones --, where a
+    few per cent of the pixels then differ by a grey level or two.)
+
+    Works on uint8 [3, H, W] or [N, 3, H, W] (images of one size)."""
+
+    def __init__(self, fused):
+        self.fused = fused  # a ResizeCenterCrop: its region and output size, its filter
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        box = self.fused.box(int(w), int(h))
+        if box is None:  # the crop would need padding: torchvision's resize and crop, as Pillow's path does
+            return self.fused.crop(self.fused.resize(images))
+        dtype = torch.float64 if images.device.type == "cpu" else torch.float32
+        box = [float(np.float32(v)) for v in box]  # Pillow passes the box to C as single-precision floats
+        resample = int(self.fused.resample)
+        # horizontal pass, then vertical: a product with each pass's weights (only the band of input pixels they
+        # reach), rounded to 8 bits after each pass as Pillow does
+        wx = _coefficients(int(w), box[0], box[2], self.fused.crop_w, resample)
+        wy = _coefficients(int(h), box[1], box[3], self.fused.crop_h, resample)
+        (x0, x1), (y0, y1) = _band(wx), _band(wy)
+        x = images[..., y0:y1, x0:x1].to(dtype) @ torch.from_numpy(wx[:, x0:x1].T).to(images.device, dtype)
+        x = torch.floor(x + 0.5).clamp_(0, 255)
+        x = torch.from_numpy(wy[:, y0:y1]).to(images.device, dtype) @ x
+        return torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.fused!r})"
+
+
+def resolve_decode(requested: str, device: torch.device, backbone: "Backbone") -> str:
+    """``pillow`` or ``tensor`` for ``--decode auto|cpu|gpu|tensor``.
+
+    ``auto``: tensor decoding on CUDA (nvJPEG), Pillow elsewhere (on a CPU Pillow's draft mode and fused resize
+    are faster); ``cpu``: Pillow; ``gpu``: nvJPEG, which needs CUDA; ``tensor``: torchvision's decoder on the
+    model's device, whatever it is (on a CPU: libjpeg-turbo through torchvision).
+
+    Raises:
+        FeaturizeError: an unknown choice, ``gpu`` without CUDA, or tensor decoding asked for a model whose
+            preprocessing does not run on tensors.
+    """
+    if requested not in DECODE_CHOICES:
+        raise FeaturizeError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {requested!r}")
+    if requested == "cpu":
+        return "pillow"
+    if requested == "gpu" and device.type != "cuda":
+        raise FeaturizeError(f"--decode gpu needs a CUDA device (the model runs on {device.type}); use --decode cpu, "
+                             "or tensor for torchvision's decoder on this device")
+    if tensor_steps(backbone) is None:
+        if requested == "auto":
+            return "pillow"
+        raise FeaturizeError(f"--decode {requested}: {backbone.name}'s preprocessing has steps that only run on "
+                             "Pillow images; use --decode cpu")
+    if requested == "auto":
+        return "tensor" if device.type == "cuda" else "pillow"
+    return "tensor"
+
+
+@dataclass
+class Prepared:
+    """One row on its way through the tensor path: its JPEG bytes for the device decoder, or an image the
+    Pillow decoder already made (uint8 [3, H, W], CPU), or the reason it failed."""
+
+    index: int
+    data: torch.Tensor | None = None
+    orientation: int = 1
+    image: torch.Tensor | None = None
+    error: str = ""
+
+
+class TensorDecoder:
+    """Reads rows' bytes, decodes JPEGs with torchvision on `device`, and transforms them as tensors.
+
+    Args:
+        source: where the rows come from (:meth:`Source.read_bytes`).
+        backbone: gives the resize/crop steps (:func:`tensor_steps`) and the input size.
+        device: where decoding and resizing run (CUDA: nvJPEG, batched; CPU: libjpeg-turbo).
+        pillow: the Pillow path for one row, ``index -> (uint8 image, error)``, for what this path cannot take.
+    """
+
+    def __init__(self, source: "Source", backbone: "Backbone", device: torch.device,
+                 pillow: Callable[[int], tuple[torch.Tensor, str]]):
+        steps = tensor_steps(backbone)
+        if steps is None:
+            raise FeaturizeError(f"{backbone.name}'s preprocessing does not run on tensors; use --decode cpu")
+        self.source, self.steps, self.device, self.pillow = source, steps, device, pillow
+        self.cuda = device.type == "cuda"
+        self.blank = torch.zeros(tuple(backbone.data_config["input_size"]), dtype=torch.uint8)
+
+    # -- on the CPU, in reader threads -------------------------------------------------------------------------
+
+    def _takes(self, data: bytes) -> int | None:
+        """The EXIF orientation when the device decoder can take `data` (a complete baseline RGB/grey JPEG of
+        an allowed size), else None."""
+        if data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9":
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = Image.open(io.BytesIO(data))  # parses the header only
+                if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.width * img.height > _MAX_PIXELS:
+                    return None
+                if self.cuda and (img.info.get("progressive") or img.info.get("progression")):
+                    return None
+                return int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        except Exception:
+            return None
+
+    def prepare(self, index: int) -> Prepared:
+        """Read row `index`; keep its bytes for the device, or decode it with Pillow when the device cannot."""
+        try:
+            data = self.source.read_bytes(index)
+        except Exception as e:  # unreadable: recorded for this row, as the Pillow path records it
+            return Prepared(index, error=error_text(e))
+        orientation = self._takes(data) if data is not None else None
+        if orientation is None:
+            image, error = self.pillow(index)
+            return Prepared(index, image=None if error else image, error=error)
+        return Prepared(index, data=torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation=orientation)
+
+    # -- on the device, in the stream --------------------------------------------------------------------------
+
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            where = self.device if self.cuda else "cpu"
+            if len(datas) > 1:  # one call per batch (on CUDA: nvJPEG's batched decode)
+                if self.cuda:
+                    torch.cuda.current_stream(self.device).synchronize()
+                try:
+                    return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=where))
+                except RuntimeError:
+                    pass  # one bad image fails the whole call: decode them one by one
+            out: list[torch.Tensor | None] = []
+            for data in datas:
+                try:
+                    if self.cuda:
+                        torch.cuda.current_stream(self.device).synchronize()
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=where))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    @staticmethod
+    def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+        """EXIF orientation 2-8 applied as Pillow's ``exif_transpose`` does (CHW tensor)."""
+        if orientation == 2:
+            return image.flip(-1)
+        if orientation == 3:
+            return image.flip(-1, -2)
+        if orientation == 4:
+            return image.flip(-2)
+        if orientation == 5:
+            return image.transpose(-1, -2)
+        if orientation == 6:
+            return torch.rot90(image, -1, (-2, -1))
+        if orientation == 7:
+            return image.transpose(-1, -2).flip(-1, -2)
+        if orientation == 8:
+            return torch.rot90(image, 1, (-2, -1))
+        return image
+
+    def transform(self, image: torch.Tensor) -> torch.Tensor:
+        """Resize and crop decoded uint8 images ([3, H, W], or [N, 3, H, W] of one size) as the backbone's
+        transform does."""
+        for step in self.steps:
+            image = step(image)
+        return image
+
+    def finish(self, prepared: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Decode a batch's JPEG bytes on the device and assemble it: (indices, uint8 images [B, 3, h, w] on the
+        device, one error string per row, empty when it succeeded)."""
+        images: list[torch.Tensor | None] = [p.image for p in prepared]
+        errors = [p.error for p in prepared]
+        todo = [i for i, p in enumerate(prepared) if p.data is not None]
+        if todo:
+            decoded = self._decode([prepared[i].data for i in todo])
+            same_size: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+            for i, image in zip(todo, decoded):
+                if image is None:  # the device refused it: Pillow decides (and names the reason if it fails too)
+                    fallback, errors[i] = self.pillow(prepared[i].index)
+                    images[i] = None if errors[i] else fallback
+                else:
+                    image = self._orient(image.to(self.device), prepared[i].orientation)
+                    same_size.setdefault(tuple(image.shape), []).append((i, image))
+            for group in same_size.values():  # images of one size are resized together: one call, not one each
+                resized = self.transform(torch.stack([image for _, image in group]))
+                for (i, _), image in zip(group, resized):
+                    images[i] = image
+        blank = self.blank.to(self.device)
+        batch = torch.stack([blank if image is None else image.to(self.device, non_blocking=True) for image in images])
+        return torch.tensor([p.index for p in prepared], dtype=torch.int64), batch, errors
+
+    def decode_one(self, index: int) -> tuple[torch.Tensor, str]:
+        """One row, start to end (the CPU path: each stream or decode worker decodes its own rows)."""
+        _, images, errors = self.finish([self.prepare(index)])
+        return images[0], errors[0]

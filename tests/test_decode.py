@@ -1,0 +1,145 @@
+"""The tensor decode path (torchvision's decoder, resize and crop as tensors), tested on the CPU: features close
+to the Pillow path's on real photographs and PNGs, EXIF orientation, and one bad file costing only its own row."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featurize.backbones import create_backbone
+from featurize.decode import TensorDecoder, resolve_decode
+from featurize.engine import _DecodeDataset, iter_features
+from featurize.errors import FeaturizeError
+from featurize.sources import open_source
+
+from conftest import photo, write_image
+
+CPU = torch.device("cpu")
+
+
+def _features(source, backbone, decode, batch_size=4, indices=None):
+    indices = range(len(source)) if indices is None else indices
+    batches = list(iter_features(source, backbone, indices, device=CPU, precision="fp32", batch_size=batch_size,
+                                 workers=0, decode=decode))
+    return np.concatenate([b.features for b in batches]), [e for b in batches for e in b.errors]
+
+
+def _cosine(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("tf_efficientnet_lite0", "packaged")
+
+
+def test_tensor_decoding_matches_pillow_on_photographs_and_pngs(photo_folder, lite0):
+    source = open_source(photo_folder)  # JPEG, PNG, WebP, BMP, TIFF photographs
+    pillow, _ = _features(source, lite0, "pillow")
+    tensor, errors = _features(source, lite0, "tensor")
+    assert not any(errors)
+    assert _cosine(pillow, tensor).min() >= 0.999
+    # the JPEGs really went through torchvision (the rest through Pillow, which gives the same features exactly)
+    dataset = _DecodeDataset(source, lite0, jpeg_draft=True, decode="tensor")
+    jpegs = [i for i, s in enumerate(source.samples) if s.id.endswith((".jpg", ".jpeg"))]
+    assert jpegs and all(dataset.tensor.prepare(i).data is not None for i in jpegs)
+    others = [i for i in range(len(source)) if i not in jpegs]
+    np.testing.assert_array_equal(pillow[others], tensor[others])
+    for i in jpegs:  # decoded by libjpeg-turbo either way, resampled with Pillow's own weights: the same pixels
+        difference = (dataset.tensor.decode_one(i)[0].int() - dataset.pillow(i)[0].int()).abs()
+        assert difference.max() <= 2 and difference.float().mean() < 0.05, (source.samples[i].id, difference.max())
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_is_applied_as_pillow_does(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "cat" / "rotated.jpg"
+    path.parent.mkdir()
+    Image.fromarray(photo("chelsea")[:200, :300]).save(path, quality=95, exif=exif)
+    backbone = create_backbone("test_resnet", "random")
+    dataset = _DecodeDataset(open_source(tmp_path), backbone, jpeg_draft=True, decode="tensor")
+    assert dataset.tensor.prepare(0).orientation == orientation
+    tensor, error = dataset.tensor.decode_one(0)
+    pillow, _ = dataset.pillow(0)
+    assert not error and tensor.shape == pillow.shape
+    assert (tensor.float() - pillow.float()).abs().mean() < 2.0  # same pixels up to resampling and IDCT rounding
+
+
+def test_one_corrupt_jpeg_costs_only_its_own_row(tmp_path):
+    good = [photo("chelsea"), photo("coffee"), photo("astronaut")[:300, :451]]  # the first and last of one size
+    for i, array in enumerate(good):
+        write_image(tmp_path / "ok" / f"{i}.jpg", array)
+        write_image(tmp_path / "mixed" / f"{i}.jpg", array)
+    data = (tmp_path / "ok" / "0.jpg").read_bytes()
+    (tmp_path / "mixed" / "0b-truncated.jpg").write_bytes(data[: len(data) // 2])
+    # a complete-looking JPEG (start and end markers, a header Pillow parses) with a bogus Huffman table, which
+    # the decoder itself refuses
+    bogus = bytearray(data)
+    table = bogus.index(b"\xff\xc4")
+    bogus[table + 5: table + 21] = b"\xff" * 16
+    (tmp_path / "mixed" / "1b-bogus.jpg").write_bytes(bytes(bogus))
+    backbone = create_backbone("test_resnet", "random")
+    clean, _ = _features(open_source(tmp_path / "ok"), backbone, "tensor", batch_size=5)
+    mixed_source = open_source(tmp_path / "mixed")
+    mixed, errors = _features(mixed_source, backbone, "tensor", batch_size=5)  # one batch holds all five
+    ids = [s.id for s in mixed_source.samples]
+    assert ids == ["0.jpg", "0b-truncated.jpg", "1.jpg", "1b-bogus.jpg", "2.jpg"]
+    assert "truncated" in errors[1] and "broken data stream" in errors[3], errors  # Pillow's reasons, as there
+    assert not errors[0] and not errors[2] and not errors[4]
+    assert np.isnan(mixed[[1, 3]]).all()
+    np.testing.assert_allclose(mixed[[0, 2, 4]], clean, rtol=1e-4, atol=1e-5)
+
+    # the batch as the GPU path assembles it (read ahead, then decoded in one call that fails and is redone
+    # image by image), here on the CPU
+    dataset = _DecodeDataset(mixed_source, backbone, jpeg_draft=True)
+    decoder = TensorDecoder(mixed_source, backbone, CPU, dataset.pillow)
+    prepared = [decoder.prepare(i) for i in range(5)]
+    assert prepared[1].data is None and prepared[3].data is not None  # no end marker: Pillow; bogus: the device
+    indices, images, batch_errors = decoder.finish(prepared)
+    assert indices.tolist() == [0, 1, 2, 3, 4] and images.shape[0] == 5 and images.dtype == torch.uint8
+    assert batch_errors == errors
+    for row in (0, 2, 4):  # same-size images resized together give what each gives alone
+        torch.testing.assert_close(images[row], decoder.decode_one(row)[0], rtol=0, atol=0)
+
+
+def test_resolve_decode():
+    backbone = create_backbone("test_resnet", "random")
+    assert resolve_decode("auto", CPU, backbone) == "pillow"
+    assert resolve_decode("cpu", CPU, backbone) == "pillow"
+    assert resolve_decode("tensor", CPU, backbone) == "tensor"
+    assert resolve_decode("auto", torch.device("cuda"), backbone) == "tensor"
+    with pytest.raises(FeaturizeError, match="--decode gpu needs a CUDA device"):
+        resolve_decode("gpu", CPU, backbone)
+
+
+def test_sources_without_bytes_and_non_jpegs_go_to_pillow():
+    source = open_source("builtin:digits")
+    backbone = create_backbone("test_resnet", "random")
+    pillow, _ = _features(source, backbone, "pillow", indices=range(16))
+    tensor, errors = _features(source, backbone, "tensor", indices=range(16))
+    assert not any(errors)
+    np.testing.assert_array_equal(pillow, tensor)
+    png = io.BytesIO()
+    Image.fromarray(photo("coffee")).save(png, format="PNG")
+    assert TensorDecoder(source, backbone, CPU, lambda i: (None, ""))._takes(png.getvalue()) is None
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos", "box", "hamming"])
+def test_pillow_resample_on_tensors_gives_pillows_bytes(interpolation):
+    from torchvision import transforms as T
+
+    from featurize.backbones import ResizeCenterCrop
+    from featurize.decode import PillowResample
+
+    mode = T.InterpolationMode(interpolation)
+    fused = ResizeCenterCrop(T.Resize(256, interpolation=mode), T.CenterCrop(224))
+    for array in (photo("chelsea"), photo("coffee")[:300, :520], photo("astronaut")[:90, :140]):  # down- and upscaled
+        expected = np.asarray(fused(Image.fromarray(np.ascontiguousarray(array))))
+        got = PillowResample(fused)(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
+        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), expected)
