@@ -133,6 +133,17 @@ def _coefficients(in_size: int, start: float, stop: float, out_size: int, resamp
     return weights
 
 
+def _horizontal_first(w: int, h: int, out_w: int, out_h: int) -> bool:
+    """Pillow's order of the passes: horizontal first, except (from Pillow 13) when the height shrinks by more
+    than twice as many pixels as the width does."""
+    if _PILLOW_MAJOR < 13:
+        return True
+    return not (h - out_h > 0 and h - out_h > (w - out_w) * 2)
+
+
+_PILLOW_MAJOR = int(Image.__version__.split(".")[0])
+
+
 def _band(weights: np.ndarray) -> tuple[int, int]:
     """The input pixels [first, last) that any output pixel reads."""
     used = np.flatnonzero(weights.any(0))
@@ -141,11 +152,10 @@ def _band(weights: np.ndarray) -> tuple[int, int]:
 
 class PillowResample:
     """Pillow's ``resize(size, resample, box)`` of 8-bit images, as two matrix products on tensors: the same
-    quantised weights, a horizontal then a vertical pass, each rounded and clipped to 8 bits as Pillow does. So
+    quantised weights, the same order of the two passes, each rounded and clipped to 8 bits as Pillow does. So
     the tensor path resizes and crops (one region, like :class:`~featurize.backbones.ResizeCenterCrop`) what
     the Pillow path does: on a CPU, in float64, the same bytes; on a GPU, in float32, within a grey level on
-    rare pixels. (Pillow 13 runs the vertical pass first for some shapes -- mostly portrait ones --, where a
-    few per cent of the pixels then differ by a grey level or two.)
+    rare pixels.
 
     Works on uint8 [3, H, W] or [N, 3, H, W] (images of one size)."""
 
@@ -160,14 +170,19 @@ class PillowResample:
         dtype = torch.float64 if images.device.type == "cpu" else torch.float32
         box = [float(np.float32(v)) for v in box]  # Pillow passes the box to C as single-precision floats
         resample = int(self.fused.resample)
-        # horizontal pass, then vertical: a product with each pass's weights (only the band of input pixels they
-        # reach), rounded to 8 bits after each pass as Pillow does
-        wx = _coefficients(int(w), box[0], box[2], self.fused.crop_w, resample)
-        wy = _coefficients(int(h), box[1], box[3], self.fused.crop_h, resample)
+        # one product per pass with its weights (only over the band of input pixels they reach), rounded to 8 bits
+        # after each pass, in Pillow's order of the passes
+        out_w, out_h = self.fused.crop_w, self.fused.crop_h
+        wx = _coefficients(int(w), box[0], box[2], out_w, resample)
+        wy = _coefficients(int(h), box[1], box[3], out_h, resample)
         (x0, x1), (y0, y1) = _band(wx), _band(wy)
-        x = images[..., y0:y1, x0:x1].to(dtype) @ torch.from_numpy(wx[:, x0:x1].T).to(images.device, dtype)
-        x = torch.floor(x + 0.5).clamp_(0, 255)
-        x = torch.from_numpy(wy[:, y0:y1]).to(images.device, dtype) @ x
+        wx = torch.from_numpy(wx[:, x0:x1].T).to(images.device, dtype)
+        wy = torch.from_numpy(wy[:, y0:y1]).to(images.device, dtype)
+        x = images[..., y0:y1, x0:x1].to(dtype)
+        if _horizontal_first(int(w), int(h), out_w, out_h):
+            x = wy @ torch.floor(x @ wx + 0.5).clamp_(0, 255)
+        else:
+            x = torch.floor(wy @ x + 0.5).clamp_(0, 255) @ wx
         return torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
 
     def __repr__(self) -> str:
