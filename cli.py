@@ -372,6 +372,8 @@ def models(pattern, offline):
 @main.command()
 @click.option("--model", "-m", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
 @click.option("--weights", default="auto", show_default=True, metavar="auto|packaged|hub|random|PATH")
+@click.option("--image-size", type=click.IntRange(min=4),
+              help="Override the model's input size (square, pixels), as extract does [default: the model's].")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A folder of images [default: 500 generated 500x375 JPEGs cut from scikit-image's photos].")
 @click.option("--num-images", type=click.IntRange(min=16), default=500, show_default=True,
@@ -389,8 +391,8 @@ def models(pattern, offline):
 @click.option("--decode", type=click.Choice(DECODE_CHOICES), default="auto", show_default=True,
               help="Decoding of the end-to-end run, as extract's; with gpu/tensor the Pillow path is measured too.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
-def bench(model, weights, images, num_images, device, precision, batch_size, workers, streams, compile_model,
-          no_quality, runtimes, decode, json_out):
+def bench(model, weights, image_size, images, num_images, device, precision, batch_size, workers, streams,
+          compile_model, no_quality, runtimes, decode, json_out):
     """Measure extraction speed against the model's own forward speed and a naive loop, in one run.
 
     Reports forward_ips (model alone, synthetic tensors), end_to_end_ips (extract from JPEG files into a
@@ -411,9 +413,10 @@ def bench(model, weights, images, num_images, device, precision, batch_size, wor
         both = openvino_version() is not None and resolve_device(device).type == "cpu"
         runtimes = "torch,openvino" if both else "torch"
     chosen = tuple(dict.fromkeys(["torch", *(r.strip() for r in runtimes.split(",") if r.strip())]))
-    result = run_benchmark(model, weights=weights, images=images, num_images=num_images, device=device,
-                           precision=precision, batch_size=batch_size, workers=workers, streams=streams,
-                           compile=compile_model, quality=not no_quality, runtimes=chosen, decode=decode)
+    result = run_benchmark(model, weights=weights, image_size=image_size, images=images, num_images=num_images,
+                           device=device, precision=precision, batch_size=batch_size, workers=workers,
+                           streams=streams, compile=compile_model, quality=not no_quality, runtimes=chosen,
+                           decode=decode)
     _print_bench(result)
     _write_json(result, json_out)
 

@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurize.backbones import create_backbone  # noqa: E402
-from featurize.engine import _DecodeDataset  # noqa: E402
+from featurize.engine import DecodeDataset  # noqa: E402
 from featurize.sources import open_source  # noqa: E402
 from pipelines.bench import make_bench_images  # noqa: E402
 
@@ -51,8 +51,8 @@ def main() -> None:
         w, h = map(int, args.size.split("x"))
         folder = args.images or make_bench_images(Path(tmp) / "images", args.count, (w, h))
         source = open_source(folder)
-        pillow = _DecodeDataset(source, backbone, jpeg_draft=True)
-        tensor = _DecodeDataset(source, backbone, jpeg_draft=True, decode="tensor")
+        pillow = DecodeDataset(source, backbone, jpeg_draft=True)
+        tensor = DecodeDataset(source, backbone, jpeg_draft=True, decode="tensor")
         decoders = {"pillow (engine: draft + fused resize)": lambda i: pillow.pillow(i)[0],
                     "torchvision decode_jpeg + tensor resize": lambda i: tensor.tensor.decode_one(i)[0]}
         try:

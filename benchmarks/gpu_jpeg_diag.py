@@ -13,19 +13,19 @@ from torch.utils.data import DataLoader
 from pipelines.bench import make_bench_images
 from featurize.sources import open_source
 from featurize.backbones import create_backbone
-from featurize.engine import _DecodeDataset, _collate
+from featurize.engine import DecodeDataset, collate_decoded
 
 def main():
     n = int(os.environ.get("N", 3000)); workers = int(os.environ.get("W", 15))
     folder = make_bench_images(Path(tempfile.mkdtemp()) / "img", n)
-    ds = _DecodeDataset(open_source(folder), create_backbone("tf_efficientnet_lite0", "random"), True)
+    ds = DecodeDataset(open_source(folder), create_backbone("tf_efficientnet_lite0", "random"), True)
     for label, ctx in (("fork, no CUDA", None), ("fork, CUDA initialised", None), ("forkserver, CUDA initialised", "forkserver")):
         if "CUDA" in label and torch.cuda.is_available():
             torch.zeros(1, device="cuda")
         if ctx:
             c = multiprocessing.get_context(ctx); c.set_forkserver_preload(["featurize.engine"]); ctx = c
         t0 = time.perf_counter(); times = []
-        for _ in DataLoader(ds, batch_size=128, sampler=list(range(n)), num_workers=workers, collate_fn=_collate,
+        for _ in DataLoader(ds, batch_size=128, sampler=list(range(n)), num_workers=workers, collate_fn=collate_decoded,
                             pin_memory=torch.cuda.is_available(), prefetch_factor=4, multiprocessing_context=ctx):
             times.append(time.perf_counter() - t0)
         end = time.perf_counter() - t0

@@ -253,7 +253,7 @@ class TensorDecoder:
     def _takes(self, data: bytes) -> int | None:
         """The EXIF orientation when the device decoder can take `data` (a complete baseline RGB/grey JPEG of
         an allowed size), else None."""
-        if data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9":
+        if data[:3] != b"\xff\xd8\xff" or data[-64:].rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
             return None
         try:
             with warnings.catch_warnings():

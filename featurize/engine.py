@@ -53,6 +53,8 @@ __all__ = [
     "autocast",
     "draft_size",
     "prepare_model",
+    "DecodeDataset",
+    "collate_decoded",
     "iter_features",
 ]
 
@@ -168,7 +170,7 @@ def draft_size(data_config: dict) -> tuple[int, int]:
     return side, side
 
 
-class _DecodeDataset(Dataset):
+class DecodeDataset(Dataset):
     """Decode + per-image transform of one sample; a failure becomes an error string, never another sample.
 
     ``decode="tensor"`` decodes JPEGs with torchvision on the CPU (:class:`featurize.decode.TensorDecoder`),
@@ -197,7 +199,8 @@ class _DecodeDataset(Dataset):
         return index, image, error
 
 
-def _collate(items):
+def collate_decoded(items):
+    """A batch of :class:`DecodeDataset` items: (indices [B], images [B, ...], error strings)."""
     indices = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
     return indices, torch.stack([x for _, x, _ in items]), [e for _, _, e in items]
 
@@ -306,7 +309,7 @@ def iter_features(
         raise FeaturizeError(f"--streams must be at least 1, got {streams}")
     stamps = timings if timings is not None else {}
     on_device = decode == "tensor" and device.type != "cpu"  # decoded in batches on the device, read by threads
-    dataset = _DecodeDataset(source, backbone, jpeg_draft, "pillow" if on_device else decode)
+    dataset = DecodeDataset(source, backbone, jpeg_draft, "pillow" if on_device else decode)
     decoder = TensorDecoder(source, backbone, device, dataset.pillow) if on_device else None
     readers = loader = None
     if decoder is not None:
@@ -322,7 +325,7 @@ def iter_features(
             batch_size=batch_size,
             sampler=list(indices),
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=collate_decoded,
             pin_memory=device.type == "cuda",
             prefetch_factor=4,
         ))
@@ -345,7 +348,7 @@ def iter_features(
         if decoder is not None:
             batch_indices, images, errors = decoder.finish([future.result() for future in item])
         else:
-            batch_indices, images, errors = item if workers else _collate([dataset[i] for i in item])
+            batch_indices, images, errors = item if workers else collate_decoded([dataset[i] for i in item])
         ok = torch.tensor([not e for e in errors], dtype=torch.bool)
         features = np.full((len(errors), dim), np.nan, dtype=np.float32)
         layers = {t["name"]: np.full((len(errors), t["width"]), np.nan, dtype=np.float32) for t in backbone.layers}

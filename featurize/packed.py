@@ -300,10 +300,10 @@ class _Table:
                 meta = pq.ParquetFile(path).metadata
                 self.schema = pq.read_schema(path)
                 self.group_rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            else:
+            else:  # record batches are the groups: read zero-copy from the memory map, never combined
                 table = self._arrow()
                 self.schema = table.schema
-                self.group_rows = [table.num_rows]
+                self.group_rows = [len(chunk) for chunk in table.column(0).chunks] if table.num_columns else [0]
         except (pa.ArrowException, OSError) as e:
             raise FeaturizeError(f"cannot read table {path}: {e}") from None
         self.rows = sum(self.group_rows)
@@ -329,7 +329,7 @@ class _Table:
 
         if self.parquet:
             return pq.ParquetFile(self.path).read_row_group(g, columns=[name]).column(0).combine_chunks()
-        return self._arrow().column(name).combine_chunks()
+        return self._arrow().column(name).chunk(g)
 
     def hf_features(self) -> dict:
         """The Hugging Face features saved with the table, if any (ClassLabel names live there)."""

@@ -144,9 +144,9 @@ def _predecoded_ips(backbone, source: Source, count: int, device, precision: str
         return _timed(lambda: sum(pool.map(one_batch, batches)))
 
 
-def _naive_ips(model_name: str, weights: str, source: Source, count: int, device: torch.device) -> float:
+def _naive_ips(model_name: str, spec: dict[str, Any], source: Source, count: int, device: torch.device) -> float:
     """The loop people write first: one image at a time, fp32, NCHW, PIL + timm's transform, on the device."""
-    backbone = create_backbone(model_name, weights)
+    backbone = create_backbone(model_name, **spec)
     model, transform = backbone.model.to(device), backbone.transform
     paths = [source.path_of(i) for i in range(min(count, len(source)))]
     from PIL import Image
@@ -190,9 +190,9 @@ def _write_mb_s(folder: Path, rows: int = 20_000, dim: int = 1280) -> float:
     return rows * dim * 2 / 1e6 / seconds
 
 
-def _features(source, model_name, weights, precision, device, batch_size, workers, streams, limit,
+def _features(source, model_name, spec, precision, device, batch_size, workers, streams, limit,
               runtime: str = "torch") -> np.ndarray:
-    backbone = create_backbone(model_name, weights)
+    backbone = create_backbone(model_name, **spec)
     indices = range(min(limit, len(source)))
     engine = resolve_runtime(runtime, backbone, device, precision, batch_size)
     return np.concatenate([b.features for b in iter_features(source, backbone, indices, device=device,
@@ -221,12 +221,12 @@ def _cache_at(folder: Path):
             os.environ["HEADBENCH_CACHE"] = before
 
 
-def _openvino_measures(model: str, weights: str, folder: Path, source: Source, tmp: Path, device: torch.device,
+def _openvino_measures(model: str, spec: dict[str, Any], folder: Path, source: Source, tmp: Path, device: torch.device,
                        precision: str, batch: int, workers: int, torch_result: dict[str, Any],
                        reference: np.ndarray | None, reference_probe: float | None) -> dict[str, Any]:
     """The OpenVINO runtime measured like torch in the same run (see the module docstring)."""
     out: dict[str, Any] = {}
-    backbone = create_backbone(model, weights)
+    backbone = create_backbone(model, **spec)
     with _cache_at(tmp / "openvino-cache"):
         started = time.perf_counter()
         cold = resolve_runtime("openvino", backbone, device, precision, batch)
@@ -250,16 +250,16 @@ def _openvino_measures(model: str, weights: str, folder: Path, source: Source, t
         with ThreadPoolExecutor(engine.requests) as pool:
             step(pool)  # warm-up
             out["openvino_forward_ips"] = _timed(lambda: step(pool))
-        e2e = extract_features(folder, tmp / "e2e-openvino.h5", model=model, weights=weights, device=str(device),
+        e2e = extract_features(folder, tmp / "e2e-openvino.h5", model=model, **spec, device=str(device),
                                precision=precision, batch_size=batch, workers=workers, runtime="openvino",
                                progress=False)
         out["openvino_end_to_end_ips"] = e2e.images_per_second
         if reference is not None:
-            cosine = _cosines(reference, _features(source, model, weights, precision, device, batch, workers, None,
+            cosine = _cosines(reference, _features(source, model, spec, precision, device, batch, workers, None,
                                                    limit=len(reference), runtime="openvino"))
             out["openvino_min_cosine"], out["openvino_mean_cosine"] = float(cosine.min()), float(cosine.mean())
         if reference_probe is not None:
-            store = extract_features("builtin:digits", tmp / "digits-openvino.h5", model=model, weights=weights,
+            store = extract_features("builtin:digits", tmp / "digits-openvino.h5", model=model, **spec,
                                      device=str(device), precision=precision, batch_size=batch, workers=workers,
                                      runtime="openvino", progress=False)
             out["openvino_probe_acc_delta"] = (_probe_accuracy(store.path) - reference_probe) * 100
@@ -298,6 +298,7 @@ def run_benchmark(
     model: str = "tf_efficientnet_lite0",
     *,
     weights: str = "auto",
+    image_size: int | None = None,
     images: str | Path | None = None,
     num_images: int = 500,
     naive_images: int = 60,
@@ -324,7 +325,8 @@ def run_benchmark(
     batch = batch_size or default_batch_size(dev)
     n_workers = default_workers(dev) if workers is None else workers
     n_streams = (1 if compile else default_streams(dev)) if streams is None else streams
-    backbone = create_backbone(model, weights)
+    spec = {"weights": weights, "image_size": image_size}  # the backbone as every measure builds it
+    backbone = create_backbone(model, **spec)
 
     with tempfile.TemporaryDirectory(prefix="headbench-bench-") as tmp:
         tmp = Path(tmp)
@@ -333,6 +335,7 @@ def run_benchmark(
         result: dict[str, Any] = {
             "model": model,
             "weights": backbone.weights["source"],
+            "input_size": list(backbone.data_config["input_size"]),
             "precision": prec,
             "batch_size": batch,
             "workers": n_workers,
@@ -344,7 +347,7 @@ def run_benchmark(
             "library_versions": library_versions(),
         }
         result["forward_ips"] = _forward_ips(backbone, dev, prec, batch, n_streams, compile)
-        e2e = extract_features(folder, tmp / "e2e.h5", model=model, weights=weights, device=device, precision=prec,
+        e2e = extract_features(folder, tmp / "e2e.h5", model=model, **spec, device=device, precision=prec,
                                batch_size=batch, workers=n_workers, streams=n_streams, compile=compile,
                                runtime="torch", decode=decode, progress=progress)
         result["end_to_end_ips"] = e2e.images_per_second
@@ -354,12 +357,12 @@ def run_benchmark(
         features = np.asarray(read_store(e2e.path).features, dtype=np.float32)
         result["nonfinite_rows"] = int((~np.isfinite(features).all(axis=1)).sum())
         if e2e.decoder == "tensor":  # the same run, decoded by Pillow: what tensor decoding gains
-            cpu = extract_features(folder, tmp / "e2e-cpu.h5", model=model, weights=weights, device=device,
+            cpu = extract_features(folder, tmp / "e2e-cpu.h5", model=model, **spec, device=device,
                                    precision=prec, batch_size=batch, workers=n_workers, streams=n_streams,
                                    compile=compile, runtime="torch", decode="cpu", progress=progress)
             result["end_to_end_cpu_decode_ips"] = cpu.images_per_second
             result["ratio_end_to_end_vs_cpu_decode"] = e2e.images_per_second / cpu.images_per_second
-        result["naive_ips"] = _naive_ips(model, weights, source, naive_images, dev)
+        result["naive_ips"] = _naive_ips(model, spec, source, naive_images, dev)
         result["decode_ips_per_worker"] = _decode_ips(backbone, source, min(200, len(source)))
         result["predecoded_ips"] = _predecoded_ips(backbone, source, min(max(4 * batch, 256), 1024), dev, prec, batch,
                                                    n_streams, compile)
@@ -373,14 +376,14 @@ def run_benchmark(
 
         fp32 = None
         if quality:
-            fp32 = _features(source, model, weights, "fp32", dev, batch, n_workers, n_streams, limit=200)
-            bf16 = _features(source, model, weights, "bf16", dev, batch, n_workers, n_streams, limit=200)
+            fp32 = _features(source, model, spec, "fp32", dev, batch, n_workers, n_streams, limit=200)
+            bf16 = _features(source, model, spec, "bf16", dev, batch, n_workers, n_streams, limit=200)
             cosine = _cosines(fp32, bf16)
             result["bf16_min_cosine"] = float(cosine.min())
             result["bf16_mean_cosine"] = float(cosine.mean())
             accuracy = {}
             for p in ("fp32", "bf16"):
-                store = extract_features("builtin:digits", tmp / f"digits-{p}.h5", model=model, weights=weights,
+                store = extract_features("builtin:digits", tmp / f"digits-{p}.h5", model=model, **spec,
                                          device=device, precision=p, batch_size=batch, workers=n_workers,
                                          streams=n_streams, runtime="torch", progress=progress)
                 accuracy[p] = _probe_accuracy(store.path)
@@ -388,6 +391,6 @@ def run_benchmark(
             result["probe_accuracy_bf16"] = accuracy["bf16"]
             result["bf16_probe_acc_delta"] = (accuracy["bf16"] - accuracy["fp32"]) * 100
         if "openvino" in runtimes:
-            result.update(_openvino_measures(model, weights, folder, source, tmp, dev, precision, batch, n_workers,
+            result.update(_openvino_measures(model, spec, folder, source, tmp, dev, precision, batch, n_workers,
                                              result, fp32, result.get("probe_accuracy_fp32")))
     return result

@@ -12,7 +12,7 @@ from PIL import Image
 
 from featurize.backbones import create_backbone
 from featurize.decode import TensorDecoder, resolve_decode
-from featurize.engine import _DecodeDataset, iter_features
+from featurize.engine import DecodeDataset, iter_features
 from featurize.errors import FeaturizeError
 from featurize.sources import open_source
 
@@ -45,7 +45,7 @@ def test_tensor_decoding_matches_pillow_on_photographs_and_pngs(photo_folder, li
     assert not any(errors)
     assert _cosine(pillow, tensor).min() >= 0.999
     # the JPEGs really went through torchvision (the rest through Pillow, which gives the same features exactly)
-    dataset = _DecodeDataset(source, lite0, jpeg_draft=True, decode="tensor")
+    dataset = DecodeDataset(source, lite0, jpeg_draft=True, decode="tensor")
     jpegs = [i for i, s in enumerate(source.samples) if s.id.endswith((".jpg", ".jpeg"))]
     assert jpegs and all(dataset.tensor.prepare(i).data is not None for i in jpegs)
     others = [i for i in range(len(source)) if i not in jpegs]
@@ -63,7 +63,7 @@ def test_exif_orientation_is_applied_as_pillow_does(tmp_path, orientation):
     path.parent.mkdir()
     Image.fromarray(photo("chelsea")[:200, :300]).save(path, quality=95, exif=exif)
     backbone = create_backbone("test_resnet", "random")
-    dataset = _DecodeDataset(open_source(tmp_path), backbone, jpeg_draft=True, decode="tensor")
+    dataset = DecodeDataset(open_source(tmp_path), backbone, jpeg_draft=True, decode="tensor")
     assert dataset.tensor.prepare(0).orientation == orientation
     tensor, error = dataset.tensor.decode_one(0)
     pillow, _ = dataset.pillow(0)
@@ -97,7 +97,7 @@ def test_one_corrupt_jpeg_costs_only_its_own_row(tmp_path):
 
     # the batch as the GPU path assembles it (read ahead, then decoded in one call that fails and is redone
     # image by image), here on the CPU
-    dataset = _DecodeDataset(mixed_source, backbone, jpeg_draft=True)
+    dataset = DecodeDataset(mixed_source, backbone, jpeg_draft=True)
     decoder = TensorDecoder(mixed_source, backbone, CPU, dataset.pillow)
     prepared = [decoder.prepare(i) for i in range(5)]
     assert prepared[1].data is None and prepared[3].data is not None  # no end marker: Pillow; bogus: the device

@@ -69,7 +69,7 @@ names = st.text(alphabet="abcXYZ._- ", min_size=1, max_size=8)
 @given(st.lists(st.tuples(st.lists(names, min_size=1, max_size=3), st.binary(max_size=64)), max_size=8))
 def test_folder_scanning_and_decoding_give_rows_or_clean_errors(files):
     from featurize.backbones import create_backbone
-    from featurize.engine import _DecodeDataset
+    from featurize.engine import DecodeDataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"
@@ -86,7 +86,7 @@ def test_folder_scanning_and_decoding_give_rows_or_clean_errors(files):
         except FeaturizeError as e:
             assert str(e) and "\n" not in str(e)
             return
-        dataset = _DecodeDataset(source, _tiny_backbone(), jpeg_draft=True)
+        dataset = DecodeDataset(source, _tiny_backbone(), jpeg_draft=True)
         for i in range(len(source)):
             index, _, error = dataset[i]  # random bytes: recorded as errors, never raised
             assert index == i and isinstance(error, str)
