@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from .evaluate import CALIBRATION_ROWS, calibration_method, labels_follow_scores
+from .schedule import FACTOR, halving_rounds, halving_schedule, stratified_subset
 from .protocol import Plan, Task
 from .registry import HeadSpec
 
@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 DEFAULT_BUDGET_MINUTES = 15.0  # compare-heads --budget: leaves room for probes, bootstrap and reports in 20 min
-FACTOR = 3  # successive halving: keep the best third of the candidates, triple their rows
 PLANNED_FRACTION = 0.85  # plan predicted costs into 85 % of a share: the rest absorbs prediction error
 LAST_FRACTION = 0.95  # the last head (the race leader) plans into 95 % of what is left: no budget idles
 FIDELITY_TOLERANCE = 0.0025  # an approximation within 0.25 points of its exact head counts as faithful
@@ -174,37 +173,6 @@ class HeadBudget:
     cost: CostModel | None = None
     target_seconds: float | None = None
     last: bool = False
-
-
-def stratified_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Sorted positions of a stratified random subset of `size` rows (all positions when size >= len(y))."""
-    positions = np.arange(len(y))
-    if size >= len(y):
-        return positions
-    _, counts = np.unique(y, return_counts=True)
-    stratify = y if min(size, len(y) - size) >= len(counts) and counts.min() >= 2 else None
-    subset, _ = train_test_split(positions, train_size=size, stratify=stratify, random_state=seed)
-    return np.sort(subset)
-
-
-def _halving_rounds(n_candidates: int, factor: int = FACTOR) -> int:
-    """Rounds successive halving needs to narrow `n_candidates` down to the last factor or fewer."""
-    rounds = 1
-    while factor**rounds <= n_candidates:
-        rounds += 1
-    return rounds
-
-
-def halving_schedule(n_candidates: int, max_rows: int, n_splits: int, n_classes: int,
-                     factor: int = FACTOR) -> list[tuple[int, int]]:
-    """(candidates, rows) per iteration, as ``HalvingGridSearchCV(min_resources="exhaust")`` runs them."""
-    required = _halving_rounds(n_candidates, factor)
-    smallest = 2 * n_splits * n_classes
-    min_rows = max(smallest, max_rows // factor ** (required - 1))
-    possible = 1
-    while min_rows * factor**possible <= max_rows:
-        possible += 1
-    return [(math.ceil(n_candidates / factor**i), min_rows * factor**i) for i in range(min(possible, required))]
 
 
 PARALLEL_EFFICIENCY = 0.7  # parallel fits share memory bandwidth and caches: 2 jobs give ~1.4x, not 2x
@@ -343,7 +311,7 @@ def _smallest_tuning_rows(spec: HeadSpec, plan: Plan, n_classes: int) -> int:
     """The fewest tuning rows worth halving on: every round has scikit-learn's minimum rows (2 per class
     per split) or more, and never under 1 000."""
     smallest = 2 * len(plan.tasks[0].cv) * n_classes
-    return max(1000, smallest * FACTOR ** (_halving_rounds(spec.grid_size()) - 1))
+    return max(1000, smallest * FACTOR ** (halving_rounds(spec.grid_size()) - 1))
 
 
 def _fit_in_share(spec: HeadSpec, cost: CostModel, plan: Plan, share: float, jobs: int,

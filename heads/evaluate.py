@@ -19,6 +19,7 @@ from sklearn.pipeline import Pipeline
 from .errors import HeadsError
 from .protocol import Plan, Task
 from .registry import PREPROCESSING, HeadSpec
+from .schedule import FACTOR, halving_schedule, stratified_subset
 
 __all__ = ["HeadRun", "Tuned", "run_head", "fit_head", "calibration_method", "calibrate_head", "readable_params", "base_pipeline", "quiet_fits", "score_rows",
            "labels_follow_scores"]
@@ -121,14 +122,13 @@ def _subset_cv(task: Task, subset: np.ndarray) -> list[tuple[np.ndarray, np.ndar
 def _halving(spec: HeadSpec, X: np.ndarray, y: np.ndarray, task: Task, tune_rows: int, jobs: int,
              class_weight: str | None, seed: int, resize=None) -> Tuned:
     """Successive halving (factor ``FACTOR``) on a stratified subset of `tune_rows` fit rows, the schedule of
-    ``HalvingGridSearchCV(min_resources="exhaust")`` (:func:`heads.budget.halving_schedule`): each round scores
+    ``HalvingGridSearchCV(min_resources="exhaust")`` (:func:`heads.schedule.halving_schedule`): each round scores
     its candidates over the task's CV splits restricted to that round's stratified rows and keeps the best
     third, the last round the best one (first best in grid order). With `resize` (an object with
     ``last_round_rows(task, done, seconds, rows)``, e.g. :class:`heads.budget.LastRound`), the last round's
     rows are set from the time the earlier rounds actually took. Then the refit on every fit row."""
     from sklearn.model_selection import ParameterGrid
 
-    from .budget import FACTOR, halving_schedule, stratified_subset
 
     pipeline = base_pipeline(spec, class_weight, seed)
     X_fit, y_fit = X[task.fit], y[task.fit]
@@ -255,7 +255,6 @@ def calibrate_head(spec: HeadSpec, tuned: Tuned, X: np.ndarray, y: np.ndarray, t
     fitted on out-of-fold logits of the chosen setting: over the task's CV splits restricted to at most
     :data:`CALIBRATION_ROWS` stratified fit rows (the validation split alone when the plan has one). The scored
     rows never take part. Unchanged when `method` is ``none`` or the task has no CV (one example per class)."""
-    from .budget import stratified_subset
     from .calibration import CalibratedHead, Calibrator
 
     if method == "none" or not task.cv:

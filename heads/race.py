@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import clone
 
-from .budget import PROBE_ROWS, PROBE_SECONDS, CostModel, full_plan, stratified_subset
+from .budget import PROBE_ROWS, PROBE_SECONDS, CostModel, full_plan
+from .schedule import stratified_subset
 from .evaluate import base_pipeline, quiet_fits, readable_params
 from .protocol import Plan
 from .registry import HeadSpec

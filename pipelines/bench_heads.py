@@ -23,7 +23,8 @@ import numpy as np
 
 from featurize.store import StoreWriter, read_store
 from heads import get_head
-from heads.budget import DEFAULT_BUDGET_MINUTES, stratified_subset
+from heads.budget import DEFAULT_BUDGET_MINUTES
+from heads.schedule import stratified_subset
 from heads.synthetic import synthetic_features
 from pipelines.provenance import library_versions
 

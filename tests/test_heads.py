@@ -59,6 +59,20 @@ def test_heads_import_neither_torch_nor_featurize():
     assert out.stdout.strip() == "[]"
 
 
+def test_evaluate_never_imports_the_budget_planner():
+    """The planner predicts what the evaluation runs: budget -> evaluate is the only direction (their shared
+    pieces live in heads/schedule.py)."""
+    import ast
+    import inspect
+
+    import heads.evaluate
+
+    tree = ast.parse(inspect.getsource(heads.evaluate))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {m for m in imported if m and m.split(".")[-1] == "budget"}, imported
+
+
 def test_holdout_plan_keeps_test_rows_out_of_tuning(data):
     _, y, split = data
     plan = plan_protocol(y, split, folds=5, seed=0)
