@@ -49,6 +49,8 @@ __all__ = [
     "read_store",
     "read_features",
     "verify_store",
+    "verify_store_isolated",
+    "VERIFY_MEMORY_LIMIT",
 ]
 
 FORMAT_NAME = "headbench-feature-store"
@@ -757,3 +759,82 @@ def verify_store(path: str | os.PathLike, block_rows: int = 8192) -> dict[str, A
         "format_version": store.attrs["format_version"],
         "config_hash": store.attrs["config_hash"],
     }
+
+
+VERIFY_MEMORY_LIMIT = 2 * 1024**3  # what verify may allocate beyond what the process already holds
+
+
+def _address_space() -> int | None:
+    """This process's virtual address space in bytes (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _verify_child(path: str, memory_limit: int, conn) -> None:
+    """In the forked child: cap the address space, verify, send ("ok", summary) or ("error", one line)."""
+    import resource
+
+    try:
+        used = _address_space()
+        if used is not None:
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            cap = used + memory_limit
+            resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+        conn.send(("ok", verify_store(path)))
+    except StoreError as e:
+        conn.send(("error", str(e)))
+    except MemoryError:
+        conn.send(("error", f"{path} is damaged: reading its structure needed more than "
+                            f"{memory_limit / 1024**3:.0f} GiB (a damaged length field?)"))
+    except Exception as e:  # anything else the HDF5 library raises on a damaged file
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        conn.send(("error", f"{path} is damaged: {type(e).__name__}: {text}".rstrip(": ")))
+    finally:
+        conn.close()
+        os._exit(0)  # no atexit handlers, no flushing of the parent's buffers
+
+
+def verify_store_isolated(path: str | os.PathLike, memory_limit: int = VERIFY_MEMORY_LIMIT,
+                          timeout: float | None = None) -> dict[str, Any]:
+    """:func:`verify_store` in a forked child whose address space may grow by at most `memory_limit` bytes.
+
+    A damaged HDF5 length field can make the library allocate gigabytes before it fails (seen: 4.9 GB for 57
+    damaged bytes); capped, that becomes one "damaged" line instead of a machine out of memory. A child that
+    the library crashes, or that runs past `timeout` (default: 60 s plus 10 s per GiB of file), is reported the
+    same way. Where fork or address-space limits do not exist, it is :func:`verify_store` itself.
+
+    Raises:
+        StoreError: the first problem found, in one line.
+    """
+    import multiprocessing
+
+    path = Path(path)
+    if "fork" not in multiprocessing.get_all_start_methods() or _address_space() is None:
+        return verify_store(path)
+    if timeout is None:
+        timeout = 60.0 + 10.0 * (path.stat().st_size / 1024**3 if path.is_file() else 0.0)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_verify_child, args=(str(path), memory_limit, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            child.kill()
+            raise StoreError(f"{path}: verifying took over {timeout:.0f} s and was stopped; the store is likely "
+                             "damaged")
+        kind, value = receive.recv()
+    except EOFError:  # the child died without a word: the HDF5 library crashed on the file
+        child.join(5)
+        raise StoreError(f"{path} is damaged: the HDF5 library crashed reading it (exit code {child.exitcode})") \
+            from None
+    finally:
+        receive.close()
+        child.join(5)
+    if kind == "ok":
+        return value
+    raise StoreError(value)
+

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from featurize.errors import FeaturizeError
 from featurize.sources import open_source
-from featurize.store import StoreError, StoreWriter, read_store, verify_store
+from featurize.store import StoreError, StoreWriter, read_store, verify_store, verify_store_isolated
 
 # Derandomised (the same examples on every run, no example database): CI time stays predictable. A damaged
 # length field can make the HDF5 library allocate gigabytes before it fails, so the store fuzzing is capped.
@@ -112,8 +112,8 @@ def _tiny_backbone():
 def test_damaged_stores_read_and_verify_cleanly(tmp_path, valid_store, damage):
     """Garbage, truncation and damaged feature blocks give a result or one clean error line.
 
-    Overwrites are aimed at the feature chunks: damaged *metadata* length fields can make libhdf5 allocate
-    gigabytes before it fails (seen: 4.9 GB for 57 bytes of 0xFD), which no reader above it can prevent.
+    Overwrites here are aimed at the feature chunks; damaged metadata is the next test's, through
+    verify_store_isolated (a damaged length field can make libhdf5 allocate gigabytes before it fails).
     """
     original, chunks = valid_store
     path = tmp_path / "d.h5"
@@ -134,3 +134,55 @@ def test_damaged_stores_read_and_verify_cleanly(tmp_path, valid_store, damage):
             check(path)
         except StoreError as e:
             assert str(e) and "\n" not in str(e)
+
+
+def _metadata_offsets(original: bytes, chunks) -> np.ndarray:
+    """Every byte offset outside the feature chunks: superblock, object headers, heaps, B-trees, attributes."""
+    inside = np.zeros(len(original), dtype=bool)
+    for offset, size in chunks:
+        inside[offset:offset + size] = True
+    return np.flatnonzero(~inside)
+
+
+@STORE_FUZZ
+@given(st.one_of(
+    st.tuples(st.integers(0, 95), st.integers(1, 16), st.binary(min_size=1, max_size=1)),  # the superblock
+    st.tuples(st.integers(0, 10**9), st.integers(1, 64), st.binary(min_size=1, max_size=1)),  # any metadata
+))
+def test_damaged_metadata_gives_one_line_within_10_s_and_2_gib(tmp_path, valid_store, damage):
+    """Damaged HDF5 metadata (superblock, object headers, heaps, attributes): verify runs in a child whose
+    address space may grow by 2 GiB at most, so a damaged length field ends in one "damaged" line instead of
+    gigabytes; every case ends within 10 s."""
+    import time
+
+    original, chunks = valid_store
+    start, length, value = damage
+    offsets = _metadata_offsets(original, chunks)
+    at = int(offsets[start % len(offsets)])
+    data = bytearray(original)
+    data[at:at + length] = value * len(data[at:at + length])
+    path = tmp_path / "d.h5"
+    path.write_bytes(bytes(data))
+    started = time.perf_counter()
+    try:
+        verify_store_isolated(path, timeout=10.0)
+    except StoreError as e:
+        assert str(e) and "\n" not in str(e)
+    assert time.perf_counter() - started < 10.5
+
+
+def test_verify_caps_what_reading_a_store_may_allocate(tmp_path, valid_store, monkeypatch):
+    """What a damaged length field does to libhdf5 (seen: 4.9 GB for 57 bytes of 0xFD in an earlier layout),
+    played by a reader that asks for 3 GiB: the child fails with MemoryError and verify says so in one line;
+    the calling process never holds the memory."""
+    import featurize.store as store_module
+
+    def greedy(path, block_rows=8192):
+        np.ones(3 * 1024**3, dtype=np.uint8)  # touched: really allocated, beyond the 2 GiB cap
+        raise AssertionError("the cap did not hold")
+
+    path = tmp_path / "s.h5"
+    path.write_bytes(valid_store[0])
+    monkeypatch.setattr(store_module, "verify_store", greedy)  # the forked child inherits it
+    with pytest.raises(StoreError, match="needed more than 2 GiB"):
+        verify_store_isolated(path, timeout=30.0)
