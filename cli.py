@@ -7,6 +7,7 @@ surface as one clear line and exit code 1.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def _source_options(command):
     ]):
         command = option(command)
     return command
+
+
+def _command_line() -> str:
+    """The command as the user typed it (for the report): ``python cli.py ...`` or ``headbench ...``."""
+    program = ["python", sys.argv[0]] if sys.argv[0].endswith(".py") else [Path(sys.argv[0]).name]
+    return shlex.join([*program, *sys.argv[1:]])
 
 
 def _console():
@@ -699,7 +706,8 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
                 from pipelines.report import write_results
 
                 where = out_dir / comparison.task if several else out_dir
-                written = write_results(comparison, where, predictions=save_predictions)
+                written = write_results(comparison, where, predictions=save_predictions,
+                                        command=_command_line())
                 click.echo(f"wrote {', '.join(p.name for p in written)} to {where}")
             if save_best:
                 target = save_best.with_name(f"{save_best.stem}.{comparison.task}{save_best.suffix}") if several \

@@ -1,5 +1,5 @@
 """Write a comparison to disk: results.json, results.csv, report.md and PNG plots (learning_curve.png with
---shots)."""
+--shots), and report.html (:mod:`pipelines.html_report`)."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def format_ci(row: dict[str, Any], metric: str = "accuracy") -> str:
     return f"{row[metric] * 100:.2f} [{low * 100:.1f}, {high * 100:.1f}]"
 
 
-def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
+def _plot_accuracy_vs_fit_time(comparison: Comparison, path, fmt: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,6 +144,7 @@ def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
     representations = list(dict.fromkeys(r["representation"] for r in comparison.rows))
     many = len(representations) > 6  # then the legend goes beside the axes and the labels shrink
     fig, ax = plt.subplots(figsize=(12, 6) if many else (8, 5), dpi=110)
+    labels: list[tuple[str, float, float]] = []
     for i, representation in enumerate(representations):
         rows = [r for r in comparison.rows if r["representation"] == representation]
         x = [max(r["fit_seconds"], 1e-4) for r in rows]
@@ -152,8 +153,7 @@ def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
                [(r["accuracy_ci"][1] - r["accuracy"]) * 100 for r in rows]]
         ax.errorbar(x, y, yerr=err, fmt="os^Dv<>ph*"[i // 10 % 10], capsize=3, label=representation,
                     color=f"C{i % 10}")
-        for r, xi, yi in zip(rows, x, y):
-            ax.annotate(r["head"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=6 if many else 8)
+        labels += [(r["head"], xi, yi) for r, xi, yi in zip(rows, x, y)]
     ax.set_xscale("log")
     ax.set_xlabel("fit time of the chosen setting (s, log scale)")
     ax.set_ylabel("test accuracy (%) with 95% bootstrap CI")
@@ -164,11 +164,48 @@ def _plot_accuracy_vs_fit_time(comparison: Comparison, path: Path) -> None:
     else:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    place_labels(ax, labels, fontsize=6 if many else 8)
+    fig.savefig(path, format=fmt)
     plt.close(fig)
 
 
-def _plot_confusion(comparison: Comparison, path: Path) -> None:
+# Where a point's label may go, in points from the point: right and up first, then around it, then further out.
+_LABEL_OFFSETS = [(5, 4), (5, -10), (-5, 4), (-5, -10), (0, 8), (0, -14), (12, 12), (12, -18), (-12, 12),
+                  (-12, -18), (20, 0), (-20, 0), (0, 22), (0, -26)]
+
+
+def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 8) -> None:
+    """Annotate points with text that overlaps neither other labels nor the legend and stays inside the axes:
+    each label takes the first offset (:data:`_LABEL_OFFSETS`) whose box is free, else the least crowded one."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    for text, x, y in sorted(labels, key=lambda item: (item[1], -item[2])):
+        best, best_overlap = None, None
+        for dx, dy in _LABEL_OFFSETS:
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, ha=ha)
+            box = note.get_window_extent(renderer).expanded(1.05, 1.15)
+            overlap = sum(max(0.0, min(box.x1, t.x1) - max(box.x0, t.x0)) * max(0.0, min(box.y1, t.y1) - max(box.y0, t.y0))
+                          for t in taken)
+            inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and \
+                ax.get_window_extent(renderer).contains(box.x1, box.y1)
+            overlap += 0.0 if inside else box.width * box.height
+            if best is None or overlap < best_overlap:
+                if best is not None:
+                    best[0].remove()
+                best, best_overlap = (note, box), overlap
+            else:
+                note.remove()
+            if overlap == 0.0:
+                break
+        taken.append(best[1])
+
+
+def _plot_confusion(comparison: Comparison, path, fmt: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +223,7 @@ def _plot_confusion(comparison: Comparison, path: Path) -> None:
     )
     ax.set_title(f"winner: {best['representation']} + {best['head']}")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format=fmt)
     plt.close(fig)
 
 
@@ -268,7 +305,7 @@ def _curve_section(comparison: Comparison) -> list[str]:
     return [*lines, "", "![learning curve](learning_curve.png)", ""]
 
 
-def _plot_learning_curve(comparison: Comparison, path: Path) -> None:
+def _plot_learning_curve(comparison: Comparison, path, fmt: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,7 +343,7 @@ def _plot_learning_curve(comparison: Comparison, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format=fmt)
     plt.close(fig)
 
 
@@ -341,7 +378,7 @@ def _calibration_section(comparison: Comparison) -> list[str]:
     return [*lines, "", "![reliability diagram of the winner](reliability_diagram.png)", ""]
 
 
-def _plot_reliability(comparison: Comparison, path: Path) -> None:
+def _plot_reliability(comparison: Comparison, path, fmt: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,8 +404,32 @@ def _plot_reliability(comparison: Comparison, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format=fmt)
     plt.close(fig)
+
+
+def protocol_lines(comparison: Comparison) -> list[str]:
+    """The data and protocol of a comparison, one Markdown line each (the report's list)."""
+    return [
+        *[f"store `{s.path}`: backbone {s.attrs.get('backbone')}, weights {s.attrs.get('weights_source')}, "
+          f"config hash `{str(s.attrs.get('config_hash'))[:12]}`" for s in comparison.stores],
+        f"classes: {len(comparison.classes)}; rows used: {int(comparison.usable.sum())}; left out: "
+        f"{comparison.excluded_failed} failed in at least one store, {comparison.excluded_unlabeled} unlabeled",
+        f"protocol: {comparison.plan.description}; seed {comparison.plan.seed}",
+        "probabilities: " + ", ".join(sorted({f"{r['head']}: {r['calibration']}" for r in comparison.rows
+                                               if r.get("calibration") not in (None, "none")}) or ["uncalibrated"])
+        + " (calibrated on out-of-fold predictions of the training rows; see Calibration)",
+        f"uncertainty: 95 % percentile bootstrap over the {len(comparison.y_scored)} scored rows; "
+        "p-value: exact McNemar test against the winner on the same rows; "
+        "rows with p ≥ 0.05 are not distinguishable from the winner (marked ≈)",
+    ]
+
+
+def markdown_sections(comparison: Comparison) -> list[str]:
+    """The report's sections after the leaderboard, as Markdown: learning curve, calibration, representations,
+    cost and budget (their plots are referenced as PNG files)."""
+    return [*_curve_section(comparison), *_calibration_section(comparison), *ranking_markdown(comparison),
+            *_cost_section(comparison)]
 
 
 def _markdown(comparison: Comparison) -> str:
@@ -381,17 +442,7 @@ def _markdown(comparison: Comparison) -> str:
         "",
         "## Data and protocol",
         "",
-        *[f"- store `{s.path}`: backbone {s.attrs.get('backbone')}, weights {s.attrs.get('weights_source')}, "
-          f"config hash `{str(s.attrs.get('config_hash'))[:12]}`" for s in comparison.stores],
-        f"- classes: {len(comparison.classes)}; rows used: {int(comparison.usable.sum())}; left out: "
-        f"{comparison.excluded_failed} failed in at least one store, {comparison.excluded_unlabeled} unlabeled",
-        f"- protocol: {comparison.plan.description}; seed {comparison.plan.seed}",
-        "- probabilities: " + ", ".join(sorted({f"{r['head']}: {r['calibration']}" for r in comparison.rows
-                                                  if r.get("calibration") not in (None, "none")}) or ["uncalibrated"])
-        + " (calibrated on out-of-fold predictions of the training rows; see Calibration)",
-        f"- uncertainty: 95 % percentile bootstrap over the {len(comparison.y_scored)} scored rows; "
-        "p-value: exact McNemar test against the winner on the same rows; "
-        "rows with p ≥ 0.05 are not distinguishable from the winner (marked ≈)",
+        *[f"- {line}" for line in protocol_lines(comparison)],
         "",
         "## Leaderboard",
         "",
@@ -411,8 +462,7 @@ def _markdown(comparison: Comparison) -> str:
             f"{'best' if r['rank'] == 1 else format(r['p_value_vs_best'], '.3g')} | "
             f"`{json.dumps(r['params'], sort_keys=True)}` |"
         )
-    lines += ["", *_curve_section(comparison), *_calibration_section(comparison), *ranking_markdown(comparison),
-              *_cost_section(comparison)]
+    lines += ["", *markdown_sections(comparison)]
     lines += [
         "## Plots",
         "",
@@ -453,9 +503,11 @@ def write_predictions(comparison: Comparison, out_dir: Path) -> list[Path]:
     return written
 
 
-def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: bool = False) -> list[Path]:
-    """Write results.json, results.csv, report.md, accuracy_vs_fit_time.png and confusion_matrix.png (and
-    reliability_diagram.png, learning_curve.png, predictions/ when there is something to show)."""
+def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: bool = False,
+                  command: str | None = None) -> list[Path]:
+    """Write results.json, results.csv, report.md, report.html (self-contained; `command` is the command line
+    it shows), accuracy_vs_fit_time.png and confusion_matrix.png (and reliability_diagram.png,
+    learning_curve.png, predictions/ when there is something to show)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -507,6 +559,9 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
     if predictions:
         written.append(out / "predictions")
         write_predictions(comparison, out)
+    from pipelines.html_report import write_html
+
+    written.append(write_html(comparison, out / "report.html", command=command))
     return written
 
 
