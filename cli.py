@@ -6,6 +6,7 @@ surface as one clear line and exit code 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
@@ -75,6 +76,30 @@ def _source_options(command):
     ]):
         command = option(command)
     return command
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: Path | None):
+    """Hold DIR/.lock while compare-heads writes into DIR: a second run into the same folder is refused."""
+    if out_dir is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.ClickException(f"cannot create --out folder {out_dir}: {e.strerror or e}") from None
+    lock = FileLock(str(out_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise click.ClickException(f"another compare-heads is writing into {out_dir} (it holds {out_dir / '.lock'}); "
+                                   "wait for it to finish or choose another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _command_line() -> str:
@@ -672,7 +697,6 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads big.h5 --budget 30 --out results/
       python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
     """
-    import contextlib
 
     from heads.fewshot import parse_shots
     from pipelines.compare import compare_heads, save_best_head, task_names
@@ -690,7 +714,7 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
         backend = contextlib.nullcontext(None)
     tasks = task_names(stores) if task == "all" else [task]
     several = len(tasks) > 1
-    with backend as cluster_cpus:
+    with _out_dir_lock(out_dir), backend as cluster_cpus:
         jobs = jobs or cluster_cpus
         comparisons = []
         for name in tasks:

@@ -195,3 +195,16 @@ def test_heads_command_lists_grids(runner):
     assert "logreg" in result.output and "C=[0.01, 0.1, 1.0]" in result.output
     assert "(1 setting)" in result.output
     _one_line_error(_run(runner, ["heads", "nothing*"]), "no head matches 'nothing*'")
+
+
+def test_a_second_run_into_the_same_out_folder_is_refused(runner, digits_tiny, tmp_path):
+    from filelock import FileLock
+
+    out = tmp_path / "results"
+    out.mkdir()
+    with FileLock(str(out / ".lock")):  # what a running compare-heads holds
+        result = _run(runner, ["compare-heads", digits_tiny, "--heads", "centroid", "--out", out, "-q"])
+    _one_line_error(result, "another compare-heads is writing into")
+    assert not (out / "results.json").exists()
+    result = _run(runner, ["compare-heads", digits_tiny, "--heads", "centroid", "--out", out, "-q"])
+    assert result.exit_code == 0 and (out / "results.json").exists()  # the lock was released, the run writes
