@@ -654,11 +654,13 @@ def _rank_by_option(help_text: str):
                    "python cli.py inspect STORE) [default: the plain label column, else the first]. 'all': one "
                    "leaderboard per task, each with an equal part of --budget; with --out, one folder per task "
                    "and a results.json of every row; with --save-best PATH, one head per task (PATH.TASK.skops).")
+@click.option("--fresh", is_flag=True,
+              help="Recompute every head: ignore the units an earlier run into --out committed (DIR/.runs).")
 @_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_predictions,
                           save_best, budget,
-                          exhaustive, top, rank_by, shots, seeds, calibrate, task, ray_address, quiet):
+                          exhaustive, top, rank_by, shots, seeds, calibrate, task, fresh, ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -723,7 +725,12 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
             comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
                                        n_boot=n_boot, budget=None if exhaustive else budget / len(tasks), top=top,
                                        rank_by=rank_by, shots=shots, seeds=seeds, calibrate=calibrate, task=name,
+                                       cache_dir=out_dir / ".runs" if out_dir else None, fresh=fresh,
                                        progress=not quiet)
+            if comparison.units.get("reused"):
+                click.echo(f"reused {comparison.units['reused']} units committed by an earlier run "
+                           f"({comparison.units['reused_seconds']:.0f} s of work), computed "
+                           f"{comparison.units['committed']}; --fresh recomputes everything")
             comparisons.append(comparison)
             _print_leaderboard(comparison)
             if out_dir:

@@ -31,6 +31,7 @@ from pipelines.candidates import Candidate, align_stores, distinct_stores, parse
 from pipelines.provenance import library_versions
 from pipelines.curves import learning_curve, scored_rows_note
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
+from pipelines.runcache import RunCache, unit_key
 
 __all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save_best_head", "task_names", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
            "MIN_CANDIDATES_FOR_TRUST"]
@@ -69,6 +70,8 @@ class Comparison:
         curve: with ``shots``: the learning curve (:mod:`pipelines.curves`): ``shots``, ``seeds``, ``scored``
             (which rows each point is scored on), ``seconds`` and ``rows`` (one per representation x head x k);
             None otherwise.
+        units: the run cache (:mod:`pipelines.runcache`): ``reused`` units and the ``reused_seconds`` they took
+            when they ran, and units ``committed`` by this run.
     """
 
     rows: list[dict[str, Any]]
@@ -88,6 +91,7 @@ class Comparison:
     candidates: list[Candidate] = field(default_factory=list)
     ranking: dict[str, Any] | None = None
     curve: dict[str, Any] | None = None
+    units: dict[str, Any] = field(default_factory=dict)
 
     @property
     def best(self) -> dict[str, Any]:
@@ -155,6 +159,8 @@ def compare_heads(
     seeds: int = 5,
     calibrate: str | None = None,
     task: str | None = None,
+    cache_dir: str | Path | None = None,
+    fresh: bool = False,
     progress: bool = True,
 ) -> Comparison:
     """Train and compare every head on every representation under one protocol.
@@ -186,6 +192,9 @@ def compare_heads(
             NLL, Brier and ECE need some), ``none`` for the rest.
         task: which label set of the stores to predict (``label:NAME`` columns of a CSV manifest; None: the
             default one); every row names it.
+        cache_dir: where finished units are committed (:mod:`pipelines.runcache`; the CLI uses ``DIR/.runs``
+            with ``--out DIR``): a rerun after an interruption reuses them. None: no cache.
+        fresh: ignore what `cache_dir` holds (and replace it).
         progress: show a progress bar.
 
     Raises:
@@ -227,6 +236,7 @@ def compare_heads(
             ranking["ranked_out"] = [r for r in order if r["candidate"] not in kept]
 
     rows, predictions, runs, skipped = [], {}, {}, []
+    cache = RunCache(cache_dir, fresh)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     n_fit = min(len(t.fit) for t in plan.tasks)
     budget_seconds = None if budget is None else float(budget) * 60.0
@@ -272,8 +282,8 @@ def compare_heads(
 
         for position, (cand, spec) in enumerate(units):
             key = (cand.name, spec.name)
-            if probing:
-                remaining = budget_seconds - (time.perf_counter() - started_at)
+            if probing:  # units reused from an earlier run charge the time they took then
+                remaining = budget_seconds - (time.perf_counter() - started_at) - cache.reused_seconds
                 decision = allocator.decide(key, remaining, [(c.name, s.name) for c, s in units[position:]])
                 decision.probe_seconds = race[key].seconds
             else:
@@ -289,12 +299,13 @@ def compare_heads(
                 bar.update(1)
                 continue
             _run_unit(cand, spec, decision, features[cand.name], y, plan, n_classes, jobs, class_weight, seed,
-                      n_boot, y_scored, allocator, rows, predictions, runs, race.get(key), calibrate=calibrate)
+                      n_boot, y_scored, allocator, rows, predictions, runs, race.get(key), calibrate=calibrate,
+                      cache=cache)
             bar.update(1)
         if probing and leader is not None:
-            _second_pass(leader, budget_seconds - (time.perf_counter() - started_at), allocator, rows, features,
-                         y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored, predictions, runs, bar,
-                         calibrate)
+            _second_pass(leader, budget_seconds - (time.perf_counter() - started_at) - cache.reused_seconds,
+                         allocator, rows, features, y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored,
+                         predictions, runs, bar, calibrate, cache)
 
     if not rows:
         raise HeadsError(f"every head was skipped by the budget of {budget} minutes; raise --budget or use --exhaustive")
@@ -325,6 +336,7 @@ def compare_heads(
         candidates=candidates,
         ranking=ranking,
         curve=curve,
+        units={"reused": cache.reused, "reused_seconds": cache.reused_seconds, "committed": cache.committed},
     )
 
 
@@ -395,17 +407,32 @@ def _without_duplicates(units, named: set[str], skipped: list) -> list:
 
 def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes, jobs, class_weight, seed, n_boot,
               y_scored, allocator: Allocator, rows: list, predictions: dict, runs: dict,
-              contender: Contender | None, replace: bool = False, calibrate: str | None = None) -> None:
-    """Run one head as decided, and add (or, with `replace`, put in place of its earlier run) its row."""
+              contender: Contender | None, replace: bool = False, calibrate: str | None = None,
+              cache: RunCache | None = None) -> None:
+    """Run one head as decided -- or take its committed run from `cache` -- and add (or, with `replace`, put in
+    place of its earlier run) its row."""
     tune_rows = None if decision.mode == "full" else decision.tune_rows
     resize = None
     if decision.mode == "halving" and decision.target_seconds is not None:
         resize = LastRound(decision, plan, jobs=jobs, n_classes=n_classes)
-    started = time.perf_counter()
-    with _threads_for(decision.spec):
-        run = run_head(decision.spec, X, y, plan, n_classes, jobs=head_jobs(decision.spec, jobs),
-                       class_weight=class_weight, seed=seed, tune_rows=tune_rows, calibrate=calibrate, resize=resize)
-    actual = time.perf_counter() - started
+    cache = cache or RunCache(None)
+    key_hash = unit_key(store_hash=str(cand.store.attrs.get("config_hash")), candidate=cand.name,
+                        task=cand.store.task_name, y=y, spec=spec, run_spec=decision.spec, plan=plan,
+                        class_weight=class_weight, calibrate=calibrate, mode=decision.mode,
+                        tune_rows=decision.tune_rows, approximated=decision.approximated)
+    cached = cache.load(key_hash)
+    if cached is not None:
+        run, actual, extra = cached
+        resized = extra.get("resized", "")
+    else:
+        started = time.perf_counter()
+        with _threads_for(decision.spec):
+            run = run_head(decision.spec, X, y, plan, n_classes, jobs=head_jobs(decision.spec, jobs),
+                           class_weight=class_weight, seed=seed, tune_rows=tune_rows, calibrate=calibrate,
+                           resize=resize)
+        actual = time.perf_counter() - started
+        resized = resize.note() if resize is not None else ""
+        cache.save(key_hash, run, actual, {"resized": resized})
     allocator.record(decision.predicted_seconds, actual)
     metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
     cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
@@ -435,7 +462,8 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         "predicted_seconds": decision.predicted_seconds,
         "actual_seconds": actual,
         "probe_seconds": decision.probe_seconds,
-        "budget_note": decision.reason + (resize.note() if resize is not None else ""),
+        "budget_note": decision.reason + resized,
+        "cached": cached is not None,
         **_calibration_fields(run, y_scored, n_boot, seed),
     }
     if contender is not None:
@@ -485,7 +513,8 @@ def _better(new: HeadBudget, old: dict[str, Any]) -> bool:
 
 
 def _second_pass(leader: Contender, remaining: float, allocator: Allocator, rows, features, y, plan, n_classes, jobs,
-                 class_weight, seed, n_boot, y_scored, predictions, runs, bar, calibrate=None) -> None:
+                 class_weight, seed, n_boot, y_scored, predictions, runs, bar, calibrate=None,
+                 cache: RunCache | None = None) -> None:
     """No idle budget: when the leader ran reduced (approximated, or tuned on a subset) and more than
     SECOND_PASS_ABOVE of the budget is left, plan it again with what is left and run it when that is more exact."""
     old = next((r for r in rows if (r["representation"], r["head"]) == leader.key), None)
@@ -500,7 +529,7 @@ def _second_pass(leader: Contender, remaining: float, allocator: Allocator, rows
     run = runs[leader.key]
     _run_unit(run["candidate"], leader.spec, decision, features[leader.key[0]], y, plan, n_classes, jobs,
               class_weight, seed, n_boot, y_scored, allocator, rows, predictions, runs, leader, replace=True,
-              calibrate=calibrate)
+              calibrate=calibrate, cache=cache)
 
 
 def _parallel_backend(jobs: int) -> str:

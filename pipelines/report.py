@@ -528,6 +528,7 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
         "skipped": comparison.skipped,
         "candidates": [{"candidate": c.name, "store": str(c.store.path), "layer": c.layer} for c in comparison.candidates],
         "ranking": comparison.ranking,
+        "units": comparison.units,
         "learning_curve": None if comparison.curve is None else {
             k: comparison.curve[k] for k in ("shots", "seeds", "scored", "seconds")},
     }

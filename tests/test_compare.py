@@ -208,3 +208,49 @@ def test_a_second_run_into_the_same_out_folder_is_refused(runner, digits_tiny, t
     assert not (out / "results.json").exists()
     result = _run(runner, ["compare-heads", digits_tiny, "--heads", "centroid", "--out", out, "-q"])
     assert result.exit_code == 0 and (out / "results.json").exists()  # the lock was released, the run writes
+
+
+def _without_timings(document: dict) -> dict:
+    """results.json without what a rerun may change: timings, and which units came from the cache."""
+    timing = {"fit_seconds", "tune_seconds", "predict_us_per_sample", "actual_seconds", "predicted_seconds",
+              "probe_seconds", "share_seconds", "cached"}
+    rows = [{k: v for k, v in r.items() if k not in timing} for r in document["rows"]]
+    meta = {k: v for k, v in document["meta"].items() if k not in ("seconds", "units", "parallel")}
+    return {"rows": rows, "meta": meta}
+
+
+def test_a_killed_comparison_resumes_from_its_committed_units(digits_tiny, tmp_path):
+    """SIGKILL once two units are committed (the crash hook, so the point is exact; --jobs 1: no worker
+    processes to outlive it); the same command then reuses them, computes the rest, and writes the results of an
+    uninterrupted run. --fresh recomputes everything."""
+    heads = "centroid,ridge,lda,knn"
+    clean_dir, out = tmp_path / "clean", tmp_path / "resumed"
+
+    def cli(out_dir, *more, fault=None):
+        env = {k: v for k, v in os.environ.items() if k != "HEADBENCH_FAULT"}
+        if fault:
+            env["HEADBENCH_FAULT"] = fault
+        return subprocess.run([sys.executable, str(ROOT / "cli.py"), "compare-heads", str(digits_tiny), "--heads", heads,
+                               "--out", str(out_dir), "--jobs", "1", "--folds", "3", "--bootstrap", "200", "-q", *more],
+                              capture_output=True, text=True,
+                              cwd=ROOT, timeout=600, env=env, start_new_session=True)
+
+    clean = cli(clean_dir)
+    assert clean.returncode == 0, clean.stderr
+    killed = cli(out, fault="after-unit:2")
+    assert killed.returncode == -9, killed.stderr
+    units = [p for p in (out / ".runs").iterdir() if not p.name.startswith(".")]
+    assert len(units) == 2 and not (out / "results.json").exists()
+
+    resumed = cli(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "reused 2 units committed by an earlier run" in resumed.stdout and "computed 2" in resumed.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert again["meta"]["units"]["reused"] == 2 and again["meta"]["units"]["committed"] == 2
+    assert sum(r["cached"] for r in again["rows"]) == 2
+    assert _without_timings(again) == _without_timings(json.loads((clean_dir / "results.json").read_text()))
+
+    fresh = cli(out, "--fresh")
+    assert fresh.returncode == 0 and "reused" not in fresh.stdout
+    assert json.loads((out / "results.json").read_text())["meta"]["units"] == {
+        "reused": 0, "reused_seconds": 0.0, "committed": 4}
