@@ -257,7 +257,8 @@ def compare_heads(
             curve = {"shots": list(shots), "seeds": [seed + i for i in range(seeds)], "scored": scored_rows_note(plan),
                      "rows": learning_curve(_without_duplicates(units, named, []), features, y, plan, ks,
                                             [seed + i for i in range(seeds)], folds=folds, jobs=jobs,
-                                            class_weight=class_weight, n_boot=n_boot, seed=seed, bar=bar) if ks else []}
+                                            class_weight=class_weight, n_boot=n_boot, seed=seed, bar=bar,
+                                            cache=cache) if ks else []}
             curve["seconds"] = time.perf_counter() - started
         allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes, leader_last=probing)
         if probing:

@@ -10,6 +10,7 @@ paired p-value against it; a head that cannot be fitted on k rows per class (LDA
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from sklearn.base import clone
 from heads.evaluate import base_pipeline, fit_head, quiet_fits, readable_params
 from heads.fewshot import ShotResult, curve_point, draw_shots, paired_p_value, shot_task
 from heads.protocol import Plan
+from pipelines.runcache import RunCache, unit_key
 
 __all__ = ["learning_curve", "scored_rows_note"]
 
@@ -44,7 +46,7 @@ def _fit_draw(spec, X: np.ndarray, y: np.ndarray, task, *, jobs: int, class_weig
 
 def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: Plan, shots: list[int],
                    seeds: list[int], *, folds: int, jobs: int, class_weight: str | None, n_boot: int, seed: int,
-                   bar=None) -> list[dict[str, Any]]:
+                   bar=None, cache: RunCache | None = None) -> list[dict[str, Any]]:
     """Run every (candidate, spec) in `units` on every (k, seed) draw and summarise per (candidate, head, k).
 
     Args:
@@ -55,6 +57,8 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
             scored are its test rows (the rows outside the draw without a test split).
         shots: labelled rows per class, ascending.
         seeds: one draw per seed.
+        cache: where each head's result on each draw is committed, and taken from on a rerun
+            (:mod:`pipelines.runcache`).
     """
     pool = plan.final.fit if plan.kind == "holdout" else np.arange(len(y))
     draws = draw_shots(y[pool], shots, seeds)
@@ -69,17 +73,30 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
             X = features[cand.name]
             if (cand.name, spec.name, k) in unfit:
                 continue
-            try:
-                model, params, untuned = _fit_draw(spec, X, y, task, jobs=jobs, class_weight=class_weight,
-                                                   seed=draw_seed)
-            except ValueError as e:  # e.g. LDA on one row per class: more samples than classes needed
-                unfit[(cand.name, spec.name, k)] = str(e).splitlines()[0]
+            key = unit_key(store_hash=str(cand.store.attrs.get("config_hash")), candidate=cand.name,
+                           task=cand.store.task_name, y=y, spec=spec, run_spec=spec, plan=plan,
+                           class_weight=class_weight, calibrate=None, mode="shots", tune_rows=None,
+                           approximated=False, extra={"shots": k, "seed": draw_seed, "folds": folds})
+            done = cache.load_draw(key) if cache is not None else None
+            if done is None:
+                started = time.perf_counter()
+                try:
+                    model, params, untuned = _fit_draw(spec, X, y, task, jobs=jobs, class_weight=class_weight,
+                                                       seed=draw_seed)
+                    with quiet_fits():  # labels only: a 1-shot NearestCentroid has no spread for probabilities
+                        labels = model.predict(X[task.score])
+                    done = {"params": readable_params(params), "untuned": untuned, "correct": labels == y[task.score],
+                            "error": None}
+                except ValueError as e:  # e.g. LDA on one row per class: more samples than classes needed
+                    done = {"params": None, "untuned": False, "correct": None, "error": str(e).splitlines()[0]}
+                if cache is not None:
+                    cache.save_draw(key, **done, seconds=time.perf_counter() - started)
+            if done["error"] is not None:
+                unfit[(cand.name, spec.name, k)] = done["error"]
                 results.pop((cand.name, spec.name, k), None)
                 continue
-            with quiet_fits():  # labels only: a 1-shot NearestCentroid has no within-class spread for probabilities
-                labels = model.predict(X[task.score])
             results.setdefault((cand.name, spec.name, k), []).append(
-                ShotResult(draw_seed, readable_params(params), labels == y[task.score], untuned))
+                ShotResult(draw_seed, done["params"], np.asarray(done["correct"], dtype=bool), done["untuned"]))
     rows = []
     backbone = {cand.name: cand.backbone for cand, _ in units}
     for k in shots:

@@ -1,6 +1,7 @@
 """compare-heads' committed units of work, so that a killed comparison resumes where it stopped.
 
-A unit is one head on one candidate as the plan decided it. Each finished unit is committed to ``DIR/.runs/<key>/``
+A unit is one head on one candidate as the plan decided it, or one head on one learning-curve draw (k rows
+per class, one seed). Each finished unit is committed to ``DIR/.runs/<key>/``
 (files written and fsynced in a temporary folder, then renamed into place, as store shards are), where the key
 is a hash of everything that determines its result:
 
@@ -52,8 +53,9 @@ def _digest(array: np.ndarray) -> str:
 
 
 def unit_key(*, store_hash: str, candidate: str, task: str, y: np.ndarray, spec, run_spec, plan, class_weight,
-             calibrate, mode: str, tune_rows: int | None, approximated: bool) -> str:
-    """The hash of everything that determines one unit's result (see the module docstring)."""
+             calibrate, mode: str, tune_rows: int | None, approximated: bool, extra: dict | None = None) -> str:
+    """The hash of everything that determines one unit's result (see the module docstring); `extra`: what
+    else does (a learning-curve draw: k, seed, folds)."""
     identity = {
         "store": store_hash, "candidate": candidate, "task": task, "labels": _digest(np.asarray(y, dtype=np.int64)),
         "head": spec.name, "grid": repr(spec.grid), "prep": repr(spec.prep),
@@ -61,7 +63,7 @@ def unit_key(*, store_hash: str, candidate: str, task: str, y: np.ndarray, spec,
         "protocol": {"kind": plan.kind, "folds": plan.folds, "seed": plan.seed,
                      "tasks": [[_digest(t.fit), _digest(t.score)] for t in plan.tasks]},
         "class_weight": class_weight, "calibrate": calibrate, "mode": mode, "tune_rows": tune_rows,
-        "approximated": approximated, "versions": _versions(),
+        "approximated": approximated, "versions": _versions(), "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -86,33 +88,19 @@ class RunCache:
         self.reused_seconds = 0.0
         self.committed = 0
 
-    def load(self, key: str) -> tuple[HeadRun, float, dict[str, Any]] | None:
-        """The committed run of unit `key`, the seconds it took and what was saved with it (:meth:`save`'s
-        `extra`), or None (not there, ``--fresh``, unreadable)."""
+    def _get(self, key: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         if self.folder is None or self.fresh:
             return None
         where = self.folder / key
         try:
             meta = json.loads((where / "run.json").read_text())
             with np.load(where / "arrays.npz", allow_pickle=False) as arrays:
-                values = {name: arrays[name] if name in arrays.files else None for name in _ARRAYS}
-            model = None
-            if (where / "model.skops").is_file():
-                from heads.persist import load_head
-
-                model, _ = load_head(where / "model.skops")
+                return meta, {name: arrays[name] for name in arrays.files}
         except Exception:  # a unit that cannot be read is simply computed again
             return None
-        run = HeadRun(head=meta["head"], params=meta["params"], fit_seconds=meta["fit_seconds"],
-                      tune_seconds=meta["tune_seconds"], predict_us_per_sample=meta["predict_us_per_sample"],
-                      model=model, calibration=meta["calibration"], tune_rows=meta["tune_rows"], **values)
-        self.reused += 1
-        self.reused_seconds += float(meta["seconds"])
-        return run, float(meta["seconds"]), meta.get("extra", {})
 
-    def save(self, key: str, run: HeadRun, seconds: float, extra: dict[str, Any] | None = None) -> None:
-        """Commit unit `key` atomically: a temporary folder, every file fsynced, then renamed into place.
-        `extra`: JSON-able facts of the run to give back with it (e.g. what the budget's last round did)."""
+    def _put(self, key: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], model: Any = None) -> None:
+        """Commit a unit atomically: a temporary folder, every file fsynced, then renamed into place."""
         if self.folder is None:
             return
         from heads.persist import save_head
@@ -121,15 +109,12 @@ class RunCache:
         tmp = self.folder / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        meta = {"head": run.head, "params": run.params, "fit_seconds": run.fit_seconds,
-                "tune_seconds": run.tune_seconds, "predict_us_per_sample": run.predict_us_per_sample,
-                "calibration": run.calibration, "tune_rows": run.tune_rows, "seconds": seconds, "extra": extra or {}}
         (tmp / "run.json").write_text(json.dumps(meta, default=_plain))
-        np.savez(tmp / "arrays.npz", **{name: getattr(run, name) for name in _ARRAYS if getattr(run, name) is not None})
+        np.savez(tmp / "arrays.npz", **arrays)
         written = [tmp / "run.json", tmp / "arrays.npz"]
-        if run.model is not None:
+        if model is not None:
             try:
-                written.append(save_head(tmp / "model.skops", run.model, {"unit": key}))
+                written.append(save_head(tmp / "model.skops", model, {"unit": key}))
             except Exception:  # a model skops cannot hold: this unit is not cached (it is computed on a rerun)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
@@ -144,6 +129,55 @@ class RunCache:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def load(self, key: str) -> tuple[HeadRun, float, dict[str, Any]] | None:
+        """The committed run of unit `key`, the seconds it took and what was saved with it (:meth:`save`'s
+        `extra`), or None (not there, ``--fresh``, unreadable)."""
+        found = self._get(key)
+        if found is None:
+            return None
+        meta, arrays = found
+        model = None
+        if (self.folder / key / "model.skops").is_file():
+            from heads.persist import load_head
+
+            try:
+                model, _ = load_head(self.folder / key / "model.skops")
+            except Exception:
+                return None
+        run = HeadRun(head=meta["head"], params=meta["params"], fit_seconds=meta["fit_seconds"],
+                      tune_seconds=meta["tune_seconds"], predict_us_per_sample=meta["predict_us_per_sample"],
+                      model=model, calibration=meta["calibration"], tune_rows=meta["tune_rows"],
+                      **{name: arrays.get(name) for name in _ARRAYS})
+        self.reused += 1
+        self.reused_seconds += float(meta["seconds"])
+        return run, float(meta["seconds"]), meta.get("extra", {})
+
+    def save(self, key: str, run: HeadRun, seconds: float, extra: dict[str, Any] | None = None) -> None:
+        """Commit the run of unit `key`. `extra`: JSON-able facts of the run to give back with it (e.g. what
+        the budget's last round did)."""
+        meta = {"head": run.head, "params": run.params, "fit_seconds": run.fit_seconds,
+                "tune_seconds": run.tune_seconds, "predict_us_per_sample": run.predict_us_per_sample,
+                "calibration": run.calibration, "tune_rows": run.tune_rows, "seconds": seconds, "extra": extra or {}}
+        self._put(key, meta, {name: getattr(run, name) for name in _ARRAYS if getattr(run, name) is not None},
+                  run.model)
+
+    def load_draw(self, key: str) -> dict[str, Any] | None:
+        """A learning-curve draw's committed result: ``params``, ``untuned``, ``correct`` (bool per scored row)
+        and ``error`` (why the head cannot be fitted on it, or None); None when not committed."""
+        found = self._get(key)
+        if found is None:
+            return None
+        meta, arrays = found
+        self.reused += 1
+        self.reused_seconds += float(meta["seconds"])
+        return {**meta, "correct": arrays.get("correct")}
+
+    def save_draw(self, key: str, *, params: dict[str, Any] | None, untuned: bool, correct: np.ndarray | None,
+                  error: str | None, seconds: float) -> None:
+        """Commit one head's result on one learning-curve draw."""
+        self._put(key, {"params": params, "untuned": untuned, "error": error, "seconds": seconds},
+                  {} if correct is None else {"correct": np.asarray(correct, dtype=bool)})
 
 
 def _plain(value: Any) -> Any:

@@ -216,13 +216,17 @@ def _without_timings(document: dict) -> dict:
               "probe_seconds", "share_seconds", "cached"}
     rows = [{k: v for k, v in r.items() if k not in timing} for r in document["rows"]]
     meta = {k: v for k, v in document["meta"].items() if k not in ("seconds", "units", "parallel")}
-    return {"rows": rows, "meta": meta}
+    if meta.get("learning_curve"):
+        meta["learning_curve"] = {k: v for k, v in meta["learning_curve"].items() if k != "seconds"}
+    return {"rows": rows, "meta": meta, "learning_curve": document.get("learning_curve")}
 
 
 def test_a_killed_comparison_resumes_from_its_committed_units(digits_tiny, tmp_path):
-    """SIGKILL once two units are committed (the crash hook, so the point is exact; --jobs 1: no worker
-    processes to outlive it); the same command then reuses them, computes the rest, and writes the results of an
-    uninterrupted run. --fresh recomputes everything."""
+    """SIGKILL once ten units are committed -- the seven learning-curve draws and three of the four heads -- (the
+    crash hook, so the point is exact; --jobs 1: no worker processes to outlive it); the same command then reuses
+    them, computes the rest, and writes the results of an uninterrupted run. --fresh recomputes everything."""
+    # with --shots 2 --seeds 2: 7 learning-curve draws (LDA cannot be fitted on 2 rows per class: its first draw
+    # says so, its second is not tried), then the 4 heads
     heads = "centroid,ridge,lda,knn"
     clean_dir, out = tmp_path / "clean", tmp_path / "resumed"
 
@@ -231,26 +235,27 @@ def test_a_killed_comparison_resumes_from_its_committed_units(digits_tiny, tmp_p
         if fault:
             env["HEADBENCH_FAULT"] = fault
         return subprocess.run([sys.executable, str(ROOT / "cli.py"), "compare-heads", str(digits_tiny), "--heads", heads,
-                               "--out", str(out_dir), "--jobs", "1", "--folds", "3", "--bootstrap", "200", "-q", *more],
+                               "--out", str(out_dir), "--jobs", "1", "--folds", "3", "--bootstrap", "200",
+                               "--shots", "2", "--seeds", "2", "-q", *more],
                               capture_output=True, text=True,
                               cwd=ROOT, timeout=600, env=env, start_new_session=True)
 
     clean = cli(clean_dir)
     assert clean.returncode == 0, clean.stderr
-    killed = cli(out, fault="after-unit:2")
+    killed = cli(out, fault="after-unit:10")  # every draw and three of the four heads committed
     assert killed.returncode == -9, killed.stderr
     units = [p for p in (out / ".runs").iterdir() if not p.name.startswith(".")]
-    assert len(units) == 2 and not (out / "results.json").exists()
+    assert len(units) == 10 and not (out / "results.json").exists()
 
     resumed = cli(out)
     assert resumed.returncode == 0, resumed.stderr
-    assert "reused 2 units committed by an earlier run" in resumed.stdout and "computed 2" in resumed.stdout
+    assert "reused 10 units committed by an earlier run" in resumed.stdout and "computed 1;" in resumed.stdout
     again = json.loads((out / "results.json").read_text())
-    assert again["meta"]["units"]["reused"] == 2 and again["meta"]["units"]["committed"] == 2
-    assert sum(r["cached"] for r in again["rows"]) == 2
+    assert again["meta"]["units"]["reused"] == 10 and again["meta"]["units"]["committed"] == 1
+    assert sum(r["cached"] for r in again["rows"]) == 3 and again["learning_curve"]
     assert _without_timings(again) == _without_timings(json.loads((clean_dir / "results.json").read_text()))
 
     fresh = cli(out, "--fresh")
     assert fresh.returncode == 0 and "reused" not in fresh.stdout
     assert json.loads((out / "results.json").read_text())["meta"]["units"] == {
-        "reused": 0, "reused_seconds": 0.0, "committed": 4}
+        "reused": 0, "reused_seconds": 0.0, "committed": 11}
