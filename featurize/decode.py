@@ -29,24 +29,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import FeaturizeError
+from .errors import FeaturizeError, error_text
 
 if TYPE_CHECKING:
     from .backbones import Backbone
     from .sources import Source
 
-__all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "Prepared", "TensorDecoder",
-           "error_text"]
+__all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "Prepared", "TensorDecoder"]
 
 DECODE_CHOICES = ("auto", "cpu", "gpu", "tensor")
 _EXIF_ORIENTATION = 0x0112
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-
-
-def error_text(e: BaseException) -> str:
-    """How a failed row's reason is recorded: ``Type: first line of the message``."""
-    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {message}".rstrip(": ")
 
 
 def tensor_steps(backbone: "Backbone") -> list[Callable] | None:

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .decode import TensorDecoder, error_text
-from .errors import FeaturizeError
+from .decode import TensorDecoder
+from .errors import FeaturizeError, error_text
 from .sources import Source
 
 if TYPE_CHECKING:

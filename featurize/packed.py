@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import FeaturizeError
-from .sources import Sample, Source, decode_image, image_extensions
+from .sources import Sample, Source, class_list, decode_image, image_extensions
 
 __all__ = ["TAR_IMAGE_EXTENSIONS", "SOURCE_OPTIONS", "TarShardSource", "ParquetSource", "open_packed", "expand_shards",
            "find_tables", "looks_like_shards", "looks_like_tables", "split_name"]
@@ -46,15 +46,6 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 def split_name(name: str) -> str | None:
     """Our split for a folder, file-name prefix or column value (``validation`` -> ``val``), or None."""
     return _SPLIT_ALIASES.get(str(name).strip().lower())
-
-
-def _class_list(values: list) -> tuple[list[str], list[int]]:
-    """Class names (integers sorted as numbers, others as text) and each value's index, -1 where missing."""
-    present = {v for v in values if v is not None and v != ""}
-    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in present)
-    classes = [str(v) for v in sorted(present, key=(lambda v: v) if numeric else str)]
-    index = {c: i for i, c in enumerate(classes)}
-    return classes, [index[str(v)] if v is not None and v != "" else -1 for v in values]
 
 
 class _FileHandles:
@@ -183,7 +174,7 @@ class TarShardSource(Source):
                 member_sizes.append(image[1] if image else -1)
         if not ids:
             raise FeaturizeError(f"the shards of {spec} hold no samples")
-        classes, labels = _class_list(values)
+        classes, labels = class_list(values)
         self._member_sizes = member_sizes
         samples = [Sample(i, ids[i], labels[i], splits[i]) for i in range(len(ids))]
         super().__init__(spec, samples, classes)
@@ -430,7 +421,7 @@ class ParquetSource(Source):
             classes = [str(n) for n in names]
             labels = [v if v is not None and 0 <= v < len(names) else -1 for v in values]
         else:
-            classes, labels = _class_list(values)
+            classes, labels = class_list(values)
         self._tables = tables
         self._cache: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
         self._lock = threading.Lock()

@@ -302,10 +302,18 @@ class ImageFolderSource(_FileSource):
         return cls(spec or str(root), root, samples, classes)
 
 
-def _label_set(values: list[str]) -> LabelSet:
-    classes = sorted({v for v in values if v})
+def class_list(values: list) -> tuple[list[str], list[int]]:
+    """Class names (integers sorted as numbers, anything else as text) and each value's index into them, -1
+    where the value is missing (None or empty)."""
+    present = {v for v in values if v is not None and v != ""}
+    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in present)
+    classes = [str(v) for v in sorted(present, key=(lambda v: v) if numeric else str)]
     index = {c: i for i, c in enumerate(classes)}
-    return LabelSet(classes, [index[v] if v else -1 for v in values])
+    return classes, [index[str(v)] if v is not None and v != "" else -1 for v in values]
+
+
+def _label_set(values: list[str]) -> LabelSet:
+    return LabelSet(*class_list(values))
 
 
 class CsvSource(_FileSource):

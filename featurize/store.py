@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .errors import FeaturizeError
+from .errors import FeaturizeError, error_text
 
 __all__ = [
     "FORMAT_NAME",
@@ -790,8 +790,7 @@ def _verify_child(path: str, memory_limit: int, conn) -> None:
         conn.send(("error", f"{path} is damaged: reading its structure needed more than "
                             f"{memory_limit / 1024**3:.0f} GiB (a damaged length field?)"))
     except Exception as e:  # anything else the HDF5 library raises on a damaged file
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        conn.send(("error", f"{path} is damaged: {type(e).__name__}: {text}".rstrip(": ")))
+        conn.send(("error", f"{path} is damaged: {error_text(e)}"))
     finally:
         conn.close()
         os._exit(0)  # no atexit handlers, no flushing of the parent's buffers

@@ -420,7 +420,7 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
     key_hash = unit_key(store_hash=str(cand.store.attrs.get("config_hash")), candidate=cand.name,
                         task=cand.store.task_name, y=y, spec=spec, run_spec=decision.spec, plan=plan,
                         class_weight=class_weight, calibrate=calibrate, mode=decision.mode,
-                        tune_rows=decision.tune_rows, approximated=decision.approximated)
+                        tune_rows=decision.tune_rows, approximated=decision.approximated) if cache.enabled else ""
     cached = cache.load(key_hash)
     if cached is not None:
         run, actual, extra = cached

@@ -76,8 +76,9 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
             key = unit_key(store_hash=str(cand.store.attrs.get("config_hash")), candidate=cand.name,
                            task=cand.store.task_name, y=y, spec=spec, run_spec=spec, plan=plan,
                            class_weight=class_weight, calibrate=None, mode="shots", tune_rows=None,
-                           approximated=False, extra={"shots": k, "seed": draw_seed, "folds": folds})
-            done = cache.load_draw(key) if cache is not None else None
+                           approximated=False, extra={"shots": k, "seed": draw_seed, "folds": folds}) \
+                if cache is not None and cache.enabled else ""
+            done = cache.load_draw(key) if key else None
             if done is None:
                 started = time.perf_counter()
                 try:
@@ -89,7 +90,7 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
                             "error": None}
                 except ValueError as e:  # e.g. LDA on one row per class: more samples than classes needed
                     done = {"params": None, "untuned": False, "correct": None, "error": str(e).splitlines()[0]}
-                if cache is not None:
+                if key:
                     cache.save_draw(key, **done, seconds=time.perf_counter() - started)
             if done["error"] is not None:
                 unfit[(cand.name, spec.name, k)] = done["error"]

@@ -23,13 +23,14 @@ import hashlib
 import json
 import os
 import shutil
-from importlib.metadata import PackageNotFoundError, version
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from heads.evaluate import HeadRun
+from pipelines.provenance import package_versions
 
 __all__ = ["RunCache", "unit_key"]
 
@@ -38,14 +39,10 @@ _LIBRARIES = ("scikit-learn", "numpy", "scipy", "torch", "headbench")
 _FAULT_ENV = "HEADBENCH_FAULT"  # "after-unit:K": SIGKILL this process once the K-th unit is committed (tests)
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in _LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = ""
-    return out
+@lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    """The libraries' versions, looked up once per process (every unit's key holds them)."""
+    return tuple(package_versions(_LIBRARIES).items())
 
 
 def _digest(array: np.ndarray) -> str:
@@ -63,7 +60,7 @@ def unit_key(*, store_hash: str, candidate: str, task: str, y: np.ndarray, spec,
         "protocol": {"kind": plan.kind, "folds": plan.folds, "seed": plan.seed,
                      "tasks": [[_digest(t.fit), _digest(t.score)] for t in plan.tasks]},
         "class_weight": class_weight, "calibrate": calibrate, "mode": mode, "tune_rows": tune_rows,
-        "approximated": approximated, "versions": _versions(), "extra": extra or {},
+        "approximated": approximated, "versions": dict(_versions()), "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -87,6 +84,11 @@ class RunCache:
         self.reused = 0
         self.reused_seconds = 0.0
         self.committed = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether units are committed at all (a folder was given): callers skip computing keys otherwise."""
+        return self.folder is not None
 
     def _get(self, key: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         if self.folder is None or self.fresh:

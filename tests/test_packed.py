@@ -197,11 +197,12 @@ def test_kill_and_resume_on_tar_shards_equals_a_clean_run(tmp_path):
     shards = tmp_path / "shards"
     folder_to_shards(folder, shards, per_shard=25)
     clean = extract_features(shards, tmp_path / "ref.h5", **SETTINGS)
-    # the CLI with the same settings, SIGKILLed (process group) after 40 rows: 2 shards of 16 committed
+    # the CLI with the same settings, SIGKILLed right after shard 1 is committed: 2 shards of 16 (a kill point
+    # that counts buffered rows would race the background shard writer)
     cmd = [sys.executable, str(ROOT / "cli.py"), "extract", str(shards), "--model", "test_resnet", "--weights", "random",
            "--precision", "fp32", "--runtime", "torch", "--out", str(tmp_path / "s.h5"), "--shard-size", "16",
            "--batch-size", "8", "--workers", "0", "-q"]
-    killed = subprocess.run(cmd, env={**os.environ, "HEADBENCH_FAULT": "after-rows:40"}, capture_output=True, text=True,
+    killed = subprocess.run(cmd, env={**os.environ, "HEADBENCH_FAULT": "after-shard:1"}, capture_output=True, text=True,
                             cwd=ROOT, timeout=300, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with pytest.raises(FeaturizeError, match="changed: decode"):  # tensor decoding computes other pixels
