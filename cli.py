@@ -275,6 +275,118 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
         click.echo(f"  failed: {count} x {reason} (see: python cli.py inspect {result.path})")
 
 
+@main.command()
+@click.argument("source")
+@click.option("--model", "-m", default="tf_efficientnet_lite0", show_default=True, help="timm model name.")
+@click.option("--weights", default="auto", show_default=True, metavar="auto|packaged|hub|random|PATH",
+              help="The pretrained weights to start from (as extract's --weights).")
+@click.option("--train-blocks", default="1", show_default=True, metavar="K|all",
+              help="How much of the backbone trains with the head: the last K blocks (timm's block structure; "
+                   "layers after the last block go with it), all (the whole backbone), or 0 (the head alone, by "
+                   "gradient descent).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run folder: backbone.safetensors, head.skops, predictions.csv, results.json, checkpoint.pt.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Passes over the training rows (early stopping may end sooner).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="AdamW's peak learning rate (cosine decay over every step).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="AdamW's weight decay (not on biases and norms).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Training rows per step.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the validation share, the order, the augmentation and dropout: on CPU the same seed "
+                   "gives the same weights every time.")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Stop after this many epochs without a better validation accuracy (the best epoch's weights "
+                   "are kept).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Without a val split: the stratified share of the training rows that "
+                                      "early stopping watches.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+              help="Autocast precision: auto = bf16 where the hardware has it (GPUs, AVX512-BF16/AMX CPUs), fp16 on "
+                   "older GPUs (with a gradient scaler), else fp32.")
+@click.option("--image-size", type=click.IntRange(min=4), help="Override the model's input size (as extract's).")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), help="timm's crop_pct (as extract's).")
+@click.option("--augment", type=click.Choice(["timm", "none"]), default="timm", show_default=True,
+              help="Training augmentation: timm's (random resized crop, flip, colour jitter) or none (the eval "
+                   "transform).")
+@click.option("--hflip", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Probability of a horizontal flip in timm's augmentation (0 for text, digits, anything "
+                   "left-right matters to).")
+@click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
+              help="Smallest share of the image's area timm's random resized crop keeps (raise it, e.g. 0.5, for "
+                   "small objects that a crop would cut away).")
+@click.option("--head-init", type=click.Choice(["probe", "random"]), default="probe", show_default=True,
+              help="probe = LP-FT: the head starts from torch-logreg on frozen features (C chosen on the "
+                   "validation rows); random = plain fine-tuning from a fresh head.")
+@click.option("--store", type=click.Path(dir_okay=False, path_type=Path),
+              help="A store of this backbone on this SOURCE (extract's output): the probe reads its features "
+                   "instead of computing them (used only when its model, weights, preprocessing and data match).")
+@click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes [default: the engine's].")
+@click.option("--task", metavar="NAME", help="Which label set to learn (CSV label:NAME columns) [default: the "
+                                             "plain label column].")
+@click.option("--fresh", is_flag=True, help="Discard the checkpoint (or finished run) in --out and start over.")
+@_source_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def finetune(source, model, weights, train_blocks, out, epochs, lr, weight_decay, batch_size, seed, patience,
+             val_fraction, device, precision, image_size, crop_pct, augment, hflip, crop_scale, head_init, store,
+             workers, task, fresh, quiet, **source_options):
+    """Fine-tune the last blocks of a backbone and a linear head on SOURCE: is unfreezing worth it?
+
+    LP-FT by default: the new linear head starts from a linear probe on frozen features, then the head and the
+    last --train-blocks blocks train together (AdamW, cosine schedule, timm's augmentation, autocast),
+    early-stopped on the val split (else a stratified --val-fraction of train). The test split is scored once:
+    the same train/val/test rows extract stores and compare-heads' holdout protocol uses, so
+
+      python cli.py compare-heads STORE.h5 --include RUN_DIR
+
+    puts the fine-tuned run in the same leaderboard as the frozen heads, paired on the same test rows. A
+    checkpoint is written atomically after every epoch: after an interruption the same command resumes (on a
+    CPU, with the same weights as an uninterrupted run).
+
+    RUN_DIR/backbone.safetensors is the fine-tuned backbone: extract --weights RUN_DIR/backbone.safetensors
+    gives its features to every head. RUN_DIR/head.skops is the head on those features, for predict.
+
+    \b
+    Examples:
+      python cli.py finetune builtin:digits --train-blocks 1 --hflip 0 --epochs 3 --store digits.h5 --out ft1/
+      python cli.py compare-heads digits.h5 --include ft1/ --out results/
+      python cli.py extract builtin:digits --model tf_efficientnet_lite0 --weights ft1/backbone.safetensors --out digits-ft1.h5
+      python cli.py finetune photos/ --model resnet50 --weights hub --train-blocks all --device cuda --out ft-all/
+    """
+    from pipelines.finetune import finetune as run_finetune
+
+    result = run_finetune(
+        source, out, model=model, weights=weights, train_blocks=train_blocks, epochs=epochs, lr=lr,
+        weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience, val_fraction=val_fraction,
+        device=device, precision=precision, image_size=image_size, crop_pct=crop_pct, augment=augment, hflip=hflip,
+        crop_scale=crop_scale, head_init=head_init, store=store, workers=workers, task=task,
+        source_options=source_options, fresh=fresh, progress=not quiet,
+    )
+    row = result.row
+    if result.finished_before:
+        click.echo(f"{out} already holds this run (finished earlier); --fresh runs it again")
+    elif result.resumed_from:
+        click.echo(f"resumed after epoch {result.resumed_from} from {out / 'checkpoint.pt'}")
+    if result.probe:
+        p = result.probe
+        click.echo(f"linear probe (head init): torch-logreg C={p['C']:g} by {p['cv_folds']}-fold CV "
+                   f"({p['cv_accuracy'] * 100:.2f} %), validation accuracy {p['val_accuracy'] * 100:.2f} % "
+                   f"(features {p['features']})")
+    for h in result.history:
+        click.echo(f"  epoch {h['epoch']}: loss {h['loss'] if h['loss'] is not None else float('nan'):.4f}, "
+                   f"validation accuracy {h['val_accuracy'] * 100:.2f} % ({h['seconds']:.0f} s)")
+    from pipelines.report import format_ci
+
+    click.echo(f"{row['head']}: test accuracy {format_ci(row)} on {row['n_scored']} rows, "
+               f"{row['trained_params']:,} parameters trained, {row['fit_seconds']:.0f} s on {row['device']} "
+               f"(best epoch {row['params']['best_epoch']})")
+    click.echo(f"wrote {out}: backbone.safetensors, head.skops, predictions.csv, results.json")
+    click.echo(f"next: python cli.py compare-heads STORE.h5 --include {out}   |   python cli.py extract SOURCE "
+               f"--model {model} --weights {out / 'backbone.safetensors'} --out STORE-ft.h5")
+
+
 def _runtime_line(runtime: dict) -> str:
     """``openvino 2026.4.1, fp32 (model ready in 0.9 s from the cache)`` or ``torch 2.14.1, bf16``."""
     line = f"{runtime.get('name')} {runtime.get('version')}, {runtime.get('precision')}"
@@ -656,11 +768,16 @@ def _rank_by_option(help_text: str):
                    "and a results.json of every row; with --save-best PATH, one head per task (PATH.TASK.skops).")
 @click.option("--fresh", is_flag=True,
               help="Recompute every head: ignore the units an earlier run into --out committed (DIR/.runs).")
+@click.option("--include", "include", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              metavar="RUN_DIR",
+              help="Add a fine-tuned run (python cli.py finetune ... --out RUN_DIR) to the leaderboard, paired with "
+                   "the heads on the same test rows (ids and labels checked), with its cost: seconds and "
+                   "parameters trained. Repeatable. Needs stores with a test split.")
 @_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_predictions,
                           save_best, budget,
-                          exhaustive, top, rank_by, shots, seeds, calibrate, task, fresh, ray_address, quiet):
+                          exhaustive, top, rank_by, shots, seeds, calibrate, task, fresh, include, ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -698,6 +815,7 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads photos.h5 --task all --out results/ --save-best best.skops
       python cli.py compare-heads big.h5 --budget 30 --out results/
       python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
+      python cli.py compare-heads digits.h5 --include ft1/ --include ft0/ --out results/
     """
 
     from heads.fewshot import parse_shots
@@ -726,7 +844,7 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
                                        n_boot=n_boot, budget=None if exhaustive else budget / len(tasks), top=top,
                                        rank_by=rank_by, shots=shots, seeds=seeds, calibrate=calibrate, task=name,
                                        cache_dir=out_dir / ".runs" if out_dir else None, fresh=fresh,
-                                       progress=not quiet)
+                                       include=list(include), progress=not quiet)
             if comparison.units.get("reused"):
                 click.echo(f"reused {comparison.units['reused']} units committed by an earlier run "
                            f"({comparison.units['reused_seconds']:.0f} s of work), computed "
@@ -744,6 +862,9 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
                 target = save_best.with_name(f"{save_best.stem}.{comparison.task}{save_best.suffix}") if several \
                     else save_best
                 path = save_best_head(comparison, target, jobs=jobs, class_weight=weight)
+                if comparison.best.get("run_dir"):
+                    click.echo(f"the fine-tuned run {comparison.best['run_dir']} ranked first; its own head is "
+                               f"{Path(comparison.best['run_dir']) / 'head.skops'} (with its backbone.safetensors)")
                 click.echo(f"saved the winning head{f' for task {comparison.task}' if several else ''} to {path} "
                            f"(use: python cli.py predict --head {path} SOURCE --out preds.csv)")
         if out_dir and several:
@@ -754,6 +875,8 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
 
 
 def _tuned_on(row: dict) -> str:
+    if row["mode"] == "finetune":
+        return f"fine-tuned on {row['tune_rows']} rows"
     if row["mode"] == "full":
         return "all rows, full grid"
     how = f"halving on {row['tune_rows']} rows" if row["tune_rows"] else "nothing to tune"
@@ -767,11 +890,13 @@ def _print_leaderboard(comparison) -> None:
 
     console = _console()
     several = len({r["representation"] for r in comparison.rows}) > 1
-    budgeted = any(r["mode"] != "full" for r in comparison.rows) or bool(comparison.skipped)
+    budgeted = any(r["mode"] not in ("full", "finetune") for r in comparison.rows) or bool(comparison.skipped)
+    tuned = any(r.get("trained_params") is not None for r in comparison.rows)  # fine-tuned runs: their cost
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in [("#", "right")] + ([("representation", "left")] if several else []) + [
         ("head", "left"), ("accuracy % [95% CI]", "left"), ("bal.acc %", "right"), ("macro-F1 %", "right"),
-        ("ECE %", "right"), ("fit s", "right"), ("µs/sample", "right"), ("p vs best", "right"), ("params", "left"),
+        ("ECE %", "right"), ("fit s", "right"), *([("trained params", "right")] if tuned else []),
+        ("µs/sample", "right"), ("p vs best", "right"), ("params", "left"),
     ] + ([("tuned on", "left")] if budgeted else []):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in comparison.rows:
@@ -781,6 +906,7 @@ def _print_leaderboard(comparison) -> None:
             str(r["rank"]), *([r["representation"]] if several else []), r["head"], format_ci(r) + tie,
             f"{r['balanced_accuracy'] * 100:.2f}", f"{r['macro_f1'] * 100:.2f}",
             f"{r['ece'] * 100:.2f}" if r.get("ece") is not None else "–", f"{r['fit_seconds']:.3f}",
+            *([f"{r['trained_params']:,}" if r.get("trained_params") is not None else "head only"] if tuned else []),
             f"{r['predict_us_per_sample']:.1f}", "best" if r["rank"] == 1 else f"{r['p_value_vs_best']:.3g}", params,
             *([_tuned_on(r)] if budgeted else []),
         )
@@ -789,6 +915,12 @@ def _print_leaderboard(comparison) -> None:
     console.print("≈ = not distinguishable from the best (exact McNemar test, p ≥ 0.05, same rows)")
     for r in comparison.skipped:
         console.print(f"{r['mode']} {r['head']}" + (f" on {r['representation']}" if several else "") + f": {r['reason']}")
+    for r in (r for r in comparison.rows if r.get("vs_best_frozen")):
+        v = r["vs_best_frozen"]
+        console.print(f"{r['representation']} ({r['head']}, {r['trained_params']:,} parameters trained, "
+                      f"{r['fit_seconds']:.0f} s) vs the best frozen head ({v['head']}): "
+                      f"{v['difference'] * 100:+.2f} points [{v['difference_ci'][0] * 100:+.2f}, "
+                      f"{v['difference_ci'][1] * 100:+.2f}], p = {v['p_value']:.3g}")
     where = f" ({comparison.parallel})" if not comparison.parallel.startswith("loky") else ""
     if comparison.budget_seconds is not None:
         console.print(f"took {comparison.seconds:.0f} s of a {comparison.budget_seconds / 60:g} min budget{where}")

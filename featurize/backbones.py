@@ -46,6 +46,7 @@ __all__ = [
     "PIXELS",
     "LAST_LAYER",
     "resolve_layers",
+    "sha256_file",
 ]
 
 WEIGHT_CHOICES = ("auto", "packaged", "hub", "random")
@@ -144,7 +145,8 @@ def list_backbones(pattern: str = "*") -> list[dict[str, Any]]:
     return rows
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (what stores and saved heads record of a weights file)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -613,7 +615,7 @@ def create_backbone(
         model = timm.create_model(model_name, pretrained=False)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(_map_by_order(model, checkpoint, entry.package), strict=True)
-        weights_info = {"source": f"packaged:{entry.package}", "sha256": _sha256_file(path)}
+        weights_info = {"source": f"packaged:{entry.package}", "sha256": sha256_file(path)}
     else:
         path = Path(weights)
         if not path.is_file():
@@ -622,7 +624,7 @@ def create_backbone(
             )
         model = timm.create_model(model_name, pretrained=False)
         _load_file_weights(model, path, classifier)
-        weights_info = {"source": f"file:{path.name}", "sha256": _sha256_file(path)}
+        weights_info = {"source": f"file:{path.name}", "sha256": sha256_file(path)}
 
     if not keep_classifier:
         model.reset_classifier(0)

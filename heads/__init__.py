@@ -5,7 +5,7 @@ Works on numpy arrays only; imports neither torch nor ``featurize`` (``pipelines
 
 from .errors import HeadsError
 from .evaluate import HeadRun, fit_head, run_head
-from .metrics import bootstrap_ci, mcnemar_p_value, point_metrics
+from .metrics import bootstrap_ci, mcnemar_p_value, paired_difference_ci, point_metrics
 from .protocol import Plan, Task, plan_protocol
 from .registry import HEADS, PREPROCESSING, HeadSpec, get_head, list_heads, register_head, resolve_heads
 
@@ -22,6 +22,7 @@ __all__ = [
     "get_head",
     "list_heads",
     "mcnemar_p_value",
+    "paired_difference_ci",
     "plan_protocol",
     "point_metrics",
     "register_head",

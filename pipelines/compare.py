@@ -19,10 +19,9 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from featurize.store import FeatureStore
-from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, plan_protocol, point_metrics
+from heads import HeadsError, Plan, fit_head, mcnemar_p_value, paired_difference_ci, plan_protocol
 from heads import resolve_heads, run_head
 from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, LastRound, full_plan, head_jobs
-from heads.calibration import CALIBRATION_METRICS, bootstrap_calibration_ci, calibration_metrics
 from heads.fewshot import ALL
 from heads.race import RACE_FRACTION, RUNG_FACTOR, Contender, confirm, cut, drop_duplicates, probe_head, race_split
 from heads.persist import save_head
@@ -32,6 +31,7 @@ from pipelines.provenance import library_versions
 from pipelines.curves import learning_curve, scored_rows_note
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
 from pipelines.runcache import RunCache, unit_key
+from pipelines.scoring import score_fields
 
 __all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save_best_head", "task_names", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
            "MIN_CANDIDATES_FOR_TRUST"]
@@ -161,6 +161,7 @@ def compare_heads(
     task: str | None = None,
     cache_dir: str | Path | None = None,
     fresh: bool = False,
+    include: list[str | Path] | None = None,
     progress: bool = True,
 ) -> Comparison:
     """Train and compare every head on every representation under one protocol.
@@ -195,6 +196,9 @@ def compare_heads(
         cache_dir: where finished units are committed (:mod:`pipelines.runcache`; the CLI uses ``DIR/.runs``
             with ``--out DIR``): a rerun after an interruption reuses them. None: no cache.
         fresh: ignore what `cache_dir` holds (and replace it).
+        include: finished ``finetune`` run folders (:mod:`pipelines.finetune`) whose rows join the leaderboard,
+            paired with the heads on the same test rows (their ids and labels checked), with their cost (seconds,
+            parameters trained). Needs stores with a test split (the holdout protocol).
         progress: show a progress bar.
 
     Raises:
@@ -221,6 +225,7 @@ def compare_heads(
     plan = plan_protocol(y, ref.split[usable], folds=folds, seed=seed, classes=ref.classes)
     y_scored = y[plan.scored]
     n_classes = len(ref.classes)
+    included = _included_runs(include or [], ref, usable, plan, y_scored, n_boot, seed)
 
     ranking: dict[str, Any] | None = None
     running = candidates
@@ -310,6 +315,12 @@ def compare_heads(
 
     if not rows:
         raise HeadsError(f"every head was skipped by the budget of {budget} minutes; raise --budget or use --exhaustive")
+    for row, y_pred, proba in included:
+        key = (row["representation"], row["head"])
+        rows.append(row)
+        predictions[key] = y_pred
+        runs[key] = {"finetune": row["run_dir"], "model": None, "candidate": None, "proba": proba,
+                     "proba_before": proba, "calibration": "none"}
     rows.sort(key=lambda r: (-r["accuracy"], -r["balanced_accuracy"], r["fit_seconds"]))
     best_correct = predictions[(rows[0]["representation"], rows[0]["head"])] == y_scored
     for rank, row in enumerate(rows, start=1):
@@ -317,6 +328,7 @@ def compare_heads(
         row["rank"] = rank
         row["p_value_vs_best"] = 1.0 if rank == 1 else mcnemar_p_value(best_correct, correct)
         row["tied_with_best"] = bool(row["p_value_vs_best"] >= SIGNIFICANCE)
+    _versus_best_frozen(rows, predictions, y_scored, n_boot, seed)
     if ranking is not None:
         ranking["agreement"] = _agreement(ranking["scores"], rows, seed)
     return Comparison(
@@ -339,6 +351,47 @@ def compare_heads(
         curve=curve,
         units={"reused": cache.reused, "reused_seconds": cache.reused_seconds, "committed": cache.committed},
     )
+
+
+def _included_runs(paths: list, ref: FeatureStore, usable: np.ndarray, plan: Plan, y_scored: np.ndarray,
+                   n_boot: int, seed: int) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray | None]]:
+    """The rows of fine-tuned runs (``--include``), on the plan's scored rows; checked before any head runs."""
+    if not paths:
+        return []
+    from pipelines.finetune import load_run  # torch and timm: imported only when a run is joined
+
+    if plan.kind != "holdout":
+        raise HeadsError("--include needs stores with a test split: a fine-tuned run is scored on the test rows, "
+                         "and without a test split the heads are scored by nested CV on every row")
+    ids = ref.ids[usable][plan.scored]
+    joined, seen = [], {}
+    for path in paths:
+        row, y_pred, proba = load_run(path).join(ids, y_scored, ref.classes, ref.task_name,
+                                                 ref.attrs.get("dataset_fingerprint"), n_boot, seed)
+        key = (row["representation"], row["head"])
+        if key in seen:
+            raise HeadsError(f"--include {path} and {seen[key]} are both {key[0]}; give the run folders other names")
+        seen[key] = path
+        joined.append((row, y_pred, proba))
+    return joined
+
+
+def _versus_best_frozen(rows: list[dict[str, Any]], predictions: dict, y_scored: np.ndarray, n_boot: int,
+                        seed: int) -> None:
+    """Each fine-tuned row (``--include``) gets ``vs_best_frozen``: its accuracy minus the best frozen head's on the
+    same rows, with a paired bootstrap CI and the exact McNemar p-value -- what fine-tuning gains or loses."""
+    frozen = next((r for r in rows if r.get("run_dir") is None), None)
+    if frozen is None:
+        return
+    reference = predictions[(frozen["representation"], frozen["head"])] == y_scored
+    for row in rows:
+        if row.get("run_dir") is None:
+            continue
+        correct = predictions[(row["representation"], row["head"])] == y_scored
+        difference, low, high = paired_difference_ci(correct, reference, n_boot=n_boot, seed=seed)
+        row["vs_best_frozen"] = {"representation": frozen["representation"], "head": frozen["head"],
+                                 "difference": difference, "difference_ci": [low, high],
+                                 "p_value": mcnemar_p_value(correct, reference)}
 
 
 def _race(units, features, y, plan: Plan, jobs: int, named: set[str], class_weight, seed: int, bar,
@@ -435,8 +488,9 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         resized = resize.note() if resize is not None else ""
         cache.save(key_hash, run, actual, {"resized": resized})
     allocator.record(decision.predicted_seconds, actual)
-    metrics = point_metrics(y_scored, run.y_pred, n_classes, run.scores, run.proba)
-    cis = bootstrap_ci(y_scored, run.y_pred, n_classes, n_boot=n_boot, seed=seed)
+    scored = score_fields(y_scored, run.y_pred, n_classes, scores=run.scores, proba=run.proba,
+                          proba_before=run.proba_before, calibration=run.calibration["method"],
+                          temperatures=run.calibration["temperature"], n_boot=n_boot, seed=seed)
     row = {
         "representation": cand.name,
         "backbone": cand.backbone,
@@ -444,10 +498,7 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         "store": str(cand.store.path),
         "head": spec.name,
         "task": cand.store.task_name,
-        **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-        **{f"{k}_ci": list(v) for k, v in cis.items()},
-        "top5_accuracy": metrics["top5_accuracy"],
-        "log_loss": metrics["log_loss"],
+        **scored,
         "fit_seconds": run.fit_seconds,
         "tune_seconds": run.tune_seconds,
         "predict_us_per_sample": run.predict_us_per_sample,
@@ -465,7 +516,6 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         "probe_seconds": decision.probe_seconds,
         "budget_note": decision.reason + resized,
         "cached": cached is not None,
-        **_calibration_fields(run, y_scored, n_boot, seed),
     }
     if contender is not None:
         row["race"] = contender.summary()
@@ -479,23 +529,6 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
     runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model,
                  "tune_rows": tune_rows if run.tune_rows is None else run.tune_rows,
                  "proba": run.proba, "proba_before": run.proba_before, "calibration": run.calibration["method"]}
-
-
-def _calibration_fields(run, y_scored: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """NLL, Brier and ECE with bootstrap CIs (None without probabilities), the calibration method and
-    temperature, and the same metrics before calibration."""
-    method = run.calibration["method"]
-    temperatures = run.calibration["temperature"]
-    fields: dict[str, Any] = {"calibration": method,
-                              "temperature": float(np.mean(temperatures)) if temperatures else None}
-    if run.proba is None:
-        return {**fields, **{m: None for m in CALIBRATION_METRICS}, **{f"{m}_ci": None for m in CALIBRATION_METRICS},
-                "before_calibration": None}
-    after = calibration_metrics(y_scored, run.proba)
-    cis = bootstrap_calibration_ci(y_scored, run.proba, n_boot=n_boot, seed=seed)
-    before = after if method == "none" else calibration_metrics(y_scored, run.proba_before)
-    return {**fields, **after, **{f"{m}_ci": list(cis[m]) for m in CALIBRATION_METRICS},
-            "before_calibration": before}
 
 
 SECOND_PASS_ABOVE = 0.1  # a second pass runs when more than this share of the budget is left
@@ -549,8 +582,10 @@ def task_names(store_paths: list[str | Path]) -> list[str]:
 
 def save_best_head(comparison: Comparison, path: str | Path, *, jobs: int | None = None,
                    class_weight: str | None = None) -> Path:
-    """Save the winning head (refit as the protocol says) with its provenance, via skops."""
-    best = comparison.best
+    """Save the winning frozen head (refit as the protocol says) with its provenance, via skops. A fine-tuned run
+    (``--include``) is not a head on these stores' features: when one ranks first, the best head after it is saved
+    (the run folder holds its own head for its own backbone)."""
+    best = next(r for r in comparison.rows if comparison.runs[(r["representation"], r["head"])]["candidate"] is not None)
     run = comparison.runs[(best["representation"], best["head"])]
     candidate: Candidate = run["candidate"]
     store: FeatureStore = candidate.store

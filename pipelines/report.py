@@ -12,6 +12,7 @@ from typing import Any
 from heads.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from heads.transferability import SCORES
 from pipelines.compare import Comparison, best_accuracy
+from pipelines.scoring import write_prediction_csv
 
 __all__ = ["write_results", "write_task_summary", "format_ci", "format_tau", "ranking_markdown", "CSV_FIELDS"]
 
@@ -19,7 +20,8 @@ CSV_FIELDS = (
     "rank", "task", "representation", "backbone", "layer", "head", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
     "macro_f1", "top5_accuracy", "log_loss", "fit_seconds", "tune_seconds", "predict_us_per_sample",
     "p_value_vs_best", "tied_with_best", "params", "mode", "tune_rows", "approximated", "predicted_seconds",
-    "actual_seconds", "probe_seconds", "nll", "brier", "ece", "calibration", "temperature",
+    "actual_seconds", "probe_seconds", "nll", "brier", "ece", "calibration", "temperature", "trained_params",
+    "device", "run_dir",
 )
 
 
@@ -428,8 +430,29 @@ def protocol_lines(comparison: Comparison) -> list[str]:
 def markdown_sections(comparison: Comparison) -> list[str]:
     """The report's sections after the leaderboard, as Markdown: learning curve, calibration, representations,
     cost and budget (their plots are referenced as PNG files)."""
-    return [*_curve_section(comparison), *_calibration_section(comparison), *ranking_markdown(comparison),
-            *_cost_section(comparison)]
+    return [*_finetune_section(comparison), *_curve_section(comparison), *_calibration_section(comparison),
+            *ranking_markdown(comparison), *_cost_section(comparison)]
+
+
+def _finetune_section(comparison: Comparison) -> list[str]:
+    """Fine-tuned runs (``--include``) against the best frozen head on the same test rows."""
+    runs = [r for r in comparison.rows if r.get("vs_best_frozen")]
+    if not runs:
+        return []
+    lines = ["## Fine-tuning vs frozen features", "",
+             "Each fine-tuned run against the best frozen head, paired on the same test rows: the accuracy "
+             "difference with a bootstrap 95 % CI over the rows, the exact McNemar p-value, and what it cost.", "",
+             "| run | head | what trained | accuracy % [95 % CI] | vs best frozen head | difference, points [95 % CI] "
+             "| p | parameters trained | seconds | device |",
+             "|---|---|---|---|---|---|---:|---:|---:|---|"]
+    for r in runs:
+        v = r["vs_best_frozen"]
+        low, high = v["difference_ci"]
+        lines.append(f"| {r['representation']} | {r['head']} | {r['method']} | {format_ci(r)} | "
+                     f"{v['representation']} + {v['head']} | {v['difference'] * 100:+.2f} [{low * 100:+.2f}, "
+                     f"{high * 100:+.2f}] | {v['p_value']:.3g} | {r['trained_params']:,} | {r['fit_seconds']:.0f} | "
+                     f"{r['device']} |")
+    return lines + [""]
 
 
 def _markdown(comparison: Comparison) -> str:
@@ -481,25 +504,18 @@ def prediction_file_name(representation: str, head: str) -> str:
 
 
 def write_predictions(comparison: Comparison, out_dir: Path) -> list[Path]:
-    """``out_dir/predictions/<candidate>__<head>.csv`` per leaderboard row: ``id,label,prediction`` and one
-    ``p:<class>`` column per class (the probabilities the metrics were computed from, where the head has
-    them) for every scored row, in the protocol's order."""
+    """``out_dir/predictions/<candidate>__<head>.csv`` per leaderboard row (:func:`write_prediction_csv`: the
+    probabilities the metrics were computed from, where the head has them) for every scored row, in the
+    protocol's order."""
     folder = out_dir / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
     ids = comparison.stores[0].ids[comparison.usable][comparison.plan.scored]
-    classes = comparison.classes
     written = []
     for r in comparison.rows:
         key = (r["representation"], r["head"])
-        proba = comparison.runs[key].get("proba")
-        path = folder / prediction_file_name(*key)
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "label", "prediction"] + ([f"p:{c}" for c in classes] if proba is not None else []))
-            for i, (sample, label, predicted) in enumerate(zip(ids, comparison.y_scored, comparison.predictions[key])):
-                writer.writerow([sample, classes[label], classes[predicted]]
-                                + ([repr(float(p)) for p in proba[i]] if proba is not None else []))
-        written.append(path)
+        written.append(write_prediction_csv(folder / prediction_file_name(*key), ids, comparison.classes,
+                                            comparison.y_scored, comparison.predictions[key],
+                                            comparison.runs[key].get("proba")))
     return written
 
 
