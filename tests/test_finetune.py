@@ -141,6 +141,12 @@ def test_fine_tuned_backbone_goes_through_extract_and_compare_heads(runner, clea
     assert versus["difference"] == pytest.approx(fine["accuracy"] - frozen[0]["accuracy"])
     assert versus["difference_ci"][0] <= versus["difference"] <= versus["difference_ci"][1]
     assert "Fine-tuning vs frozen features" in (out / "report.md").read_text()
+
+    # the run's own head classifies images with its own backbone, as it did in the run
+    result = invoke(runner, ["predict", "--head", run / "head.skops", "builtin:digits", "--weights", weights,
+                             "--out", tmp_path / "predictions.csv", "-q"])
+    assert result.exit_code == 0, result.output
+    assert f"accuracy on split test: {fine['accuracy'] * 100:.2f} % (450 rows)" in result.output
     assert "finetune-1" in (out / "report.md").read_text()
 
 
