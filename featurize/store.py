@@ -299,7 +299,9 @@ class StoreWriter:
         cut = self._fault_row(len(indices))
         for part in (slice(0, cut), slice(cut, None)) if cut else (slice(None),):
             self._add_rows(indices[part], stored[part], errs[part], {k: v[part] for k, v in stored_layers.items()})
-            _fault(f"after-rows:{self._rows_added}")
+            if os.environ.get(_FAULT_ENV) == f"after-rows:{self._rows_added}":
+                self._queue.join()  # the shards completed before this row are committed: the point is the same
+                _fault(f"after-rows:{self._rows_added}")  # in every run, however busy the machine
 
     def _fault_row(self, rows: int) -> int | None:
         """Where an ``after-rows:N`` crash point falls inside the next `rows` rows (crash tests only)."""
@@ -343,12 +345,14 @@ class StoreWriter:
         while True:
             item = self._queue.get()
             if item is None:
+                self._queue.task_done()
                 return
             if self._writer_error is None:
                 try:
                     self._commit(*item)
                 except BaseException as e:  # reported to the caller on its next add() or close()
                     self._writer_error = e
+            self._queue.task_done()
 
     def _commit(self, k: int, feats: np.ndarray, errs: list[str], layers: dict[str, np.ndarray]) -> None:
         started = time.perf_counter()

@@ -83,9 +83,12 @@ def test_missing_source_and_non_csv_file(tmp_path):
 
 
 def test_csv_manifest(photo_folder, tmp_path):
-    csv_path = photo_folder / "list.csv"
+    csv_path = photo_folder / "list.csv"  # beside the images (paths are relative to the manifest), then gone
     csv_path.write_text("path,label,split\ncoffee/coffee.jpg,drink,train\ncat/chelsea.jpg,animal,TEST\nmissing.png,,\n")
-    src = open_source(csv_path)
+    try:
+        src = open_source(csv_path)
+    finally:
+        csv_path.unlink()
     assert isinstance(src, CsvSource)
     assert [s.id for s in src.samples] == ["coffee/coffee.jpg", "cat/chelsea.jpg", "missing.png"]
     assert src.classes == ["animal", "drink"]
