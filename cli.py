@@ -350,7 +350,7 @@ def finetune(source, model, weights, train_blocks, out, epochs, lr, weight_decay
 
     \b
     Examples:
-      python cli.py finetune builtin:digits --train-blocks 1 --hflip 0 --epochs 3 --store digits.h5 --out ft1/
+      python cli.py finetune builtin:digits --train-blocks 1 --augment none --epochs 3 --store digits.h5 --out ft1/
       python cli.py compare-heads digits.h5 --include ft1/ --out results/
       python cli.py extract builtin:digits --model tf_efficientnet_lite0 --weights ft1/backbone.safetensors --out digits-ft1.h5
       python cli.py finetune photos/ --model resnet50 --weights hub --train-blocks all --device cuda --out ft-all/

@@ -294,6 +294,17 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _feature_batches(features: np.ndarray, labels: Sequence[int], order: np.ndarray, batch_size: int):
+    """(features, labels, ok) per batch of `order`, as the image loader gives (images, labels, ok)."""
+    labels = np.asarray(labels)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        x = features[rows]
+        ok = np.isfinite(x).all(axis=1)
+        yield torch.from_numpy(np.where(ok[:, None], x, 0).astype(np.float32)), torch.from_numpy(labels[rows]), \
+            torch.from_numpy(ok)
+
+
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
@@ -333,7 +344,7 @@ def _load_checkpoint(path: Path, config: str) -> dict[str, Any] | None:
 def train(net: FinetuneNet, trained_names: Sequence[str], source: Source, train_rows: Sequence[int],
           train_labels: Sequence[int], evaluate: Callable[[FinetuneNet], tuple[float, float]],
           transform: Callable, settings: TrainSettings, *, input_size: Sequence[int], device: torch.device,
-          checkpoint: Path, config: str, progress: bool = True) -> TrainResult:
+          checkpoint: Path, config: str, features: np.ndarray | None = None, progress: bool = True) -> TrainResult:
     """Train the head and the backbone parameters `trained_names` of `net` on `train_rows`.
 
     Args:
@@ -350,6 +361,9 @@ def train(net: FinetuneNet, trained_names: Sequence[str], source: Source, train_
         checkpoint: the checkpoint file: resumed from when it exists (its `config` must be the same), written
             atomically after every epoch.
         config: the run's canonical JSON config; a checkpoint of another config is refused, naming what changed.
+        features: the training rows' frozen features ([rows, width], NaN where a row failed), for a run in which
+            nothing in the backbone trains and nothing is augmented: the head then trains on them (the same
+            order, batches and steps), instead of running the frozen network over the same images every epoch.
         progress: show a progress bar (loss, validation accuracy).
 
     Raises:
@@ -363,6 +377,8 @@ def train(net: FinetuneNet, trained_names: Sequence[str], source: Source, train_
         raise FeaturizeError("--epochs and --batch-size must be at least 1")
     if len(train_rows) < 2:
         raise FeaturizeError(f"only {len(train_rows)} training rows; fine-tuning needs more")
+    if features is not None and (trained_names or len(features) != len(train_rows)):
+        raise FeaturizeError("cached features serve a run that trains the head alone, one row per training row")
     net.to(device, memory_format=torch.channels_last)  # from the start: a resumed run runs the same kernels
     trained = {f"backbone.{n}" for n in trained_names} | {"head.weight", "head.bias"}
     params = dict(net.named_parameters())
@@ -410,9 +426,12 @@ def train(net: FinetuneNet, trained_names: Sequence[str], source: Source, train_
                 order = torch.randperm(len(data), generator=torch.Generator().manual_seed(_seed(settings.seed, epoch)))
                 order = order[: steps_per_epoch * settings.batch_size] if len(data) > settings.batch_size else order
                 data.epoch = epoch
-                loader = DataLoader(data, batch_size=settings.batch_size, sampler=order.tolist(),
-                                    num_workers=settings.workers, collate_fn=partial(_collate, shape=shape),
-                                    pin_memory=device.type == "cuda")
+                if features is None:
+                    loader = DataLoader(data, batch_size=settings.batch_size, sampler=order.tolist(),
+                                        num_workers=settings.workers, collate_fn=partial(_collate, shape=shape),
+                                        pin_memory=device.type == "cuda")
+                else:
+                    loader = _feature_batches(features, data.labels, order.numpy(), settings.batch_size)
                 _set_modes(net, trained)
                 losses, failed_now = [], 0
                 for step, (images, labels, ok) in enumerate(loader):
@@ -424,10 +443,13 @@ def train(net: FinetuneNet, trained_names: Sequence[str], source: Source, train_
                     if not ok.any():
                         bar.update(1)
                         continue
-                    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     labels, ok = labels.to(device), ok.to(device)
                     with autocast(device, settings.precision):
-                        logits = net(images)
+                        if features is None:
+                            logits = net(images.to(device, non_blocking=True)
+                                         .contiguous(memory_format=torch.channels_last))
+                        else:
+                            logits = net.head(images.to(device))
                     loss = nn.functional.cross_entropy(logits.float()[ok], labels[ok])
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:

@@ -289,8 +289,8 @@ def finetune(
             raise FeaturizeError(f"{out} holds a finished run of other settings; rerun it with its own settings, use "
                                  "--fresh to replace it, or choose another --out")
         return _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, trained_names, transform,
-                    settings, config, paths, dev, name, blocks, head_init, store, fingerprint, task_name, n_boot,
-                    called, progress)
+                    settings, config, paths, dev, name, blocks, head_init, augment, store, fingerprint, task_name,
+                    n_boot, called, progress)
     finally:
         lock.release()
 
@@ -306,7 +306,8 @@ def _finished(path: Path, config: str) -> dict[str, Any] | None:
 
 
 def _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, trained_names, transform, settings,
-         config, paths, dev, name, blocks, head_init, store, fingerprint, task_name, n_boot, called, progress):
+         config, paths, dev, name, blocks, head_init, augment, store, fingerprint, task_name, n_boot, called,
+         progress):
     import torch
 
     n_classes = len(classes)
@@ -314,11 +315,15 @@ def _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, traine
     probe: dict[str, Any] | None = None
     started = time.perf_counter()
     resuming = paths["checkpoint"].exists()
+    # The head alone on unaugmented images: its inputs are the same frozen features every epoch, computed once.
+    cached = not trained_names and augment == "none"
+    X = ok = None
+    n_train = len(train_rows)
+    if cached or (head_init == "probe" and not resuming):
+        X, ok, where = _frozen_features(src, backbone, np.concatenate([train_rows, val_rows]), store, fingerprint,
+                                        task_name, dev, settings.precision, progress)
+        X[~ok] = np.nan
     if head_init == "probe" and not resuming:
-        fit_rows = np.concatenate([train_rows, val_rows])
-        X, ok, where = _frozen_features(src, backbone, fit_rows, store, fingerprint, task_name, dev,
-                                        settings.precision, progress)
-        n_train = len(train_rows)
         tr, va = ok[:n_train], ok[n_train:]
         W, b, probe = _linear_probe(X[:n_train][tr], labels[train_rows][tr], X[n_train:][va], labels[val_rows][va],
                                     n_classes, settings.seed)
@@ -336,18 +341,25 @@ def _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, traine
     probe_seconds = time.perf_counter() - started
 
     def evaluate(model: FinetuneNet) -> tuple[float, float]:
-        logits, errors = predict_logits(model, backbone, src, val_rows, device=dev, precision=settings.precision,
-                                        batch_size=settings.eval_batch_size, workers=default_workers(dev))
-        ok = np.array([not e for e in errors], bool)
-        if not ok.any():
+        if cached:
+            head = model.head
+            features = X[n_train:]
+            logits = (features @ head.weight.detach().cpu().numpy().T + head.bias.detach().cpu().numpy())
+            errors = ["" if row_ok else "failed" for row_ok in ok[n_train:]]
+        else:
+            logits, errors = predict_logits(model, backbone, src, val_rows, device=dev, precision=settings.precision,
+                                            batch_size=settings.eval_batch_size, workers=default_workers(dev))
+        valid = np.array([not e for e in errors], bool)
+        if not valid.any():
             return 0.0, float("nan")
-        y = labels[val_rows][ok]
-        logp = torch.log_softmax(torch.from_numpy(logits[ok]).double(), dim=1)
-        return float((logits[ok].argmax(1) == y).mean()), float(-logp[torch.arange(len(y)), torch.from_numpy(y)].mean())
+        y = labels[val_rows][valid]
+        logp = torch.log_softmax(torch.from_numpy(logits[valid]).double(), dim=1)
+        return (float((logits[valid].argmax(1) == y).mean()),
+                float(-logp[torch.arange(len(y)), torch.from_numpy(y)].mean()))
 
     result = train(net, trained_names, src, train_rows, labels[train_rows], evaluate, transform, settings,
                    input_size=backbone.data_config["input_size"], device=dev, checkpoint=paths["checkpoint"],
-                   config=config, progress=progress)
+                   config=config, features=X[:n_train] if cached else None, progress=progress)
 
     started = time.perf_counter()
     with tqdm(total=len(test_rows), unit="img", desc="test rows", disable=not progress) as bar:
@@ -428,6 +440,7 @@ def _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, traine
         "initial_val_accuracy": result.initial_val_accuracy,
         "stopped_early": result.stopped_early,
         "steps_per_epoch": result.steps_per_epoch,
+        "head_on_cached_features": cached,
         "resumed_from_epoch": result.resumed_from,
         "weights": {"file": paths["backbone"].name, "sha256": weights_sha},
         "seconds": {"probe": probe_seconds, "train": result.seconds, "predict": predict_seconds,

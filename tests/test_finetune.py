@@ -181,8 +181,6 @@ def test_finetune_refuses_other_settings_and_bad_input(runner, clean_run, tmp_pa
 
 def test_a_checkpoint_of_other_settings_is_refused_by_name(clean_run, digits_store, tmp_path):
     out = tmp_path / "other"
-    killed = _finetune(out, fault="finetune-step:2")
-    assert killed.returncode == -9 and not (out / "checkpoint.pt").exists()  # killed inside epoch 1: no checkpoint
     steps = json.loads((clean_run[0] / "results.json").read_text())["meta"]["steps_per_epoch"]
     killed = _finetune(out, fault=f"finetune-step:{steps + 1}")
     assert killed.returncode == -9 and (out / "checkpoint.pt").exists()
@@ -209,3 +207,15 @@ def test_head_alone_leaves_the_backbone_as_it_was(tmp_path):
     original = create_backbone("test_efficientnet", "random", image_size=32).model.state_dict()
     assert tuned.keys() == original.keys()
     assert all(torch.equal(tuned[k], original[k].contiguous()) for k in original)  # BN statistics included
+
+
+def test_the_head_alone_without_augmentation_trains_on_features_computed_once(tmp_path, digits_store):
+    from pipelines.finetune import finetune
+
+    kwargs = dict(model="test_efficientnet", weights="random", image_size=32, train_blocks=0, epochs=3, lr=1e-2,
+                  batch_size=64, augment="none", precision="fp32", progress=False)
+    result = finetune("builtin:digits", tmp_path / "cached", store=digits_store, **kwargs)
+    meta = json.loads((tmp_path / "cached" / "results.json").read_text())["meta"]
+    assert meta["head_on_cached_features"] and meta["probe"]["features"].startswith("store")
+    assert len(result.history) == 3 and result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.row["accuracy"] > 0.5  # the probe's head, trained further on the training rows' features
