@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import timm
+from PIL import Image
 
 from featurize.errors import FeaturizeError
 from featurize.finetune import block_groups, trainable_parameters
@@ -219,3 +220,22 @@ def test_the_head_alone_without_augmentation_trains_on_features_computed_once(tm
     assert meta["head_on_cached_features"] and meta["probe"]["features"].startswith("store")
     assert len(result.history) == 3 and result.history[-1]["loss"] < result.history[0]["loss"]
     assert result.row["accuracy"] > 0.5  # the probe's head, trained further on the training rows' features
+
+
+def test_a_val_split_is_used_and_a_broken_image_costs_only_its_row(tmp_path):
+    from conftest import photo, write_image
+    from pipelines.finetune import finetune
+
+    root = tmp_path / "photos"
+    for cls, name in (("cat", "chelsea"), ("coffee", "coffee")):
+        for split, sizes in (("train", (64, 80, 96)), ("val", (72,)), ("test", (88, 104))):
+            for size in sizes:
+                image = np.asarray(Image.fromarray(photo(name)).resize((size, size)))
+                write_image(root / split / cls / f"{name}-{size}.png", image)
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = finetune(str(root), tmp_path / "run", model="test_efficientnet", weights="random", image_size=32,
+                      train_blocks=1, epochs=2, batch_size=2, hflip=0.0, precision="fp32", progress=False)
+    meta = json.loads((tmp_path / "run" / "results.json").read_text())["meta"]
+    assert meta["rows"] == {"train": 7, "val": 2, "test": 4, "test_failed": 0, "train_failed": 1}
+    assert meta["probe"]["failed_rows"] == 1  # left out of the probe too
+    assert result.row["n_scored"] == 4 and all(np.isfinite(h["loss"]) for h in result.history)
