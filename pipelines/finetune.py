@@ -397,7 +397,8 @@ def _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, traine
         "run_dir": str(paths["results"].parent),
         "head": name,
         "task": task_name,
-        **score_fields(y_true, y_pred, len(classes), proba=proba, n_boot=n_boot, seed=settings.seed),
+        **score_fields(y_true, y_pred, len(classes), scores=proba, proba=proba, n_boot=n_boot,
+                       seed=settings.seed),
         "fit_seconds": seconds,
         "tune_seconds": 0.0,
         "predict_us_per_sample": predict_seconds / max(len(scored), 1) * 1e6,
@@ -410,13 +411,14 @@ def _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, traine
         "approximated": False,
         "components": None,
         "method": (f"{'LP-FT' if head_init == 'probe' else 'fine-tuning'}: "
-                   + ("the head alone" if blocks == 0 else "the whole backbone" if blocks == ALL_BLOCKS
-                      else f"the last {blocks} block{'s' if blocks != 1 else ''}")
-                   + f" and a linear head, AdamW + cosine, {settings.precision}"),
+                   + ("a linear head alone" if blocks == 0 else "the whole backbone and a linear head"
+                      if blocks == ALL_BLOCKS else f"the last {blocks} block{'s' if blocks != 1 else ''} and a "
+                                                  "linear head")
+                   + f", AdamW + cosine, {settings.precision}"),
         "share_seconds": None,
         "predicted_seconds": None,
         "actual_seconds": seconds,
-        "probe_seconds": probe_seconds,
+        "probe_seconds": 0.0,  # the race's probes (none); the linear probe's seconds are in meta.seconds
         "budget_note": "",
         "cached": False,
         "trained_params": result.trained_parameters,
@@ -498,8 +500,8 @@ class FinetuneRun:
         if not np.array_equal(self.labels[at], y):
             raise HeadsError(f"{where}: its labels of the scored rows differ from the stores'")
         predictions, proba = self.predictions[at], None if self.proba is None else self.proba[at]
-        row = {**self.row, **score_fields(y, predictions, len(classes), proba=proba, n_boot=n_boot, seed=seed),
-               "n_scored": int(len(ids))}
+        row = {**self.row, **score_fields(y, predictions, len(classes), scores=proba, proba=proba, n_boot=n_boot,
+                                          seed=seed), "n_scored": int(len(ids))}
         return row, predictions, proba
 
 
@@ -512,7 +514,8 @@ def load_run(path: str | Path) -> FinetuneRun:
     path = Path(path)
     results_path, predictions_path = path / RUN_FILES["results"], path / RUN_FILES["predictions"]
     if not results_path.is_file():
-        hint = " (it has a checkpoint: rerun its finetune command to finish it)" if (path / RUN_FILES["checkpoint"]).exists() else ""
+        unfinished = (path / RUN_FILES["checkpoint"]).exists()
+        hint = " (it has a checkpoint: rerun its finetune command to finish it)" if unfinished else ""
         raise HeadsError(f"--include {path}: not a finished finetune run, no {RUN_FILES['results']}{hint}")
     try:
         results = json.loads(results_path.read_text())
