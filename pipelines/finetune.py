@@ -217,8 +217,8 @@ def finetune(
     Args:
         train_blocks: blocks to train from the top (timm's block structure), ``all`` for the whole backbone, 0 for
             the head alone by gradient descent.
-        head_init: ``probe`` (LP-FT: torch-logreg on frozen features, C chosen on the validation rows, taken
-            from `store` when it holds this backbone's features of this source) or ``random``.
+        head_init: ``probe`` (LP-FT: torch-logreg on frozen features, C chosen by 5-fold CV on the training rows,
+            the features taken from `store` when it holds this backbone's features of this source) or ``random``.
         store: a feature store of this backbone on this source, for the probe (computed when it does not fit).
         fresh: discard a checkpoint or finished run in `out` and start over.
         Other arguments as ``cli.py finetune --help`` describes them.
@@ -266,6 +266,8 @@ def finetune(
         precision=prec, device=dev.type, augment=augment, hflip=hflip if augment == "timm" else None,
         crop_scale=crop_scale if augment == "timm" else None,
         head_init=head_init, versions=package_versions(("torch", "timm", "numpy", "headbench")),
+        # where frozen features may come from (the probe, the head alone on cached features): that store's hash
+        store=read_store(store, features=False).attrs.get("config_hash") if store is not None else None,
     )
 
     out.mkdir(parents=True, exist_ok=True)
