@@ -21,7 +21,6 @@ the engine -- and produces fine-tuned backbone weights that ``extract --weights`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -45,6 +44,7 @@ from .backbones import Backbone
 from .engine import autocast, iter_features
 from .errors import FeaturizeError, error_text
 from .sources import Source
+from .store import config_changes, write_atomic
 
 __all__ = [
     "ALL_BLOCKS",
@@ -57,7 +57,8 @@ __all__ = [
     "train_transform",
     "predict_logits",
     "train",
-    "write_atomic",
+    "frozen_features",
+    "head_logits",
 ]
 
 ALL_BLOCKS = "all"
@@ -171,7 +172,6 @@ class _TrainRows(Dataset):
                  seed: int):
         self.source, self.indices, self.labels = source, list(indices), list(labels)
         self.transform, self.seed, self.epoch = transform, seed, 0
-        self.shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -198,24 +198,37 @@ def _collate(items, shape: tuple[int, ...]):
     return images, torch.tensor([y for _, y, _ in items]), torch.tensor([ok for _, _, ok in items])
 
 
-def predict_logits(net: FinetuneNet, backbone: Backbone, source: Source, indices: Sequence[int], *,
-                   device: torch.device, precision: str, batch_size: int, workers: int = 0,
-                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
-    """Logits [n, classes] of `indices` through the engine (eval transform, eval mode, the engine's streams),
-    and an error per row ('' when it decoded; its logits are NaN otherwise)."""
-    net.eval()
-    frozen = dataclasses.replace(backbone, model=net.backbone, layers=[])
-    weight = net.head.weight.detach().float().cpu().numpy()
-    bias = net.head.bias.detach().float().cpu().numpy()
-    logits, errors = [], []
-    for batch in iter_features(source, frozen, indices, device=device, precision=precision, batch_size=batch_size,
+def frozen_features(backbone: Backbone, source: Source, indices: Sequence[int], *, device: torch.device,
+                    precision: str, batch_size: int, workers: int = 0,
+                    progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Pooled features [n, width] of `indices` (in that order) through the engine, and an error per row ('' when
+    it decoded; its features are NaN otherwise)."""
+    features, errors = [], []
+    for batch in iter_features(source, backbone, indices, device=device, precision=precision, batch_size=batch_size,
                                workers=workers):
-        logits.append(batch.features @ weight.T + bias)
+        features.append(batch.features)
         errors += batch.errors
         if progress is not None:
             progress(len(batch.errors))
-    width = weight.shape[0]
-    return (np.concatenate(logits) if logits else np.zeros((0, width), np.float32)), errors
+    return (np.concatenate(features) if features else np.zeros((0, backbone.num_features), np.float32)), errors
+
+
+def head_logits(net: FinetuneNet, features: np.ndarray) -> np.ndarray:
+    """The net's head applied to features [n, width] (numpy, float32)."""
+    weight = net.head.weight.detach().float().cpu().numpy()
+    return features @ weight.T + net.head.bias.detach().float().cpu().numpy()
+
+
+def predict_logits(net: FinetuneNet, backbone: Backbone, source: Source, indices: Sequence[int], *,
+                   device: torch.device, precision: str, batch_size: int, workers: int = 0,
+                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Logits [n, classes] of `indices` (eval transform, eval mode, the engine's streams; the trained backbone as
+    a :class:`Backbone`), and an error per row ('' when it decoded; its logits are NaN otherwise)."""
+    net.eval()
+    trained = dataclasses.replace(backbone, model=net.backbone, layers=[])
+    features, errors = frozen_features(trained, source, indices, device=device, precision=precision,
+                                       batch_size=batch_size, workers=workers, progress=progress)
+    return head_logits(net, features), errors
 
 
 @dataclass
@@ -277,23 +290,6 @@ class TrainResult:
     steps_per_epoch: int = 0
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write `path` through a temporary file beside it (`write(tmp)`), fsynced, then renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # the rename itself, durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return path
-
-
 def _feature_batches(features: np.ndarray, labels: Sequence[int], order: np.ndarray, batch_size: int):
     """(features, labels, ok) per batch of `order`, as the image loader gives (images, labels, ok)."""
     labels = np.asarray(labels)
@@ -334,8 +330,7 @@ def _load_checkpoint(path: Path, config: str) -> dict[str, Any] | None:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise FeaturizeError(f"{path} is not a headbench fine-tuning checkpoint; delete it or rerun with --fresh")
     if state["config"] != config:
-        ours, theirs = json.loads(config), json.loads(state["config"])
-        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        changed = config_changes(json.loads(state["config"]), json.loads(config))
         raise FeaturizeError(f"{path.parent} holds a run started with other settings (changed: {', '.join(changed)}); "
                              "rerun with the same settings to resume it, --fresh to start over, or another --out")
     return state
@@ -395,7 +390,7 @@ def train(net: FinetuneNet, trained_names: Sequence[str], source: Source, train_
 
     data = _TrainRows(source, train_rows, train_labels, transform, settings.seed)
     shape = tuple(int(v) for v in input_size)
-    steps_per_epoch = max(1, len(data) // settings.batch_size) if len(data) > settings.batch_size else 1
+    steps_per_epoch = max(1, len(data) // settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
 
     state = _load_checkpoint(checkpoint, config)
@@ -424,7 +419,7 @@ def train(net: FinetuneNet, trained_names: Sequence[str], source: Source, train_
                     break
                 started = time.perf_counter()
                 order = torch.randperm(len(data), generator=torch.Generator().manual_seed(_seed(settings.seed, epoch)))
-                order = order[: steps_per_epoch * settings.batch_size] if len(data) > settings.batch_size else order
+                order = order[: steps_per_epoch * settings.batch_size]  # whole batches (all rows when fewer)
                 data.epoch = epoch
                 if features is None:
                     loader = DataLoader(data, batch_size=settings.batch_size, sampler=order.tolist(),

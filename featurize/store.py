@@ -22,7 +22,7 @@ import time
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -43,6 +43,7 @@ __all__ = [
     "config_hash",
     "config_changes",
     "partial_dir",
+    "write_atomic",
     "check_writable",
     "StoreWriter",
     "FeatureStore",
@@ -122,14 +123,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write `path` through ``PATH.tmp`` beside it (`write(tmp)` fills it), fsynced, renamed into place, and the
+    rename made durable: readers see the old file or the whole new one, never a part."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+    write(tmp)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    return path
 
 
 class StoreWriter:
@@ -271,7 +275,8 @@ class StoreWriter:
                 str(k): {"rows": rows, "failed": self._shard_failed.get(k, 0)} for k, rows in sorted(self.committed.items())
             },
         }
-        _atomic_write_bytes(self.partial / _MANIFEST, json.dumps(manifest, indent=1).encode())
+        data = json.dumps(manifest, indent=1).encode()
+        write_atomic(self.partial / _MANIFEST, lambda tmp: tmp.write_bytes(data))
 
     def add(self, indices: np.ndarray, features: np.ndarray, errors: Sequence[str],
             layers: dict[str, np.ndarray] | None = None) -> None:

@@ -31,14 +31,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from featurize.backbones import PIXELS, check_model_name, create_backbone, sha256_file
-from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, resolve_precision
+from featurize.engine import default_batch_size, default_workers, resolve_device, resolve_precision
 from featurize.errors import FeaturizeError
 from featurize.finetune import (
-    ALL_BLOCKS, FinetuneNet, TrainSettings, parse_train_blocks, predict_logits, train, train_transform,
-    trainable_parameters, write_atomic,
+    ALL_BLOCKS, FinetuneNet, TrainSettings, frozen_features, head_logits, parse_train_blocks, predict_logits, train,
+    train_transform, trainable_parameters,
 )
 from featurize.sources import open_source
-from featurize.store import STATUS_OK, read_store
+from featurize.store import STATUS_OK, read_store, write_atomic
 from heads import HeadsError, get_head
 from heads.persist import save_head
 from heads.torch_logreg import TorchLogisticRegression
@@ -123,49 +123,42 @@ def _frozen_features(src, backbone, rows: np.ndarray, store_path, fingerprint: s
             return (np.asarray(store.features[rows], dtype=np.float32), store.status[rows] == STATUS_OK,
                     f"store {Path(store_path).name}")
         _warn(f"--store {store_path}: not this backbone's features of this source ({why}); computing them")
-    X = np.full((len(rows), backbone.num_features), np.nan, np.float32)
-    ok = np.zeros(len(rows), bool)
-    position = {int(r): i for i, r in enumerate(rows)}
     with tqdm(total=len(rows), unit="img", desc="frozen features (linear probe)", disable=not progress) as bar:
-        for batch in iter_features(src, backbone, rows, device=device, precision=precision,
-                                   batch_size=default_batch_size(device), workers=default_workers(device)):
-            at = [position[int(i)] for i in batch.indices]
-            X[at] = batch.features
-            ok[at] = [not e for e in batch.errors]
-            bar.update(len(at))
-    return X, ok, "computed"
+        X, errors = frozen_features(backbone, src, rows, device=device, precision=precision,
+                                    batch_size=default_batch_size(device), workers=default_workers(device),
+                                    progress=bar.update)
+    return X, np.array([not e for e in errors], bool), "computed"
 
 
 def _linear_probe(X_train, y_train, X_val, y_val, n_classes: int, seed: int, folds: int = 5
                   ) -> tuple[np.ndarray, np.ndarray, dict]:
     """torch-logreg on standardised frozen features, C chosen over its registered grid by stratified K-fold CV on
-    the training rows (as compare-heads tunes it), folded into one linear layer on the raw features:
-    W = coef / std, b = intercept - W . mean. Returns W, b and the choice (C, CV and validation accuracy)."""
-    from sklearn.model_selection import StratifiedKFold
+    the training rows (as compare-heads tunes it; ties: the stronger penalty), folded into one linear layer on the
+    raw features: W = coef / scale, b = intercept - W . mean. Returns W, b and the choice (C, CV and validation
+    accuracy)."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    def fit(X, y, C):
-        mean, std = X.mean(0), X.std(0)
-        std[std == 0] = 1.0
-        return TorchLogisticRegression(C=C).fit((X - mean) / std, y), mean, std
-
+    pipeline = make_pipeline(StandardScaler(), TorchLogisticRegression())
+    grid = sorted(get_head("torch-logreg").grid["C"])  # GridSearchCV keeps the first of tied settings
     counts = np.bincount(y_train)
     k = int(min(folds, counts[counts > 0].min()))
-    splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(X_train, y_train)) if k >= 2 else []
-    scores = {}
-    for C in get_head("torch-logreg").grid["C"]:
-        accuracies = []
-        for fit_rows, score_rows in splits:
-            model, mean, std = fit(X_train[fit_rows], y_train[fit_rows], C)
-            accuracies.append(float((model.predict((X_train[score_rows] - mean) / std) == y_train[score_rows]).mean()))
-        scores[C] = float(np.mean(accuracies)) if accuracies else 0.0
-    C = max(scores, key=lambda c: (scores[c], -c))  # ties: the stronger penalty
-    model, mean, std = fit(X_train, y_train, C)
+    if k >= 2:
+        search = GridSearchCV(pipeline, {"torchlogisticregression__C": grid},
+                              cv=StratifiedKFold(k, shuffle=True, random_state=seed)).fit(X_train, y_train)
+        model, C, cv_accuracy = search.best_estimator_, search.best_params_["torchlogisticregression__C"], \
+            float(search.best_score_)
+    else:  # a class with a single row: nothing to cross-validate on
+        C, cv_accuracy = grid[0], 0.0
+        model = pipeline.set_params(torchlogisticregression__C=C).fit(X_train, y_train)
+    scaler, logreg = model[0], model[-1]
     W = np.zeros((n_classes, X_train.shape[1]), np.float32)
     b = np.full(n_classes, -30.0, np.float32)  # a class absent from the training rows is never predicted
-    W[model.classes_] = model.coef_ / std
-    b[model.classes_] = model.intercept_ - (model.coef_ / std) @ mean
-    val_accuracy = float((model.predict((X_val - mean) / std) == y_val).mean()) if len(y_val) else None
-    return W, b, {"C": C, "cv_accuracy": scores[C], "cv_folds": k, "val_accuracy": val_accuracy}
+    W[logreg.classes_] = logreg.coef_ / scaler.scale_
+    b[logreg.classes_] = logreg.intercept_ - W[logreg.classes_] @ scaler.mean_
+    val_accuracy = float((model.predict(X_val) == y_val).mean()) if len(y_val) else None
+    return W, b, {"C": C, "cv_accuracy": cv_accuracy, "cv_folds": k, "val_accuracy": val_accuracy}
 
 
 def _config(**parts: Any) -> str:
@@ -344,14 +337,11 @@ def _run(src, backbone, classes, labels, train_rows, val_rows, test_rows, traine
 
     def evaluate(model: FinetuneNet) -> tuple[float, float]:
         if cached:
-            head = model.head
-            features = X[n_train:]
-            logits = (features @ head.weight.detach().cpu().numpy().T + head.bias.detach().cpu().numpy())
-            errors = ["" if row_ok else "failed" for row_ok in ok[n_train:]]
+            logits, valid = head_logits(model, X[n_train:]), ok[n_train:]
         else:
             logits, errors = predict_logits(model, backbone, src, val_rows, device=dev, precision=settings.precision,
                                             batch_size=settings.eval_batch_size, workers=default_workers(dev))
-        valid = np.array([not e for e in errors], bool)
+            valid = np.array([not e for e in errors], bool)
         if not valid.any():
             return 0.0, float("nan")
         y = labels[val_rows][valid]

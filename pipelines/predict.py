@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from featurize.sources import open_source
 from featurize.store import LAST_LAYER
 from heads import HeadsError
 from heads.persist import load_head
+from pipelines.scoring import write_csv
 
 __all__ = ["PredictResult", "predict_images"]
 
@@ -54,15 +53,6 @@ def _weights_for(provenance: dict, weights: str | None) -> str:
         return "auto"
     name = source.removeprefix("file:")
     raise HeadsError(f"the head was trained on features from the weights file {name!r}; pass it with --weights PATH")
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def predict_images(
@@ -157,7 +147,7 @@ def predict_images(
             bar.update(len(batch.indices))
 
     header = ["id", "prediction"] + ([f"p:{c}" for c in classes] if has_proba else []) + ["error"]
-    _write_csv(out, header, rows)
+    write_csv(out, header, rows)
 
     accuracy, scored = {}, {}
     task = prov.get("task")  # a head saved for one label set is scored against the source's labels of that set

@@ -5,16 +5,16 @@ prediction files (CSV) both write."""
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from featurize.store import write_atomic
 from heads import bootstrap_ci, point_metrics
 from heads.calibration import CALIBRATION_METRICS, bootstrap_calibration_ci, calibration_metrics
 
-__all__ = ["score_fields", "write_prediction_csv", "read_prediction_csv"]
+__all__ = ["score_fields", "write_csv", "write_prediction_csv", "read_prediction_csv"]
 
 
 def score_fields(y: np.ndarray, y_pred: np.ndarray, n_classes: int, *, scores: np.ndarray | None = None,
@@ -44,18 +44,24 @@ def score_fields(y: np.ndarray, y_pred: np.ndarray, n_classes: int, *, scores: n
             "before_calibration": before}
 
 
+def write_csv(path: Path, header: list[str], rows) -> Path:
+    """A CSV file written atomically (:func:`featurize.store.write_atomic`): the old file or the whole new one."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    return write_atomic(path, write)
+
+
 def write_prediction_csv(path: Path, ids, classes: list[str], y, y_pred, proba: np.ndarray | None) -> Path:
     """``id,label,prediction`` and, with probabilities, one ``p:<class>`` column per class (exact decimals, so
-    that :func:`read_prediction_csv` gives the same numbers back); written to a temporary file, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "label", "prediction"] + ([f"p:{c}" for c in classes] if proba is not None else []))
-        for i, (sample, label, predicted) in enumerate(zip(ids, y, y_pred)):
-            writer.writerow([sample, classes[label], classes[predicted]]
-                            + ([repr(float(p)) for p in proba[i]] if proba is not None else []))
-    os.replace(tmp, path)
-    return path
+    that :func:`read_prediction_csv` gives the same numbers back), written atomically."""
+    header = ["id", "label", "prediction"] + ([f"p:{c}" for c in classes] if proba is not None else [])
+    return write_csv(path, header, ([sample, classes[label], classes[predicted]]
+                                    + ([repr(float(p)) for p in proba[i]] if proba is not None else [])
+                                    for i, (sample, label, predicted) in enumerate(zip(ids, y, y_pred))))
 
 
 def read_prediction_csv(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
