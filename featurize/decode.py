@@ -19,7 +19,6 @@ reported to corrupt unrelated tensors on H100 otherwise (torchvision PR #9606).
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,15 +29,16 @@ import torch
 from PIL import Image
 
 from .errors import FeaturizeError, error_text
+from .jpeg import JpegHeader, is_complete, scan_jpeg
 
 if TYPE_CHECKING:
     from .backbones import Backbone
     from .sources import Source
 
-__all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "Prepared", "TensorDecoder"]
+__all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "device_takes", "orient", "Prepared",
+           "TensorDecoder"]
 
 DECODE_CHOICES = ("auto", "cpu", "gpu", "tensor")
-_EXIF_ORIENTATION = 0x0112
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
@@ -210,6 +210,36 @@ def resolve_decode(requested: str, device: torch.device, backbone: "Backbone") -
     return "tensor"
 
 
+def device_takes(header: JpegHeader, cuda: bool) -> bool:
+    """Whether torchvision's decoder takes a JPEG with this header: 8-bit RGB or greyscale (CMYK goes to
+    Pillow), YCbCr-coded (an Adobe RGB-without-transform file goes to Pillow), at most Pillow's pixel limit,
+    baseline or extended Huffman coding -- and progressive on a CPU (nvJPEG's hardware path refuses it)."""
+    if header.mode not in ("RGB", "L") or header.width * header.height > _MAX_PIXELS:
+        return False
+    if header.adobe_transform == 0 and header.mode == "RGB":
+        return False
+    return header.sof in ((0xC0, 0xC1) if cuda else (0xC0, 0xC1, 0xC2))
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """EXIF orientation 2-8 applied as Pillow's ``exif_transpose`` does (CHW tensor)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1, -2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(image, -1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-1, -2).flip(-1, -2)
+    if orientation == 8:
+        return torch.rot90(image, 1, (-2, -1))
+    return image
+
+
 @dataclass
 class Prepared:
     """One row on its way through the tensor path: its JPEG bytes for the device decoder, or an image the
@@ -243,22 +273,13 @@ class TensorDecoder:
 
     # -- on the CPU, in reader threads -------------------------------------------------------------------------
 
-    def _takes(self, data: bytes) -> int | None:
+    def _takes(self, data) -> int | None:
         """The EXIF orientation when the device decoder can take `data` (a complete baseline RGB/grey JPEG of
-        an allowed size), else None."""
-        if data[:3] != b"\xff\xd8\xff" or data[-64:].rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
+        an allowed size: :func:`device_takes`), else None."""
+        header = scan_jpeg(data)
+        if header is None or not is_complete(data) or not device_takes(header, self.cuda):
             return None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img = Image.open(io.BytesIO(data))  # parses the header only
-                if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.width * img.height > _MAX_PIXELS:
-                    return None
-                if self.cuda and (img.info.get("progressive") or img.info.get("progression")):
-                    return None
-                return int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-        except Exception:
-            return None
+        return header.orientation
 
     def prepare(self, index: int) -> Prepared:
         """Read row `index`; keep its bytes for the device, or decode it with Pillow when the device cannot."""
@@ -297,24 +318,7 @@ class TensorDecoder:
                     out.append(None)
             return out
 
-    @staticmethod
-    def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
-        """EXIF orientation 2-8 applied as Pillow's ``exif_transpose`` does (CHW tensor)."""
-        if orientation == 2:
-            return image.flip(-1)
-        if orientation == 3:
-            return image.flip(-1, -2)
-        if orientation == 4:
-            return image.flip(-2)
-        if orientation == 5:
-            return image.transpose(-1, -2)
-        if orientation == 6:
-            return torch.rot90(image, -1, (-2, -1))
-        if orientation == 7:
-            return image.transpose(-1, -2).flip(-1, -2)
-        if orientation == 8:
-            return torch.rot90(image, 1, (-2, -1))
-        return image
+    _orient = staticmethod(lambda image, orientation: orient(image, orientation))
 
     def transform(self, image: torch.Tensor) -> torch.Tensor:
         """Resize and crop decoded uint8 images ([3, H, W], or [N, 3, H, W] of one size) as the backbone's

@@ -56,6 +56,7 @@ __all__ = [
     "DecodeDataset",
     "collate_decoded",
     "iter_features",
+    "use_staged",
 ]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -240,6 +241,18 @@ def intra_op_threads(threads: int):
         torch.set_num_threads(before)
 
 
+def use_staged(device: torch.device) -> bool:
+    """Whether the staged engine (:mod:`featurize.stages`) runs the torch model on `device`: on CUDA always;
+    elsewhere when ``HEADBENCH_ENGINE=staged`` asks for it (the GPU's code path on a CPU: tests, debugging).
+    CPUs keep the streams, which overlap decoding and compute on the same cores."""
+    requested = os.environ.get("HEADBENCH_ENGINE", "auto")
+    if requested not in ("auto", "staged", "streams"):
+        raise FeaturizeError(f"HEADBENCH_ENGINE must be auto, staged or streams, got {requested!r}")
+    if requested == "auto":
+        return device.type == "cuda"
+    return requested == "staged"
+
+
 def _chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
     batch: list[int] = []
     for i in indices:
@@ -307,17 +320,18 @@ def iter_features(
         streams = runtime.requests if openvino else 1 if compile else default_streams(device)
     if streams < 1:
         raise FeaturizeError(f"--streams must be at least 1, got {streams}")
+    if not openvino and use_staged(device):
+        # the accelerator's engine: read -> decode -> compute -> collect stages (featurize/stages.py)
+        from .stages import iter_staged
+
+        yield from iter_staged(source, backbone, indices, device=device, precision=precision, batch_size=batch_size,
+                               workers=workers, decode=decode, jpeg_draft=jpeg_draft, compile=compile,
+                               timings=timings)
+        return
     stamps = timings if timings is not None else {}
-    on_device = decode == "tensor" and device.type != "cpu"  # decoded in batches on the device, read by threads
-    dataset = DecodeDataset(source, backbone, jpeg_draft, "pillow" if on_device else decode)
-    decoder = TensorDecoder(source, backbone, device, dataset.pillow) if on_device else None
-    readers = loader = None
-    if decoder is not None:
-        # Threads of this process read bytes and parse headers (and run Pillow for what the device cannot
-        # decode): nothing to fork, nothing to start up or shut down but threads.
-        readers = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headbench-read")
-        items: Iterator = _read_ahead(_chunks(indices, batch_size), readers, decoder.prepare, depth=4)
-    elif workers:
+    dataset = DecodeDataset(source, backbone, jpeg_draft, decode)
+    loader = None
+    if workers:
         # Workers start here, before the model moves to the device (a process that has loaded the GPU's
         # libraries is slower to fork), and decode while the model loads; they are stopped explicitly below.
         loader = iter(DataLoader(
@@ -333,22 +347,11 @@ def iter_features(
     else:
         items = _chunks(indices, batch_size)
     forward = None if openvino else prepare_model(backbone, device, compile)
-    if forward is not None and device.type == "cuda":
-        # One batch of zeros first: cuDNN's autotuning (and torch.compile's graph) for this batch shape happen
-        # here, as part of getting the model ready, not in the first batch of images.
-        with torch.inference_mode(), autocast(device, precision):
-            forward(torch.zeros(batch_size, *backbone.data_config["input_size"], device=device)
-                    .contiguous(memory_format=torch.channels_last))
-            backbone.take_layers()
-        torch.cuda.synchronize(device)
     stamps["model_ready"] = time.perf_counter()
     dim = backbone.num_features
 
     def run(item) -> FeatureBatch:
-        if decoder is not None:
-            batch_indices, images, errors = decoder.finish([future.result() for future in item])
-        else:
-            batch_indices, images, errors = item if workers else collate_decoded([dataset[i] for i in item])
+        batch_indices, images, errors = item if workers else collate_decoded([dataset[i] for i in item])
         ok = torch.tensor([not e for e in errors], dtype=torch.bool)
         features = np.full((len(errors), dim), np.nan, dtype=np.float32)
         layers = {t["name"]: np.full((len(errors), t["width"]), np.nan, dtype=np.float32) for t in backbone.layers}
@@ -384,19 +387,7 @@ def iter_features(
             while pending:
                 yield take()
     finally:
-        if readers is not None:
-            readers.shutdown(wait=True, cancel_futures=True)
         if loader is not None and hasattr(loader, "_shutdown_workers"):
             loader._shutdown_workers()  # now, not whenever the iterator is collected
         stamps["closed"] = time.perf_counter()
 
-
-def _read_ahead(chunks: Iterator[list[int]], readers: ThreadPoolExecutor, read: Callable, depth: int) -> Iterator[list]:
-    """Per batch, the futures of `read` for its rows, submitted `depth` batches ahead of the consumer."""
-    queue: collections.deque = collections.deque()
-    for chunk in chunks:
-        queue.append([readers.submit(read, i) for i in chunk])
-        if len(queue) > depth:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()

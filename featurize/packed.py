@@ -23,7 +23,7 @@ import tarfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -56,7 +56,7 @@ class _FileHandles:
         self._lock = threading.Lock()
         self._fds: dict[tuple[int, str], int] = {}
 
-    def pread(self, path: Path, offset: int, size: int) -> bytes:
+    def _fd(self, path: Path) -> int:
         key = (os.getpid(), str(path))
         fd = self._fds.get(key)
         if fd is None:
@@ -64,11 +64,26 @@ class _FileHandles:
                 fd = self._fds.get(key)
                 if fd is None:
                     fd = self._fds[key] = os.open(path, os.O_RDONLY)
-        data = os.pread(fd, size, offset)
+        return fd
+
+    def pread(self, path: Path, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd(path), size, offset)
         if len(data) != size:
             raise OSError(f"{path.name} is shorter than its index says (read {len(data)} of {size} bytes at {offset}); "
                           "was it changed during the run?")
         return data
+
+    def pread_into(self, path: Path, offset: int, view: memoryview) -> memoryview:
+        """:meth:`pread` into a buffer of the caller's."""
+        fd = self._fd(path)
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"{path.name} is shorter than its index says (read {done} of {len(view)} bytes at "
+                              f"{offset}); was it changed during the run?")
+            done += got
+        return view
 
     def __getstate__(self):  # pickled to Ray actors / spawned workers: descriptors do not travel
         return {}
@@ -218,6 +233,13 @@ class TarShardSource(Source):
                                     "image type) in the shard for this key")
         shard, offset, size = member
         return self._handles.pread(self.shards[shard], offset, size)
+
+    def read_into(self, index: int, take: Callable[[int], memoryview]) -> memoryview:
+        member = self.members[index]
+        if member is None:
+            return super().read_into(index, take)  # raises as read_bytes does
+        shard, offset, size = member
+        return self._handles.pread_into(self.shards[shard], offset, take(size))
 
     def load(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
         return decode_image(io.BytesIO(self.read_bytes(index)), draft_size)

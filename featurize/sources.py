@@ -24,6 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -182,6 +183,18 @@ class Source:
         encoded form (builtins hold arrays): the tensor decoder (:mod:`featurize.decode`) then uses :meth:`load`."""
         return None
 
+    def read_into(self, index: int, take: Callable[[int], memoryview]) -> memoryview | None:
+        """Read sample `index`'s encoded bytes into a buffer of the caller's: ``take(size)`` returns a writable
+        view of `size` bytes, which this fills and returns. The engine's readers pass views into one pinned
+        buffer per batch (:mod:`featurize.stages`), so bytes are copied once, from the page cache to the
+        buffer the device reads. None for a source without encoded bytes (see :meth:`read_bytes`)."""
+        data = self.read_bytes(index)
+        if data is None:
+            return None
+        view = take(len(data))
+        view[:] = data
+        return view
+
     def _fingerprint_rows(self):
         """Yield one JSON-able row per sample that changes when the sample's content may have changed."""
         raise NotImplementedError
@@ -211,6 +224,7 @@ class _FileSource(Source):
                  tasks: dict[str, LabelSet] | None = None, default_task: str = DEFAULT_TASK):
         super().__init__(spec, samples, classes, tasks, default_task)
         self.root = root
+        self._root_str = str(root)  # os.path.join on strings: a fifth of the cost of Path's / per row
 
     def path_of(self, index: int) -> Path:
         return self.root / self.samples[index].id
@@ -221,6 +235,21 @@ class _FileSource(Source):
     def read_bytes(self, index: int) -> bytes:
         with open(self.path_of(index), "rb") as f:
             return f.read()
+
+    def read_into(self, index: int, take: Callable[[int], memoryview]) -> memoryview:
+        fd = os.open(os.path.join(self._root_str, self.samples[index].id), os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            view = take(size)
+            done = 0
+            while done < size:  # one read, except on file systems that return less
+                got = os.preadv(fd, [view[done:]], done)
+                if got == 0:
+                    raise OSError(f"{self.samples[index].id} became shorter while it was read")
+                done += got
+            return view
+        finally:
+            os.close(fd)
 
     def _fingerprint_rows(self):
         for s in self.samples:
