@@ -109,6 +109,27 @@ def _wait(event, probe: EngineProbe | None, stage: str) -> None:
 # --------------------------------------------------------------------------------------------------- read stage
 
 
+class _Pool:
+    """Reusable buffers, made on demand up to `limit` (so a run whose stages keep up holds only a few), then
+    waited for."""
+
+    def __init__(self, make: Callable[[], object], limit: int, stop: threading.Event):
+        self.make, self.limit, self.stop = make, limit, stop
+        self._free: queue.Queue = queue.Queue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            make = self._free.empty() and self._made < self.limit
+            if make:
+                self._made += 1
+        return self.make() if make else _get(self._free, self.stop)
+
+    def give(self, item) -> None:
+        self._free.put(item)
+
+
 class _Arena:
     """One batch's encoded bytes, end to end, in one buffer (pinned on CUDA, so the device decoder reads it
     without another copy); grown, never shrunk, when a batch does not fit."""
@@ -177,20 +198,11 @@ class BatchReader:
                  pillow: Callable[[int], tuple[torch.Tensor, str]], *, pinned: bool, arenas: int, capacity: int,
                  probe: EngineProbe | None = None, stop: threading.Event | None = None):
         self.source, self.accepts, self.pillow, self.pinned, self.capacity = source, accepts, pillow, pinned, capacity
-        self.probe, self.stop = probe, stop or threading.Event()
-        self._free: queue.Queue = queue.Queue()
-        self._made = 0
-        self._limit = arenas
-        self._lock = threading.Lock()
+        self.probe = probe
+        self._arenas = _Pool(lambda: _Arena(capacity, pinned), arenas, stop or threading.Event())
 
     def _arena(self) -> _Arena:
-        with self._lock:
-            make = self._free.empty() and self._made < self._limit
-            if make:
-                self._made += 1
-        if make:
-            return _Arena(self.capacity, self.pinned)
-        arena = _get(self._free, self.stop)
+        arena = self._arenas.take()
         if arena.released is not None:
             _wait(arena.released, self.probe, "read")  # long done: the arena went round the whole ring
         arena.used, arena.released = 0, None
@@ -200,7 +212,7 @@ class BatchReader:
         """Give an arena back once the device no longer reads it (`event`: after the decode that read it)."""
         if arena is not None:
             arena.released = event
-            self._free.put(arena)
+            self._arenas.give(arena)
 
     def read(self, indices: Sequence[int]) -> ReadBatch:
         with _counting(self.probe, "read"):
@@ -464,14 +476,12 @@ def iter_staged(
     read_q: queue.Queue = queue.Queue(_DEPTH)
     decoded_q: queue.Queue = queue.Queue(_DEPTH)
     computed_q: queue.Queue = queue.Queue(_DEPTH)
-    slots: queue.Queue = queue.Queue()
-    hosts: queue.Queue = queue.Queue()
-    for _ in range(_DEPTH + 2):  # every slot a stage may hold, plus one being filled and one being read
-        slots.put(_Slot(torch.zeros(batch_size, channels, height, width, dtype=input_dtype, device=device)
-                        .contiguous(memory_format=torch.channels_last)))
-    for _ in range(_DEPTH + 2):
-        hosts.put(_HostBuffer(torch.zeros(batch_size, dim, pin_memory=cuda),
-                              {name: torch.zeros(batch_size, w, pin_memory=cuda) for name, w in widths.items()}))
+    # at most every slot a stage may hold, plus one being filled and one being read; made as they are needed
+    slots = _Pool(lambda: _Slot(torch.empty(batch_size, channels, height, width, dtype=input_dtype, device=device,
+                                            memory_format=torch.channels_last).zero_()), _DEPTH + 2, stop)
+    hosts = _Pool(lambda: _HostBuffer(torch.empty(batch_size, dim, pin_memory=cuda),
+                                      {name: torch.empty(batch_size, w, pin_memory=cuda) for name, w in widths.items()}),
+                  _DEPTH + 2, stop)
     mean = std = None
     if backbone.mean is not None:
         mean, std = backbone.mean.to(device).float(), backbone.std.to(device).float()
@@ -529,7 +539,7 @@ def iter_staged(
             slot[first:last].copy_(x[offset : offset + last - first])
 
     def decode_one(batch: ReadBatch):
-        slot = _get(slots, stop)
+        slot = slots.take()
         if slot.free is not None:
             decode_stream.wait_event(slot.free)  # the device waits, not this thread
         errors = batch.errors
@@ -562,9 +572,9 @@ def iter_staged(
     @contextlib.contextmanager
     def compute_context():
         with on(compute_stream), torch.inference_mode(), autocast(device, precision):
-            warm = _get(slots, stop)  # one full slot of zeros: cuDNN's plans (and compile's graph) made here
+            warm = slots.take()  # one full slot of zeros: cuDNN's plans (and compile's graph) made here
             run_model(warm.tensor)
-            slots.put(warm)
+            slots.give(warm)
             if cuda:
                 compute_stream.synchronize()  # once, before the first batch: part of getting the model ready
             stamps["model_ready"] = time.perf_counter()
@@ -577,8 +587,8 @@ def iter_staged(
             compute_stream.wait_event(ready)
         features, layers = run_model(slot.tensor)
         slot.free = record(compute_stream)
-        slots.put(slot)
-        host = _get(hosts, stop)
+        slots.give(slot)
+        host = hosts.take()
         host.features.copy_(features.float(), non_blocking=cuda)
         for name, value in layers.items():
             host.layers[name].copy_(value.float(), non_blocking=cuda)
@@ -597,7 +607,7 @@ def iter_staged(
         for name, value in host.layers.items():
             layers[name] = value[:n].numpy().copy()
             layers[name][failed] = np.nan
-        hosts.put(host)
+        hosts.give(host)
         return FeatureBatch(batch.indices, features, batch.errors, layers)
 
     threads = [

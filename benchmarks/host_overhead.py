@@ -1,0 +1,162 @@
+"""What the host spends per image on the GPU's code path, measured on any machine (no GPU needed).
+
+The staged engine (featurize/stages.py) runs end to end on real JPEG files -- read into per-batch buffers,
+headers scanned, batches assembled, stages handed over, features collected, the store written -- with an injected
+stub decoder (the batch is "decoded" at once: nothing is written into the preallocated input) and a null model
+(returns preallocated features). What is left is the host's own cost: the ceiling it puts on any GPU.
+
+    python benchmarks/host_overhead.py --json host.json                      # 20 000 generated JPEGs, batch 128
+    python benchmarks/host_overhead.py --images DIR --batch-size 128 --workers 2
+
+Prints and writes (``--json``): ``images_per_second``, ``wall_us_per_image`` and ``cpu_us_per_image`` (process
+CPU time), ``torch_calls_per_batch`` per stage at the batch size and at a quarter of it (a second, counted run:
+counting slows the run, so the timing comes from the first), ``blocking_syncs_per_batch`` per stage (every wait
+on the device the engine makes, counted by the engine itself), ``critical_path_syncs_per_batch`` (read, decode
+and compute stages: what would stall the GPU's feed), the header scan's microseconds per image, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from featurize.backbones import create_backbone  # noqa: E402
+from featurize.decode import device_takes  # noqa: E402
+from featurize.jpeg import is_complete, scan_jpeg  # noqa: E402
+from featurize.sources import open_source  # noqa: E402
+from featurize.stages import EngineProbe, iter_staged  # noqa: E402
+from featurize.store import StoreWriter  # noqa: E402
+from pipelines.bench import make_bench_images  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+class StubDecoder:
+    """Takes what nvJPEG would take and "decodes" it at once: the preallocated input stays as it is."""
+
+    def accepts(self, header) -> bool:
+        return device_takes(header, cuda=True)
+
+    def decode(self, batch, write) -> list[int]:
+        return []
+
+
+def null_model(batch_size: int, dim: int):
+    features = torch.ones(batch_size, dim)
+    return lambda x: features
+
+
+def machine() -> dict:
+    flags, model = set(), ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    return {"cpu": model, "cores": os.cpu_count(), "avx512": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "torch": torch.__version__}
+
+
+def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe: EngineProbe) -> dict:
+    """One pass through the stages into a store; wall and process-CPU time."""
+    dim = backbone.num_features
+    writer = StoreWriter(out, {"host_overhead": True}, len(source), dim, overwrite=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for batch in iter_staged(source, backbone, rows, device=CPU, precision="bf16", batch_size=batch_size,
+                             workers=workers, decode="tensor", decoder=StubDecoder(),
+                             forward=null_model(batch_size, dim), probe=probe):
+        writer.add(batch.indices, batch.features, batch.errors, batch.layers)
+    loop = time.perf_counter() - wall
+    if len(rows) == len(source):
+        samples = source.samples
+        writer.finalize([s.id for s in samples], [s.label for s in samples], [s.split for s in samples],
+                        source.classes, {})
+    else:
+        writer.abandon()  # the counted runs do part of the rows: their partial store is left in the temp folder
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "failed_rows": writer.num_failed}
+
+
+def header_scan_us(source, count: int = 2000) -> float:
+    datas = [source.read_bytes(i) for i in range(min(count, len(source)))]
+    started = time.perf_counter()
+    for data in datas:
+        scan_jpeg(data)
+        is_complete(data)
+    return (time.perf_counter() - started) / len(datas) * 1e6
+
+
+def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path) -> dict:
+    source = open_source(folder)
+    for i in range(len(source)):  # into the page cache: the measure is the host's work, not the disk's
+        source.read_bytes(i)
+    backbone = create_backbone(model, "random")
+    n = len(source)
+    timed = EngineProbe()
+    result = run(source, backbone, range(n), batch_size, workers, tmp / "host.h5", timed)
+    batches = -(-n // batch_size)
+    out = {
+        "images": n, "batch_size": batch_size, "workers": workers, "model": model,
+        "images_per_second": n / result["wall_s"],
+        "wall_us_per_image": result["wall_s"] / n * 1e6,
+        "cpu_us_per_image": result["cpu_s"] / n * 1e6,
+        # of the wall time: the loop (engine + the writer's shards) and the store's final assembly (HDF5)
+        "loop_us_per_image": result["loop_s"] / n * 1e6,
+        "finalize_us_per_image": (result["wall_s"] - result["loop_s"]) / n * 1e6,
+        "failed_rows": result["failed_rows"],
+        "blocking_syncs_per_batch": {k: v / batches for k, v in sorted(timed.syncs.items())},
+        "critical_path_syncs_per_batch": sum(timed.syncs[k] for k in ("read", "decode", "compute")) / batches,
+        "forwards": len(timed.forward_rows), "forward_rows": sorted(set(timed.forward_rows)),
+        "forward_threads": len(timed.forward_threads),
+    }
+    calls = {}
+    for size in (batch_size, max(1, batch_size // 4)):
+        # steady state: the calls of a run of 40 batches minus those of a run of 10, per extra batch, so the
+        # buffers made once at the start (slots, pinned buffers, arenas) are not spread over the batches
+        counts = []
+        for batches_run in (10, 40):
+            counted = EngineProbe(count_calls=True)
+            run(source, backbone, range(min(n, batches_run * size)), size, workers, tmp / f"calls-{size}.h5", counted)
+            counts.append(counted.calls)
+        extra = min(n, 40 * size) // size - min(n, 10 * size) // size
+        stages = sorted(set(counts[0]) | set(counts[1]))
+        calls[str(size)] = {k: round((counts[1][k] - counts[0][k]) / max(extra, 1), 2) for k in stages}
+    out["torch_calls_per_batch"] = calls
+    out["header_scan_us_per_image"] = header_scan_us(source)
+    out["machine"] = machine()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, help="a folder of JPEGs (default: generated, 500x375, quality 90)")
+    parser.add_argument("--num-images", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="reader threads (default: cores - 1, as on a GPU machine)")
+    parser.add_argument("--model", default="tf_efficientnet_lite0", help="gives the input size and feature width")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="headbench-host-") as tmp:
+        tmp = Path(tmp)
+        folder = args.images or make_bench_images(tmp / "images", args.num_images)
+        result = measure(folder, args.batch_size, args.workers, args.model, tmp)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
