@@ -9,7 +9,9 @@ stub decoder (the batch is "decoded" at once: nothing is written into the preall
     python benchmarks/host_overhead.py --images DIR --batch-size 128 --workers 2
 
 Prints and writes (``--json``): ``images_per_second``, ``wall_us_per_image`` and ``cpu_us_per_image`` (process
-CPU time), ``torch_calls_per_batch`` per stage at the batch size and at a quarter of it (a second, counted run:
+CPU time), ``loop_us_per_image`` and ``finalize_us_per_image`` (the stream of batches, and the store's final
+HDF5 assembly after it), ``with_model_calls`` (the same run with a null model that makes ``--model-calls`` tiny
+torch calls per batch, holding the GIL between them as an eager forward's launches do), ``torch_calls_per_batch`` per stage at the batch size and at a quarter of it (a second, counted run:
 counting slows the run, so the timing comes from the first), ``blocking_syncs_per_batch`` per stage (every wait
 on the device the engine makes, counted by the engine itself), ``critical_path_syncs_per_batch`` (read, decode
 and compute stages: what would stall the GPU's feed), the header scan's microseconds per image, and the machine.
@@ -50,9 +52,18 @@ class StubDecoder:
         return []
 
 
-def null_model(batch_size: int, dim: int):
+def null_model(batch_size: int, dim: int, calls: int = 0):
+    """Preallocated features at once; with `calls`, that many tiny torch operations first, holding the GIL
+    between them as an eager forward's kernel launches do (lite0: about 200 per batch)."""
     features = torch.ones(batch_size, dim)
-    return lambda x: features
+    scratch = torch.zeros(1)
+
+    def forward(x):
+        for _ in range(calls):
+            scratch.add_(0)
+        return features
+
+    return forward
 
 
 def machine() -> dict:
@@ -67,14 +78,15 @@ def machine() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "torch": torch.__version__}
 
 
-def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe: EngineProbe) -> dict:
+def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe: EngineProbe,
+        model_calls: int = 0) -> dict:
     """One pass through the stages into a store; wall and process-CPU time."""
     dim = backbone.num_features
     writer = StoreWriter(out, {"host_overhead": True}, len(source), dim, overwrite=True)
     wall, cpu = time.perf_counter(), time.process_time()
     for batch in iter_staged(source, backbone, rows, device=CPU, precision="bf16", batch_size=batch_size,
                              workers=workers, decode="tensor", decoder=StubDecoder(),
-                             forward=null_model(batch_size, dim), probe=probe):
+                             forward=null_model(batch_size, dim, model_calls), probe=probe):
         writer.add(batch.indices, batch.features, batch.errors, batch.layers)
     loop = time.perf_counter() - wall
     if len(rows) == len(source):
@@ -96,7 +108,7 @@ def header_scan_us(source, count: int = 2000) -> float:
     return (time.perf_counter() - started) / len(datas) * 1e6
 
 
-def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path) -> dict:
+def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, model_calls: int = 200) -> dict:
     source = open_source(folder)
     for i in range(len(source)):  # into the page cache: the measure is the host's work, not the disk's
         source.read_bytes(i)
@@ -114,11 +126,17 @@ def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path) 
         "loop_us_per_image": result["loop_s"] / n * 1e6,
         "finalize_us_per_image": (result["wall_s"] - result["loop_s"]) / n * 1e6,
         "failed_rows": result["failed_rows"],
-        "blocking_syncs_per_batch": {k: v / batches for k, v in sorted(timed.syncs.items())},
+        "blocking_syncs_per_batch": {k: v / batches for k, v in sorted(timed.syncs.items()) if k != "startup"},
+        "startup_syncs": timed.syncs["startup"],
         "critical_path_syncs_per_batch": sum(timed.syncs[k] for k in ("read", "decode", "compute")) / batches,
         "forwards": len(timed.forward_rows), "forward_rows": sorted(set(timed.forward_rows)),
         "forward_threads": len(timed.forward_threads),
     }
+    # the same with a model that keeps the compute thread busy in Python as a launch-bound forward does
+    busy = run(source, backbone, range(n), batch_size, workers, tmp / "busy.h5", EngineProbe(), model_calls)
+    out["with_model_calls"] = {"calls_per_batch": model_calls, "images_per_second": n / busy["wall_s"],
+                               "wall_us_per_image": busy["wall_s"] / n * 1e6,
+                               "loop_us_per_image": busy["loop_s"] / n * 1e6}
     calls = {}
     for size in (batch_size, max(1, batch_size // 4)):
         # steady state: the calls of a run of 40 batches minus those of a run of 10, per extra batch, so the
@@ -145,12 +163,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="reader threads (default: cores - 1, as on a GPU machine)")
     parser.add_argument("--model", default="tf_efficientnet_lite0", help="gives the input size and feature width")
+    parser.add_argument("--model-calls", type=int, default=200,
+                        help="torch calls the busy null model makes per batch (default: about lite0's forward)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="headbench-host-") as tmp:
         tmp = Path(tmp)
         folder = args.images or make_bench_images(tmp / "images", args.num_images)
-        result = measure(folder, args.batch_size, args.workers, args.model, tmp)
+        result = measure(folder, args.batch_size, args.workers, args.model, tmp, args.model_calls)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

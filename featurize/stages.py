@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequen
 import numpy as np
 import torch
 
+from .decode import device_takes, orient, tensor_steps
 from .errors import FeaturizeError, error_text
 from .jpeg import JpegHeader, is_complete, scan_jpeg
 
@@ -65,7 +66,8 @@ class EngineProbe:
     Attributes:
         count_calls: count torch calls per stage (a TorchFunctionMode in each stage thread: slows the run, so
             timings come from a run without it).
-        syncs: blocking waits on the device per stage (``read``, ``decode``, ``compute``, ``collect``).
+        syncs: blocking waits on the device per stage (``read``, ``decode``, ``compute``, ``collect``; and the
+            one ``startup`` wait after the warm-up).
         calls: torch calls per stage (when `count_calls`).
         batches: batches that went through the compute stage (the warm-up not counted).
         forward_threads: thread ids the warm-up and the forwards ran on.
@@ -285,8 +287,6 @@ class TorchvisionJpegDecoder:
     stage's own, off the compute stage's path."""
 
     def __init__(self, backbone: "Backbone", device: torch.device, probe: EngineProbe | None = None):
-        from .decode import tensor_steps
-
         steps = tensor_steps(backbone)
         if steps is None:
             raise FeaturizeError(f"{backbone.name}'s preprocessing does not run on tensors; use --decode cpu")
@@ -294,8 +294,6 @@ class TorchvisionJpegDecoder:
         self.cuda = device.type == "cuda"
 
     def accepts(self, header: JpegHeader) -> bool:
-        from .decode import device_takes
-
         return device_takes(header, self.cuda)
 
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -321,8 +319,6 @@ class TorchvisionJpegDecoder:
             return out
 
     def decode(self, batch: ReadBatch, write: Callable[[np.ndarray, torch.Tensor], None]) -> list[int]:
-        from .decode import orient
-
         tensor = batch.arena.tensor
         decoded = self._decode([tensor[o : o + n] for o, n in batch.spans])
         failed: list[int] = []
@@ -493,12 +489,6 @@ def iter_staged(
     if probe is not None and probe.count_calls:
         slots.fill()
         hosts.fill()
-    mean = std = None
-    if backbone.mean is not None:
-        mean, std = backbone.mean.to(device).float(), backbone.std.to(device).float()
-    decode_stream = torch.cuda.Stream(device) if cuda else None
-    compute_stream = torch.cuda.Stream(device) if cuda else None
-
     def on(stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
@@ -541,6 +531,13 @@ def iter_staged(
                                 host_images=images if ok.all() else images[torch.from_numpy(ok)])
     else:
         raise FeaturizeError(f"decode must be resolved to pillow or tensor, got {decode!r}")
+
+    # CUDA is touched only now: decode processes fork faster from a process that has not loaded its libraries
+    mean = std = None
+    if backbone.mean is not None:
+        mean, std = backbone.mean.to(device).float(), backbone.std.to(device).float()
+    decode_stream = torch.cuda.Stream(device) if cuda else None
+    compute_stream = torch.cuda.Stream(device) if cuda else None
 
     # ---- decode: one thread, its own stream; writes the slot ------------------------------------------------------
     def write_rows(slot: torch.Tensor, positions: np.ndarray, images: torch.Tensor) -> None:
@@ -591,8 +588,7 @@ def iter_staged(
             warm = slots.take()  # one full slot of zeros: cuDNN's plans (and compile's graph) made here
             run_model(warm.tensor)
             slots.give(warm)
-            if cuda:
-                compute_stream.synchronize()  # once, before the first batch: part of getting the model ready
+            _wait(record(compute_stream), probe, "startup")  # once, before the first batch: getting ready
             stamps["model_ready"] = time.perf_counter()
             ready_model.set()
             yield

@@ -10,7 +10,8 @@ Every number comes from one run on one machine, so the ratios are meaningful eve
 * ``predecoded_ips`` -- the engine from already decoded uint8 images (copy to the device, normalise, model,
   features back), i.e. everything but decoding; ``ratio_predecoded_vs_forward`` is the engine's own overhead;
 * ``decoder`` -- who decoded the JPEGs in the end-to-end run (``pillow`` or ``tensor``: ``--decode``); with
-  tensor decoding the same run also measures the Pillow path, ``end_to_end_cpu_decode_ips``, and its ratio;
+  tensor decoding the same run also measures the Pillow path, ``end_to_end_cpu_decode_ips`` (and its
+  ``cpu_decode_first_batch_seconds``), and its ratio;
 * ``startup_seconds``, ``first_batch_seconds``, ``shutdown_seconds`` -- of the end-to-end run: call to model
   ready, model ready to the first batch of features, last batch to the finished store; ``nonfinite_rows`` --
   its rows whose features came out NaN/Inf (the store writer records them as failed);
@@ -361,6 +362,7 @@ def run_benchmark(
                                    precision=prec, batch_size=batch, workers=n_workers, streams=n_streams,
                                    compile=compile, runtime="torch", decode="cpu", progress=progress)
             result["end_to_end_cpu_decode_ips"] = cpu.images_per_second
+            result["cpu_decode_first_batch_seconds"] = cpu.first_batch_seconds
             result["ratio_end_to_end_vs_cpu_decode"] = e2e.images_per_second / cpu.images_per_second
         result["naive_ips"] = _naive_ips(model, spec, source, naive_images, dev)
         result["decode_ips_per_worker"] = _decode_ips(backbone, source, min(200, len(source)))

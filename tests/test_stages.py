@@ -177,6 +177,7 @@ def test_host_overhead_harness_counts_what_it_should(tmp_path):
     assert result["wall_us_per_image"] > 0 and result["cpu_us_per_image"] > 0
     assert result["critical_path_syncs_per_batch"] == 0
     assert result["blocking_syncs_per_batch"] == {"collect": 1.0}  # one wait per batch, off the critical path
+    assert result["startup_syncs"] == 1  # after the warm-up, before the first batch
     assert result["forward_rows"] == [8] and result["forward_threads"] == 1
     at_8, at_2 = result["torch_calls_per_batch"]["8"], result["torch_calls_per_batch"]["2"]
     assert at_8 == at_2 and 0 < sum(at_8.values()) < 20  # per batch, not per image
