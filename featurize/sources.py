@@ -241,8 +241,8 @@ class _FileSource(Source):
         try:
             size = os.fstat(fd).st_size
             view = take(size)
-            done = 0
-            while done < size:  # one read, except on file systems that return less
+            done = os.preadv(fd, [view], 0)
+            while done < size:  # file systems may return less than asked
                 got = os.preadv(fd, [view[done:]], done)
                 if got == 0:
                     raise OSError(f"{self.samples[index].id} became shorter while it was read")

@@ -233,16 +233,17 @@ class BatchReader:
         errors = [""] * n
         arena = self._arena()
         jpeg_rows, spans, headers, host_rows, host_images = [], [], [], [], []
+        read_into, take, accepts = self.source.read_into, arena.take, self.accepts  # bound once: per-row Python
         for pos, index in enumerate(indices):
             start = arena.used
             try:
-                view = self.source.read_into(index, arena.take)
+                view = read_into(index, take)
             except Exception as e:  # unreadable: recorded for this row, as the Pillow path records it
                 arena.used = start
                 errors[pos] = error_text(e)
                 continue
             header = scan_jpeg(view) if view is not None else None
-            if header is not None and is_complete(view) and self.accepts(header):
+            if header is not None and is_complete(view) and accepts(header):
                 jpeg_rows.append(pos)
                 spans.append((start, len(view)))
                 headers.append(header)
