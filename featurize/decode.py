@@ -19,6 +19,7 @@ reported to corrupt unrelated tensors on H100 otherwise (torchvision PR #9606).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from .errors import FeaturizeError, error_text
 from .jpeg import JpegHeader, is_complete, scan_jpeg
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from .sources import Source
 
 __all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "device_takes", "orient", "Prepared",
-           "TensorDecoder"]
+           "TensorDecoder", "draft_size", "DecodeDataset", "collate_decoded"]
 
 DECODE_CHOICES = ("auto", "cpu", "gpu", "tensor")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -355,3 +357,49 @@ class TensorDecoder:
         """One row, start to end (the CPU path: each stream or decode worker decodes its own rows)."""
         _, images, errors = self.finish([self.prepare(index)])
         return images[0], errors[0]
+
+
+def draft_size(data_config: dict) -> tuple[int, int]:
+    """The smallest (w, h) a JPEG may be draft-decoded to: twice the model's resize size (input / crop_pct).
+
+    Drafting only files at least twice *this* large, and keeping a 2x margin above the resize target, keeps
+    features within cosine ~0.9992 of a full decode (measured on 1-4 MP photos) while camera-sized JPEGs
+    decode at 1/4 or 1/8 scale.
+    """
+    side = 2 * math.ceil(max(data_config["input_size"][1:]) / float(data_config.get("crop_pct") or 1.0))
+    return side, side
+
+
+class DecodeDataset(Dataset):
+    """Decode + per-image transform of one sample; a failure becomes an error string, never another sample.
+
+    ``decode="tensor"`` decodes JPEGs with torchvision on the CPU (:class:`TensorDecoder`),
+    everything else with Pillow, as the CUDA path does on the GPU."""
+
+    def __init__(self, source: "Source", backbone: "Backbone", jpeg_draft: bool, decode: str = "pillow"):
+        self.source = source
+        self.transform = backbone.image_transform
+        self.draft = draft_size(backbone.data_config) if jpeg_draft else None
+        self.blank = torch.zeros(
+            tuple(backbone.data_config["input_size"]), dtype=torch.float32 if backbone.mean is None else torch.uint8
+        )
+        self.tensor = TensorDecoder(source, backbone, torch.device("cpu"), self.pillow) if decode == "tensor" else None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def pillow(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(self.source.load(index, self.draft)), ""
+        except Exception as e:  # every decode/transform failure is recorded for this row alone
+            return self.blank, error_text(e)
+
+    def __getitem__(self, index: int):
+        image, error = self.tensor.decode_one(index) if self.tensor is not None else self.pillow(index)
+        return index, image, error
+
+
+def collate_decoded(items):
+    """A batch of :class:`DecodeDataset` items: (indices [B], images [B, ...], error strings)."""
+    indices = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
+    return indices, torch.stack([x for _, x, _ in items]), [e for _, _, e in items]

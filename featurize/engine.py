@@ -18,22 +18,29 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .backbones import Backbone
-from .decode import TensorDecoder
-from .errors import FeaturizeError, error_text
+from .decode import DecodeDataset, collate_decoded, draft_size
+from .device import (
+    DEVICE_CHOICES,
+    PRECISION_CHOICES,
+    autocast,
+    cpu_supports_bf16,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+)
+from .errors import FeaturizeError
 from .sources import Source
+from .stages import FeatureBatch, batched, iter_staged
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -58,79 +65,6 @@ __all__ = [
     "iter_features",
     "use_staged",
 ]
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class FeatureBatch:
-    """Features for some samples, in index order.
-
-    Attributes:
-        indices: sample indices, shape [B].
-        features: float32 [B, D]; rows of failed samples are NaN.
-        errors: one string per sample, empty when it succeeded.
-        layers: float32 [B, width] per tapped layer (``Backbone.layers``), NaN where failed.
-    """
-
-    indices: np.ndarray
-    features: np.ndarray
-    errors: list[str]
-    layers: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-def resolve_device(requested: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist.
-
-    Raises:
-        FeaturizeError: the requested device is not available or not known.
-    """
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if _mps_available() else "cpu")
-    if requested not in DEVICE_CHOICES:
-        raise FeaturizeError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {requested!r}")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise FeaturizeError("--device cuda: no CUDA GPU is available to torch here; use --device auto or cpu")
-    if requested == "mps" and not _mps_available():
-        raise FeaturizeError("--device mps: Apple MPS is not available here; use --device auto or cpu")
-    return torch.device(requested)
-
-
-@lru_cache(maxsize=1)
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """Turn ``auto`` into the fastest precision that keeps features faithful on `device`.
-
-    CUDA: bf16 where supported, else fp16. CPU: bf16 with AVX512-BF16/AMX, else fp32. MPS: fp16.
-    An explicit choice is kept as it is.
-    """
-    if requested not in PRECISION_CHOICES:
-        raise FeaturizeError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "mps":
-        return "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
-
 
 def default_batch_size(device: torch.device) -> int:
     """128 on GPUs; 8 per stream on CPUs, where small batches keep activations in cache (lite0 bf16 on this
@@ -158,69 +92,6 @@ def default_streams(device: torch.device) -> int:
     if device.type != "cpu":
         return 1
     return max(1, min(4, torch.get_num_threads()))
-
-
-def draft_size(data_config: dict) -> tuple[int, int]:
-    """The smallest (w, h) a JPEG may be draft-decoded to: twice the model's resize size (input / crop_pct).
-
-    Drafting only files at least twice *this* large, and keeping a 2x margin above the resize target, keeps
-    features within cosine ~0.9992 of a full decode (measured on 1-4 MP photos) while camera-sized JPEGs
-    decode at 1/4 or 1/8 scale.
-    """
-    side = 2 * math.ceil(max(data_config["input_size"][1:]) / float(data_config.get("crop_pct") or 1.0))
-    return side, side
-
-
-class DecodeDataset(Dataset):
-    """Decode + per-image transform of one sample; a failure becomes an error string, never another sample.
-
-    ``decode="tensor"`` decodes JPEGs with torchvision on the CPU (:class:`featurize.decode.TensorDecoder`),
-    everything else with Pillow, as the CUDA path does on the GPU."""
-
-    def __init__(self, source: Source, backbone: Backbone, jpeg_draft: bool, decode: str = "pillow"):
-        self.source = source
-        self.transform = backbone.image_transform
-        self.draft = draft_size(backbone.data_config) if jpeg_draft else None
-        self.blank = torch.zeros(
-            tuple(backbone.data_config["input_size"]), dtype=torch.float32 if backbone.mean is None else torch.uint8
-        )
-        self.tensor = TensorDecoder(source, backbone, torch.device("cpu"), self.pillow) if decode == "tensor" else None
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def pillow(self, index: int) -> tuple[torch.Tensor, str]:
-        try:
-            return self.transform(self.source.load(index, self.draft)), ""
-        except Exception as e:  # every decode/transform failure is recorded for this row alone
-            return self.blank, error_text(e)
-
-    def __getitem__(self, index: int):
-        image, error = self.tensor.decode_one(index) if self.tensor is not None else self.pillow(index)
-        return index, image, error
-
-
-def collate_decoded(items):
-    """A batch of :class:`DecodeDataset` items: (indices [B], images [B, ...], error strings)."""
-    indices = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
-    return indices, torch.stack([x for _, x, _ in items]), [e for _, _, e in items]
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
-
-
-def prepare_model(backbone: Backbone, device: torch.device, compile: bool = False) -> Callable:
-    """Move the model to `device` (channels_last) and return its feature function, compiled when asked."""
-    backbone.model.to(device, memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
-    if not compile:
-        return backbone.features
-    return torch.compile(backbone.features, dynamic=False)
 
 
 def stream_threads(device: torch.device, streams: int) -> int:
@@ -251,17 +122,6 @@ def use_staged(device: torch.device) -> bool:
     if requested == "auto":
         return device.type == "cuda"
     return requested == "staged"
-
-
-def _chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
-    batch: list[int] = []
-    for i in indices:
-        batch.append(int(i))
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def iter_features(
@@ -322,8 +182,6 @@ def iter_features(
         raise FeaturizeError(f"--streams must be at least 1, got {streams}")
     if not openvino and use_staged(device):
         # the accelerator's engine: read -> decode -> compute -> collect stages (featurize/stages.py)
-        from .stages import iter_staged
-
         yield from iter_staged(source, backbone, indices, device=device, precision=precision, batch_size=batch_size,
                                workers=workers, decode=decode, jpeg_draft=jpeg_draft, compile=compile,
                                timings=timings)
@@ -345,7 +203,7 @@ def iter_features(
         ))
         items = loader
     else:
-        items = _chunks(indices, batch_size)
+        items = batched(indices, batch_size)
     forward = None if openvino else prepare_model(backbone, device, compile)
     stamps["model_ready"] = time.perf_counter()
     dim = backbone.num_features

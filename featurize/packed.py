@@ -28,7 +28,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from .errors import FeaturizeError
-from .sources import Sample, Source, class_list, decode_image, image_extensions
+from .sources import Sample, Source, class_list, decode_image, image_extensions, register_opener
 
 __all__ = ["TAR_IMAGE_EXTENSIONS", "SOURCE_OPTIONS", "TarShardSource", "ParquetSource", "open_packed", "expand_shards",
            "find_tables", "looks_like_shards", "looks_like_tables", "split_name"]
@@ -508,14 +508,20 @@ class ParquetSource(Source):
         self._lock = threading.Lock()
 
 
+@register_opener
 def open_packed(spec: str, options: dict[str, Any]) -> Source | None:
     """A tar or table source for `spec`, or None when `spec` is neither (then it is an image folder or CSV).
 
     Raises:
         FeaturizeError: an option given that this kind of source does not read (naming the kind that does).
     """
-    kind = "parquet" if looks_like_tables(spec) else "tar" if looks_like_shards(spec) else None
     given = {k: v for k, v in options.items() if v is not None}
+    if spec.startswith("builtin:"):
+        kind = None
+    elif "{" in spec or Path(spec).exists():
+        kind = "parquet" if looks_like_tables(spec) else "tar" if looks_like_shards(spec) else None
+    else:
+        return None  # nothing there: open_source names the missing source
     unknown = sorted(set(given) - set(SOURCE_OPTIONS))
     if unknown:
         raise FeaturizeError(f"unknown source option(s): {', '.join(unknown)}")

@@ -170,7 +170,7 @@ def _openvino(backbone: Backbone, precision: str, batch_size: int) -> Runtime:
     """Convert (or read from the cache) and compile `backbone` for this CPU."""
     import openvino as ov
 
-    from .engine import cpu_supports_bf16
+    from .device import cpu_supports_bf16
 
     version = openvino_version() or ""
     note = ""
@@ -218,7 +218,7 @@ def resolve_runtime(requested: str, backbone: Backbone, device: torch.device, pr
         FeaturizeError: an unknown runtime; ``openvino`` on a GPU, on ``pixels``, not installed, or failing to
             convert or compile (naming why).
     """
-    from .engine import resolve_precision
+    from .device import resolve_precision
 
     if requested not in RUNTIME_CHOICES:
         raise FeaturizeError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {requested!r}")

@@ -42,6 +42,7 @@ __all__ = [
     "CsvSource",
     "DigitsSource",
     "open_source",
+    "register_opener",
     "decode_image",
     "image_extensions",
 ]
@@ -469,6 +470,18 @@ class DigitsSource(Source):
         }
 
 
+_OPENERS: list[Callable[[str, dict], "Source | None"]] = []
+
+
+def register_opener(opener: Callable[[str, dict], "Source | None"]) -> Callable:
+    """Register ``opener(spec, options)``: a source for `spec` when it is of its kind, else None (and a clear
+    error for options it does not take). :func:`open_source` asks the registered openers, in order, before image
+    folders, CSVs and builtins -- how :mod:`featurize.packed` adds tar shards and Parquet without this module
+    importing it."""
+    _OPENERS.append(opener)
+    return opener
+
+
 def open_source(spec: str | os.PathLike, **options) -> Source:
     """Open a source from what the user typed: a folder, a ``.csv`` file, ``builtin:<name>``, tar shards (one
     ``.tar``, a folder of them, or a brace pattern ``shards/{000000..000099}.tar``), or Parquet / Arrow tables
@@ -481,15 +494,11 @@ def open_source(spec: str | os.PathLike, **options) -> Source:
     Raises:
         FeaturizeError: the source does not exist, is empty, or is malformed; an option it does not read.
     """
-    from .packed import open_packed
-
     spec = str(spec)
-    if not spec.startswith("builtin:") and ("{" in spec or Path(spec).exists()):
-        packed = open_packed(spec, options)
-        if packed is not None:
-            return packed
-    elif spec.startswith("builtin:") and any(v is not None for v in options.values()):
-        open_packed(spec, options)  # refuses the options this source does not read, naming the option
+    for opener in _OPENERS:  # tar shards and tables first (featurize/packed.py registers them)
+        source = opener(spec, options)
+        if source is not None:
+            return source
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name != "digits":

@@ -44,19 +44,48 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequen
 import numpy as np
 import torch
 
-from .decode import device_takes, orient, tensor_steps
+from .decode import DecodeDataset, collate_decoded, device_takes, orient, tensor_steps
+from .device import autocast, prepare_model
 from .errors import FeaturizeError, error_text
 from .jpeg import JpegHeader, is_complete, scan_jpeg
 
 if TYPE_CHECKING:
     from .backbones import Backbone
-    from .engine import FeatureBatch
     from .sources import Source
 
-__all__ = ["EngineProbe", "ReadBatch", "JpegDecoder", "TorchvisionJpegDecoder", "BatchReader", "iter_staged"]
+__all__ = ["FeatureBatch", "batched", "EngineProbe", "ReadBatch", "JpegDecoder", "TorchvisionJpegDecoder", "BatchReader", "iter_staged"]
 
 _DEPTH = 3  # batches in flight between two stages
 _POLL = 0.05  # seconds a stage waits on a queue before looking whether the run was stopped
+
+
+@dataclass
+class FeatureBatch:
+    """Features for some samples, in index order.
+
+    Attributes:
+        indices: sample indices, shape [B].
+        features: float32 [B, D]; rows of failed samples are NaN.
+        errors: one string per sample, empty when it succeeded.
+        layers: float32 [B, width] per tapped layer (``Backbone.layers``), NaN where failed.
+    """
+
+    indices: np.ndarray
+    features: np.ndarray
+    errors: list[str]
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def batched(indices: Sequence[int], size: int) -> Iterator[list[int]]:
+    """`indices` in lists of `size` (the last one shorter)."""
+    batch: list[int] = []
+    for i in indices:
+        batch.append(int(i))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 @dataclass
@@ -452,7 +481,7 @@ def iter_staged(
     decoder: JpegDecoder | None = None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     probe: EngineProbe | None = None,
-) -> Iterator["FeatureBatch"]:
+) -> Iterator[FeatureBatch]:
     """Yield features for `indices` (in that order) through the stages in the module docstring.
 
     Args:
@@ -467,8 +496,6 @@ def iter_staged(
     Other arguments as for :func:`featurize.engine.iter_features`.
     """
     from torch.utils.data import DataLoader
-
-    from .engine import DecodeDataset, FeatureBatch, _chunks, autocast, collate_decoded, prepare_model
 
     stamps = timings if timings is not None else {}
     cuda = device.type == "cuda"
@@ -502,7 +529,7 @@ def iter_staged(
 
     # ---- read: reader threads (tensor decoding) or decode processes (Pillow), a few batches ahead ----------------
     reader = loader = pool = None
-    chunks = _chunks(indices, batch_size)
+    chunks = batched(indices, batch_size)
     if decode == "tensor":
         if decoder is None:
             decoder = TorchvisionJpegDecoder(backbone, device, probe)
@@ -609,7 +636,7 @@ def iter_staged(
             probe.batches += 1
         return batch, host, record(compute_stream)
 
-    def collect(item) -> "FeatureBatch":
+    def collect(item) -> FeatureBatch:
         batch, host, done = item
         _wait(done, probe, "collect")
         n = len(batch.indices)

@@ -14,15 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.compare import Comparison
-from pipelines.report import (
-    _plot_accuracy_vs_fit_time,
-    _plot_confusion,
-    _plot_learning_curve,
-    _plot_reliability,
-    format_ci,
-    markdown_sections,
-    protocol_lines,
-)
+from pipelines.plots import plot_accuracy_vs_fit_time, plot_confusion, plot_learning_curve, plot_reliability
+from pipelines.scoring import format_ci
 
 __all__ = ["write_html", "inline_svg"]
 
@@ -121,23 +114,31 @@ def _provenance(comparison: Comparison) -> list[dict[str, Any]]:
     return stores
 
 
-def write_html(comparison: Comparison, path: str | Path, command: str | None = None) -> Path:
-    """Write `comparison` as one self-contained HTML page at `path` (see the module docstring)."""
+def write_html(comparison: Comparison, path: str | Path, command: str | None = None, *,
+               sections: list[str] = (), protocol: list[str] = ()) -> Path:
+    """Write `comparison` as one self-contained HTML page at `path` (see the module docstring).
+
+    Args:
+        command: the command line the page shows.
+        sections: report.md's Markdown sections (:func:`pipelines.report.markdown_sections`), rendered below the
+            leaderboard; image lines are left out (the page draws its own plots).
+        protocol: the protocol's lines (:func:`pipelines.report.protocol_lines`).
+    """
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader("pipelines", "templates"),
                                      autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True)
     best = comparison.best
-    sections = "\n".join(line for line in markdown_sections(comparison) if not line.startswith("!["))
-    figures_top = [{"svg": inline_svg(_plot_accuracy_vs_fit_time, comparison, "fit"),
+    sections = "\n".join(line for line in sections if not line.startswith("!["))
+    figures_top = [{"svg": inline_svg(plot_accuracy_vs_fit_time, comparison, "fit"),
                     "caption": "Accuracy against the fit time of the chosen setting, with 95 % bootstrap CIs."}]
     if comparison.curve is not None and comparison.curve["rows"]:
-        figures_top.append({"svg": inline_svg(_plot_learning_curve, comparison, "curve"),
+        figures_top.append({"svg": inline_svg(plot_learning_curve, comparison, "curve"),
                             "caption": "Learning curve: accuracy against labelled rows per class."})
-    figures_winner = [{"svg": inline_svg(_plot_confusion, comparison, "confusion"),
+    figures_winner = [{"svg": inline_svg(plot_confusion, comparison, "confusion"),
                        "caption": f"Confusion matrix of the winner on the {len(comparison.y_scored)} scored rows."}]
     if best.get("nll") is not None:
-        figures_winner.append({"svg": inline_svg(_plot_reliability, comparison, "reliability"),
+        figures_winner.append({"svg": inline_svg(plot_reliability, comparison, "reliability"),
                                "caption": "Reliability diagram of the winner's probabilities."})
     try:
         headbench_version = version("headbench")
@@ -147,7 +148,7 @@ def write_html(comparison: Comparison, path: str | Path, command: str | None = N
         task=comparison.task if len(comparison.stores[0].task_names) > 1 else None,
         best={**best, "params_json": json.dumps(best["params"], sort_keys=True), "accuracy_text": format_ci(best)},
         command=command or "(not recorded: written from Python)",
-        protocol=[_markdown_inline(line) for line in protocol_lines(comparison)],
+        protocol=[_markdown_inline(line) for line in protocol],
         columns=[{"title": title, "num": num} for title, num in _COLUMNS],
         rows=_leaderboard(comparison),
         figures_top=figures_top,

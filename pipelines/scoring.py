@@ -14,7 +14,7 @@ from featurize.store import write_atomic
 from heads import bootstrap_ci, point_metrics
 from heads.calibration import CALIBRATION_METRICS, bootstrap_calibration_ci, calibration_metrics
 
-__all__ = ["score_fields", "write_csv", "write_prediction_csv", "read_prediction_csv"]
+__all__ = ["score_fields", "format_ci", "write_csv", "write_prediction_csv", "read_prediction_csv"]
 
 
 def score_fields(y: np.ndarray, y_pred: np.ndarray, n_classes: int, *, scores: np.ndarray | None = None,
@@ -87,3 +87,9 @@ def read_prediction_csv(path: Path, classes: list[str]) -> tuple[list[str], np.n
                 proba.append([float(v) for v in row[3:]])
     return (ids, np.array(labels, dtype=np.int64), np.array(predicted, dtype=np.int64),
             np.array(proba, dtype=np.float64).reshape(len(ids), len(classes)) if with_proba else None)
+
+
+def format_ci(row: dict[str, Any], metric: str = "accuracy") -> str:
+    """A row's metric in percent with its 95 % CI: ``97.33 [95.8, 98.7]``."""
+    low, high = row[f"{metric}_ci"]
+    return f"{row[metric] * 100:.2f} [{low * 100:.1f}, {high * 100:.1f}]"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featurize import engine
+from featurize import device, engine
 from featurize.backbones import create_backbone
 from featurize.engine import iter_features, resolve_device, resolve_precision
 from featurize.errors import FeaturizeError
@@ -22,15 +22,15 @@ def test_resolve_device_auto_prefers_cuda_then_mps(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "_mps_available", lambda: True)
+    monkeypatch.setattr(device, "_mps_available", lambda: True)
     assert resolve_device("auto").type == "mps"
-    monkeypatch.setattr(engine, "_mps_available", lambda: False)
+    monkeypatch.setattr(device, "_mps_available", lambda: False)
     assert resolve_device("auto").type == "cpu"
 
 
 def test_resolve_device_refuses_missing_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "_mps_available", lambda: False)
+    monkeypatch.setattr(device, "_mps_available", lambda: False)
     with pytest.raises(FeaturizeError, match="--device cuda: no CUDA GPU"):
         resolve_device("cuda")
     with pytest.raises(FeaturizeError, match="--device mps"):
@@ -41,7 +41,7 @@ def test_resolve_device_refuses_missing_hardware(monkeypatch):
 
 @pytest.mark.parametrize("bf16_cpu, expected", [(True, "bf16"), (False, "fp32")])
 def test_resolve_precision_cpu(monkeypatch, bf16_cpu, expected):
-    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: bf16_cpu)
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: bf16_cpu)
     assert resolve_precision("auto", CPU) == expected
     assert resolve_precision("fp32", CPU) == "fp32"  # an explicit choice is kept
 
@@ -56,13 +56,13 @@ def test_resolve_precision_cuda(monkeypatch, bf16_gpu, expected):
 
 
 def test_cpu_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
-    engine.cpu_supports_bf16.cache_clear()
+    device.cpu_supports_bf16.cache_clear()
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
-        assert engine.cpu_supports_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+        assert device.cpu_supports_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
     finally:
-        engine.cpu_supports_bf16.cache_clear()
+        device.cpu_supports_bf16.cache_clear()
 
 
 def _features(source, backbone, batch_size, workers=0, precision="fp32"):
