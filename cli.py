@@ -355,7 +355,7 @@ def finetune(source, model, weights, train_blocks, out, epochs, lr, weight_decay
       python cli.py extract builtin:digits --model tf_efficientnet_lite0 --weights ft1/backbone.safetensors --out digits-ft1.h5
       python cli.py finetune photos/ --model resnet50 --weights hub --train-blocks all --device cuda --out ft-all/
     """
-    from pipelines.finetune import finetune as run_finetune
+    from pipelines.finetuning import finetune as run_finetune
 
     result = run_finetune(
         source, out, model=model, weights=weights, train_blocks=train_blocks, epochs=epochs, lr=lr,

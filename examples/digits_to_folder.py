@@ -4,7 +4,7 @@ The demo uses it to show `predict` on ordinary image files. The pixels are exact
 `builtin:digits` (8x8, scaled to 0..255, lossless PNG), so predictions match the builtin source.
 
 Example:
-    python examples/digits_to_folder.py demo/digits-png --split test --limit 20
+    python examples/digits_to_folder.py demo/digits-png --split test            # the 450 test digits
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder to create")
     parser.add_argument("--split", choices=["train", "test", "all"], default="test")
-    parser.add_argument("--limit", type=int, default=20, help="how many images to write")
+    parser.add_argument("--limit", type=int, default=None, help="how many images to write (default: every one)")
     args = parser.parse_args()
     source = DigitsSource()
     picked = [s for s in source.samples if args.split == "all" or s.split == args.split][: args.limit]

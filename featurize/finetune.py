@@ -1,6 +1,6 @@
 """Partial fine-tuning: the last K blocks of a timm backbone and a new linear head, trained on a source's rows.
 
-This is the training loop behind ``cli.py finetune`` (:mod:`pipelines.finetune` orchestrates it): it consumes what
+This is the training loop behind ``cli.py finetune`` (:mod:`pipelines.finetuning` orchestrates it): it consumes what
 featurize already knows -- a :class:`~featurize.backbones.Backbone` (timm model, weights, data config), a source,
 the engine -- and produces fine-tuned backbone weights that ``extract --weights`` reads back.
 

@@ -31,7 +31,7 @@ from pipelines.provenance import library_versions
 from pipelines.curves import learning_curve, scored_rows_note
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
 from pipelines.runcache import RunCache, unit_key
-from pipelines.scoring import score_fields
+from pipelines.scoring import format_ci, score_fields
 
 __all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save_best_head", "task_names", "SIGNIFICANCE", "DEFAULT_BUDGET_MINUTES",
            "MIN_CANDIDATES_FOR_TRUST"]
@@ -41,7 +41,11 @@ SIGNIFICANCE = 0.05
 MIN_CANDIDATES_FOR_TRUST = 3
 
 
-@dataclass
+LEADERBOARD_FIELDS = ("rank", "task", "representation", "head", "accuracy", "accuracy_ci", "balanced_accuracy",
+                      "macro_f1", "ece", "fit_seconds", "p_value_vs_best", "tied_with_best", "params")
+
+
+@dataclass(repr=False)
 class Comparison:
     """The result of compare-heads.
 
@@ -101,6 +105,26 @@ class Comparison:
     def task(self) -> str:
         """The label set compared (the stores' default one unless ``task`` was given)."""
         return self.stores[0].task_name
+
+    def leaderboard(self, fields: tuple[str, ...] = LEADERBOARD_FIELDS) -> list[dict[str, Any]]:
+        """The leaderboard, best first: one dict per representation x head with `fields` (results.json has
+        every field; missing ones are None)."""
+        return [{k: r.get(k) for k in fields} for r in self.rows]
+
+    def to_frame(self, fields: tuple[str, ...] = LEADERBOARD_FIELDS):
+        """:meth:`leaderboard` as a pandas DataFrame (pandas is not a dependency of headbench: install it to
+        use this)."""
+        try:
+            import pandas
+        except ImportError:
+            raise HeadsError("Comparison.to_frame needs pandas (pip install pandas); Comparison.leaderboard() "
+                             "gives the same rows as dicts") from None
+        return pandas.DataFrame(self.leaderboard(fields))
+
+    def __repr__(self) -> str:
+        best = self.best
+        return (f"Comparison(task={self.task!r}, rows={len(self.rows)}, best={best['representation']!r} + "
+                f"{best['head']!r} at {format_ci(best)} %, protocol={self.plan.kind!r}, seconds={self.seconds:.1f})")
 
 
 def _threads_for(spec):
@@ -196,7 +220,7 @@ def compare_heads(
         cache_dir: where finished units are committed (:mod:`pipelines.runcache`; the CLI uses ``DIR/.runs``
             with ``--out DIR``): a rerun after an interruption reuses them. None: no cache.
         fresh: ignore what `cache_dir` holds (and replace it).
-        include: finished ``finetune`` run folders (:mod:`pipelines.finetune`) whose rows join the leaderboard,
+        include: finished ``finetune`` run folders (:mod:`pipelines.finetuning`) whose rows join the leaderboard,
             paired with the heads on the same test rows (their ids and labels checked), with their cost (seconds,
             parameters trained). Needs stores with a test split (the holdout protocol).
         progress: show a progress bar.
@@ -358,7 +382,7 @@ def _included_runs(paths: list, ref: FeatureStore, usable: np.ndarray, plan: Pla
     """The rows of fine-tuned runs (``--include``), on the plan's scored rows; checked before any head runs."""
     if not paths:
         return []
-    from pipelines.finetune import load_run  # torch and timm: imported only when a run is joined
+    from pipelines.finetuning import load_run  # torch and timm: imported only when a run is joined
 
     if plan.kind != "holdout":
         raise HeadsError("--include needs stores with a test split: a fine-tuned run is scored on the test rows, "

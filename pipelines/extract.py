@@ -61,6 +61,11 @@ class ExtractResult:
     first_batch_seconds: float | None = None
     shutdown_seconds: float | None = None
 
+    def __repr__(self) -> str:
+        return (f"ExtractResult(path={str(self.path)!r}, rows={self.num_rows}, failed={self.num_failed}, "
+                f"resumed={self.resumed_rows}, images_per_second={self.images_per_second:.1f}, "
+                f"runtime={self.runtime.get('name', 'torch')!r}, decoder={self.decoder!r})")
+
 
 DEFAULT_MAX_FAILURES = "5%"
 

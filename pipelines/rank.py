@@ -53,6 +53,11 @@ class Ranking:
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        order = ", ".join(r["candidate"] for r in self.rows[:5]) + (", ..." if len(self.rows) > 5 else "")
+        return (f"Ranking(rank_by={self.rank_by!r}, candidates={len(self.rows)}, rows={self.n_rows}, "
+                f"best first: {order}, seconds={self.seconds:.1f})")
+
 
 def score_candidates(candidates: list[Candidate], rows: np.ndarray, y: np.ndarray, *, scores: list[str] | None = None,
                      progress: bool = True) -> list[dict[str, Any]]:

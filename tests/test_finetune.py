@@ -195,7 +195,7 @@ def test_head_alone_leaves_the_backbone_as_it_was(tmp_path):
     from safetensors.torch import load_file
 
     from featurize.backbones import create_backbone
-    from pipelines.finetune import finetune
+    from pipelines.finetuning import finetune
 
     result = finetune("builtin:digits", tmp_path / "ft0", model="test_efficientnet", weights="random", image_size=32,
                       train_blocks=0, epochs=1, lr=1e-3, batch_size=64, hflip=0.0, head_init="random",
@@ -211,7 +211,7 @@ def test_head_alone_leaves_the_backbone_as_it_was(tmp_path):
 
 
 def test_the_head_alone_without_augmentation_trains_on_features_computed_once(tmp_path, digits_store):
-    from pipelines.finetune import finetune
+    from pipelines.finetuning import finetune
 
     kwargs = dict(model="test_efficientnet", weights="random", image_size=32, train_blocks=0, epochs=3, lr=1e-2,
                   batch_size=64, augment="none", precision="fp32", progress=False)
@@ -224,7 +224,7 @@ def test_the_head_alone_without_augmentation_trains_on_features_computed_once(tm
 
 def test_a_val_split_is_used_and_a_broken_image_costs_only_its_row(tmp_path):
     from conftest import photo, write_image
-    from pipelines.finetune import finetune
+    from pipelines.finetuning import finetune
 
     root = tmp_path / "photos"
     for cls, name in (("cat", "chelsea"), ("coffee", "coffee")):

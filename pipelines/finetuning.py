@@ -65,6 +65,11 @@ class FinetuneResult:
     finished_before: bool = False
     probe: dict[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        return (f"FinetuneResult(out={str(self.out)!r}, head={self.row.get('head')!r}, "
+                f"test_accuracy={self.row.get('accuracy', float('nan')) * 100:.2f} %, epochs={len(self.history)}, "
+                f"resumed_from={self.resumed_from}, finished_before={self.finished_before})")
+
 
 def _warn(line: str) -> None:
     tqdm.write(f"warning: {line}", file=sys.stderr)
