@@ -229,6 +229,16 @@ def calibration_method(spec: HeadSpec, calibrate: str | None) -> str:
 CALIBRATION_ROWS = 5000  # out-of-fold logits of at most this many fit rows (stratified) fit the calibrator
 
 
+def shares_global_rng(pipeline: Pipeline) -> bool:
+    """Whether the pipeline's classifier is fitted by libsvm or liblinear (scikit-learn's SVMs, and logistic
+    regression's liblinear solver), which draw from ONE process-wide random generator: two such fits at once in
+    threads interleave their draws, and identical runs then differ in the 7th digit. Fit those one at a time
+    (processes, as GridSearchCV's, each have their own)."""
+    clf = pipeline.steps[-1][1]
+    clf = getattr(clf, "estimator", clf)
+    return type(clf).__module__.startswith("sklearn.svm") or getattr(clf, "solver", None) == "liblinear"
+
+
 def _oof_logits(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, classes: np.ndarray, cv,
                 jobs: int) -> tuple[np.ndarray, np.ndarray]:
     """(logits over `classes`, rows): out-of-fold logits of `pipeline` over the validation rows of `cv`
@@ -245,7 +255,8 @@ def _oof_logits(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, classes: np.nd
         full[:, np.searchsorted(classes, model.classes_)] = logits
         return full
 
-    parts = Parallel(n_jobs=min(jobs, len(cv)), prefer="threads")(delayed(fold)(train, val) for train, val in cv)
+    threads = 1 if shares_global_rng(pipeline) else min(jobs, len(cv))
+    parts = Parallel(n_jobs=threads, prefer="threads")(delayed(fold)(train, val) for train, val in cv)
     return np.concatenate(parts), np.concatenate([val for _, val in cv])
 
 

@@ -259,3 +259,23 @@ def test_a_killed_comparison_resumes_from_its_committed_units(digits_tiny, tmp_p
     assert fresh.returncode == 0 and "reused" not in fresh.stdout
     assert json.loads((out / "results.json").read_text())["meta"]["units"] == {
         "reused": 0, "reused_seconds": 0.0, "committed": 11}
+
+
+def test_identical_runs_write_identical_results(digits_lite0, tmp_path):
+    """Timing fields aside, two identical comparisons write the same results.json: liblinear's and libsvm's fits
+    share one process-wide random generator, so the out-of-fold fits of a temperature are not run in threads
+    at once (they were, and linear-svm's temperature differed in the 7th digit between runs)."""
+    from pipelines import compare_heads, write_results
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "seconds" not in k and "_us_" not in k}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    documents = []
+    for run in ("a", "b"):
+        comparison = compare_heads([digits_lite0], heads=["linear-svm", "ridge"], budget=None, jobs=2, progress=False)
+        write_results(comparison, tmp_path / run)
+        documents.append(strip(json.loads((tmp_path / run / "results.json").read_text())))
+    assert documents[0]["rows"][0]["temperature"] is not None
+    assert documents[0] == documents[1]
