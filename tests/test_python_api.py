@@ -43,3 +43,44 @@ def test_python_examples_run_as_written(page, tmp_path, monkeypatch):
         assert "tf_efficientnet_lite0" not in code or "run_benchmark" in code, f"{page} block {i}: swap the model"
         exec(compile(code, f"{page}:block{i}", "exec"), namespace)  # noqa: S102 -- our own documentation
     assert not os.environ.get("HEADBENCH_FAULT")
+
+
+# Where each CLI option of a job's command goes when it is not the function parameter of the same name: another
+# parameter (its Python name), "source_options" (the packed sources' options, one dict), or "cli: ..." (what
+# only the shell needs). A new option, or a renamed parameter, fails the test until it is mapped here.
+SOURCE_OPTIONS = {k: "source_options" for k in ("label_key", "image_column", "label_column", "split_column",
+                                                "id_column")}
+CLI_TO_PYTHON = {
+    "extract": ("extract_features", {"compile_model": "compile", "ray_address": "ray", "quiet": "progress",
+                                     **SOURCE_OPTIONS}),
+    "compare-heads": ("compare_heads", {
+        "stores": "store_paths", "head_names": "heads", "ray_address": "cli: joblib's Ray backend around the call",
+        "out_dir": "cli: write_results(comparison, out_dir) and cache_dir=out_dir/.runs",
+        "save_predictions": "cli: write_results(..., predictions=True)", "save_best": "cli: save_best_head",
+        "exhaustive": "cli: budget=None", "quiet": "progress"}),
+    "predict": ("predict_images", {"quiet": "progress", **SOURCE_OPTIONS}),
+    "finetune": ("finetune", {"quiet": "progress", **SOURCE_OPTIONS}),
+    "rank": ("rank_candidates", {"candidates": "specs", "all_rows": "cli: max_rows=None",
+                                 "json_out": "cli: the rows as JSON", "quiet": "progress"}),
+    "bench": ("run_benchmark", {"compile_model": "compile", "no_quality": "quality",
+                                "json_out": "cli: the result as JSON"}),
+    "bench-heads": ("run_heads_benchmark", {"n_rows": "n", "dim": "d", "cs": "Cs", "no_compare": "compare",
+                                            "json_out": "cli: the result as JSON"}),
+    "inspect": ("summarize_store", {"store": "path", "as_json": "cli: the summary as JSON"}),
+}
+
+
+@pytest.mark.parametrize("command", sorted(CLI_TO_PYTHON))
+def test_every_cli_option_maps_to_a_parameter(command):
+    import inspect
+
+    import cli
+
+    function, aliases = CLI_TO_PYTHON[command]
+    parameters = set(inspect.signature(getattr(pipelines, function)).parameters)
+    for option in cli.main.commands[command].params:
+        target = aliases.get(option.name, option.name)
+        assert target.startswith("cli: ") or target in parameters, \
+            f"{command} {option.opts}: no parameter {target!r} of pipelines.{function}; map it in CLI_TO_PYTHON"
+    for name in aliases:
+        assert name in {o.name for o in cli.main.commands[command].params}, f"{command}: no option {name!r} any more"
