@@ -14,14 +14,19 @@ from pathlib import Path
 
 import click
 
-from featurize.backbones import list_backbones
-from featurize.decode import DECODE_CHOICES
-from featurize.engine import DEVICE_CHOICES, PRECISION_CHOICES
-from featurize.runtime import RUNTIME_CHOICES
-from featurize.errors import FeaturizeError
-from featurize.store import DTYPES
-from heads.budget import DEFAULT_BUDGET_MINUTES
-from heads.errors import HeadsError
+from featurize import (
+    DECODE_CHOICES,
+    DEVICE_CHOICES,
+    DTYPES,
+    PRECISION_CHOICES,
+    RUNTIME_CHOICES,
+    FeaturizeError,
+    list_backbones,
+    openvino_version,
+    resolve_device,
+    verify_store_isolated,
+)
+from heads import DEFAULT_BUDGET_MINUTES, HEADS, SCORES, HeadsError, list_heads, parse_shots
 from pipelines.cluster import LOCAL, ClusterError, host_and_port
 
 USER_ERRORS = (FeaturizeError, HeadsError, ClusterError)
@@ -473,8 +478,6 @@ def verify(store):
       python cli.py verify digits.h5
       python cli.py verify digits.h5 && python cli.py compare-heads digits.h5
     """
-    from featurize.store import verify_store_isolated
-
     summary = verify_store_isolated(store)  # in a child process that may allocate at most 2 GiB more
     click.echo(f"ok: {summary['path']}: {summary['rows']} rows x {summary['features']} features, "
                f"{summary['failed']} failed, format v{summary['format_version']}, "
@@ -550,8 +553,6 @@ def bench(model, weights, image_size, images, num_images, device, precision, bat
       python cli.py bench --json bench.json
       python cli.py bench --model resnet50 --weights hub --images photos/ --no-quality
     """
-    from featurize.engine import resolve_device
-    from featurize.runtime import openvino_version
     from pipelines.bench import run_benchmark
 
     if runtimes == "auto":
@@ -701,12 +702,8 @@ def heads_command(pattern):
       python cli.py heads
       python cli.py heads '*svm'
     """
-    from heads import list_heads
-
     specs = list_heads(pattern)
     if not specs:
-        from heads import HEADS
-
         raise click.ClickException(f"no head matches {pattern!r}; available: {', '.join(HEADS)}")
     width = max(len(s.name) for s in specs)
     for spec in specs:
@@ -716,7 +713,6 @@ def heads_command(pattern):
 
 
 def _rank_by_option(help_text: str):
-    from heads.transferability import SCORES
     from pipelines.rank import DEFAULT_RANK_BY
 
     return click.option("--rank-by", type=click.Choice(list(SCORES)), default=DEFAULT_RANK_BY, show_default=True,
@@ -818,7 +814,6 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads digits.h5 --include ft1/ --include ft0/ --out results/
     """
 
-    from heads.fewshot import parse_shots
     from pipelines.compare import compare_heads, save_best_head, task_names
 
     heads = [h.strip() for h in head_names.split(",") if h.strip()] if head_names else None

@@ -71,3 +71,17 @@ def test_no_reach_for_private_names_across_modules():
     reaches = [f"{name} takes {m}.{n}" for name, imports in graph.items() for m, names in imports for n in names
                if n.startswith("_") and not n.startswith("__")]
     assert not reaches, "\n".join(reaches)
+
+
+def test_the_cli_stands_on_the_public_api():
+    """cli.py takes featurize's and heads' exported names only (package level), and the pipelines' jobs: a
+    notebook has everything the CLI has."""
+    modules, graph = _graph()
+    reaches = [m for m, _ in graph["cli"] if m.split(".")[0] in ("featurize", "heads") and "." in m]
+    assert not reaches, reaches
+    import featurize
+    import heads
+
+    for package, names in (("featurize", featurize.__all__), ("heads", heads.__all__)):
+        taken = {n for m, imported in graph["cli"] if m == package for n in imported}
+        assert taken <= set(names), f"cli.py takes {sorted(taken - set(names))} that {package} does not export"
