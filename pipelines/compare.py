@@ -290,6 +290,8 @@ def compare_heads(
                                             cache=cache) if ks else []}
             curve["seconds"] = time.perf_counter() - started
         allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes, leader_last=probing)
+        units_run = _Units(y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored, calibrate, allocator, cache,
+                           rows, predictions, runs)
         if probing:
             race, leader = _race(units, features, y, plan, jobs, named, class_weight, seed, bar, allocator,
                                  started_at + budget_seconds)
@@ -328,14 +330,11 @@ def compare_heads(
                                 **({"race": race[key].summary()} if key in race else {})})
                 bar.update(1)
                 continue
-            _run_unit(cand, spec, decision, features[cand.name], y, plan, n_classes, jobs, class_weight, seed,
-                      n_boot, y_scored, allocator, rows, predictions, runs, race.get(key), calibrate=calibrate,
-                      cache=cache)
+            _run_unit(units_run, cand, spec, decision, features[cand.name], race.get(key))
             bar.update(1)
         if probing and leader is not None:
-            _second_pass(leader, budget_seconds - (time.perf_counter() - started_at) - cache.reused_seconds,
-                         allocator, rows, features, y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored,
-                         predictions, runs, bar, calibrate, cache)
+            _second_pass(units_run, leader, budget_seconds - (time.perf_counter() - started_at) - cache.reused_seconds,
+                         features, bar)
 
     if not rows:
         raise HeadsError(f"every head was skipped by the budget of {budget} minutes; raise --budget or use --exhaustive")
@@ -483,17 +482,38 @@ def _without_duplicates(units, named: set[str], skipped: list) -> list:
     return kept
 
 
-def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes, jobs, class_weight, seed, n_boot,
-              y_scored, allocator: Allocator, rows: list, predictions: dict, runs: dict,
-              contender: Contender | None, replace: bool = False, calibrate: str | None = None,
-              cache: RunCache | None = None) -> None:
-    """Run one head as decided -- or take its committed run from `cache` -- and add (or, with `replace`, put in
+@dataclass
+class _Units:
+    """What every unit of one comparison shares, passed down once: the labels and the protocol, how heads are
+    fitted and scored, the time allocator and run cache, and the leaderboard being built (rows, predictions and
+    runs by (representation, head))."""
+
+    y: np.ndarray
+    plan: Plan
+    n_classes: int
+    jobs: int
+    class_weight: str | None
+    seed: int
+    n_boot: int
+    y_scored: np.ndarray
+    calibrate: str | None
+    allocator: Allocator
+    cache: RunCache
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    predictions: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    runs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+
+def _run_unit(u: _Units, cand: Candidate, spec, decision: HeadBudget, X, contender: Contender | None,
+              replace: bool = False) -> None:
+    """Run one head as decided -- or take its committed run from the cache -- and add (or, with `replace`, put in
     place of its earlier run) its row."""
+    y, plan, n_classes, jobs, class_weight, seed = u.y, u.plan, u.n_classes, u.jobs, u.class_weight, u.seed
+    calibrate, cache, allocator, y_scored = u.calibrate, u.cache, u.allocator, u.y_scored
     tune_rows = None if decision.mode == "full" else decision.tune_rows
     resize = None
     if decision.mode == "halving" and decision.target_seconds is not None:
         resize = LastRound(decision, plan, jobs=jobs, n_classes=n_classes)
-    cache = cache or RunCache(None)
     key_hash = unit_key(store_hash=str(cand.store.attrs.get("config_hash")), candidate=cand.name,
                         task=cand.store.task_name, y=y, spec=spec, run_spec=decision.spec, plan=plan,
                         class_weight=class_weight, calibrate=calibrate, mode=decision.mode,
@@ -514,7 +534,7 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
     allocator.record(decision.predicted_seconds, actual)
     scored = score_fields(y_scored, run.y_pred, n_classes, scores=run.scores, proba=run.proba,
                           proba_before=run.proba_before, calibration=run.calibration["method"],
-                          temperatures=run.calibration["temperature"], n_boot=n_boot, seed=seed)
+                          temperatures=run.calibration["temperature"], n_boot=u.n_boot, seed=seed)
     row = {
         "representation": cand.name,
         "backbone": cand.backbone,
@@ -547,10 +567,10 @@ def _run_unit(cand: Candidate, spec, decision: HeadBudget, X, y, plan, n_classes
         row["params_per_fold"] = run.params
     key = (cand.name, spec.name)
     if replace:
-        rows[:] = [r for r in rows if (r["representation"], r["head"]) != key]
-    rows.append(row)
-    predictions[key] = run.y_pred
-    runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model,
+        u.rows[:] = [r for r in u.rows if (r["representation"], r["head"]) != key]
+    u.rows.append(row)
+    u.predictions[key] = run.y_pred
+    u.runs[key] = {"spec": decision.spec, "candidate": cand, "X": X, "model": run.model,
                  "tune_rows": tune_rows if run.tune_rows is None else run.tune_rows,
                  "proba": run.proba, "proba_before": run.proba_before, "calibration": run.calibration["method"]}
 
@@ -570,24 +590,19 @@ def _better(new: HeadBudget, old: dict[str, Any]) -> bool:
     return (new.mode == "full" and old["mode"] != "full") or new.tune_rows >= 1.5 * max(old["tune_rows"], 1)
 
 
-def _second_pass(leader: Contender, remaining: float, allocator: Allocator, rows, features, y, plan, n_classes, jobs,
-                 class_weight, seed, n_boot, y_scored, predictions, runs, bar, calibrate=None,
-                 cache: RunCache | None = None) -> None:
+def _second_pass(u: _Units, leader: Contender, remaining: float, features, bar) -> None:
     """No idle budget: when the leader ran reduced (approximated, or tuned on a subset) and more than
     SECOND_PASS_ABOVE of the budget is left, plan it again with what is left and run it when that is more exact."""
-    old = next((r for r in rows if (r["representation"], r["head"]) == leader.key), None)
-    if old is None or remaining < SECOND_PASS_ABOVE * allocator.budget_seconds or old["mode"] == "full":
+    old = next((r for r in u.rows if (r["representation"], r["head"]) == leader.key), None)
+    if old is None or remaining < SECOND_PASS_ABOVE * u.allocator.budget_seconds or old["mode"] == "full":
         return
-    decision = allocator.decide(leader.key, remaining, [leader.key])
+    decision = u.allocator.decide(leader.key, remaining, [leader.key])
     if not _better(decision, old):
         return
     decision.reason = f"second pass with the {remaining:.0f}s left: {decision.reason}"
     decision.probe_seconds = 0.0
     bar.set_postfix_str(f"second pass: {leader.key[0]} / {leader.key[1]} ({decision.mode})")
-    run = runs[leader.key]
-    _run_unit(run["candidate"], leader.spec, decision, features[leader.key[0]], y, plan, n_classes, jobs,
-              class_weight, seed, n_boot, y_scored, allocator, rows, predictions, runs, leader, replace=True,
-              calibrate=calibrate, cache=cache)
+    _run_unit(u, u.runs[leader.key]["candidate"], leader.spec, decision, features[leader.key[0]], leader, replace=True)
 
 
 def _parallel_backend(jobs: int) -> str:
