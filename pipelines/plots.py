@@ -4,7 +4,10 @@ one figure to a path or file object."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import numpy as np
 
 from heads.calibration import expected_calibration_error, reliability_bins
 from pipelines.compare import Comparison
@@ -33,6 +36,14 @@ def plot_accuracy_vs_fit_time(comparison: Comparison, path, fmt: str | None = No
                     color=f"C{i % 10}")
         labels += [(r["head"], xi, yi) for r, xi, yi in zip(rows, x, y)]
     ax.set_xscale("log")
+    # whole decades, labelled at the decades only: matplotlib labels minor ticks (2x10^-2, 3x10^-2, ...) when the
+    # times span less than a decade or two, and neighbouring ones can overlap
+    from matplotlib.ticker import NullFormatter
+
+    span = np.log10([x for _, x, _ in labels])
+    first, last = math.floor(span.min() - 0.1), math.ceil(span.max() + 0.1)
+    ax.set_xlim(10.0 ** first, 10.0 ** max(last, first + 1))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("fit time of the chosen setting (s, log scale)")
     ax.set_ylabel("test accuracy (%) with 95% bootstrap CI")
     ax.set_title("accuracy vs fit time")

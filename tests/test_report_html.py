@@ -131,3 +131,20 @@ def test_the_overlap_check_sees_overlaps(tmp_path):
                         .replace("&quot;", '"'))
     assert ["one text", "another text"] in result["problems"]
     assert any(a.startswith("t-text_") and b.startswith("t-text_") for a, b in result["problems"]), result
+
+
+def test_fit_time_axis_labels_only_whole_decades():
+    """Fit times within a decade or two made matplotlib label minor ticks (2x10^-2, 3x10^-2, ...), and neighbouring
+    labels overlapped on the page in one CI run; the axis now spans whole decades and labels only them."""
+    import io
+    import types
+
+    from pipelines.plots import plot_accuracy_vs_fit_time
+
+    for low, high in [(0.02, 0.05), (0.0031, 0.0047), (0.05, 0.6), (1e-4, 30.0)]:
+        rows = [{"representation": "r", "head": f"h{i}", "fit_seconds": x, "accuracy": 0.9 + i / 100,
+                 "accuracy_ci": [0.88 + i / 100, 0.92 + i / 100]} for i, x in enumerate(np.geomspace(low, high, 5))]
+        buffer = io.BytesIO()
+        plot_accuracy_vs_fit_time(types.SimpleNamespace(rows=rows), buffer, fmt="svg")
+        ticks = re.findall(r"<!-- \$\\mathdefault\{(.*?)\}\$ -->", buffer.getvalue().decode())
+        assert ticks and all(re.fullmatch(r"10\^\{-?\d+\}", t) for t in ticks), ticks
