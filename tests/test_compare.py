@@ -261,21 +261,21 @@ def test_a_killed_comparison_resumes_from_its_committed_units(digits_tiny, tmp_p
         "reused": 0, "reused_seconds": 0.0, "committed": 11}
 
 
-def test_identical_runs_write_identical_results(digits_lite0, tmp_path):
-    """Timing fields aside, two identical comparisons write the same results.json: liblinear's and libsvm's fits
-    share one process-wide random generator, so the out-of-fold fits of a temperature are not run in threads
-    at once (they were, and linear-svm's temperature differed in the 7th digit between runs)."""
-    from pipelines import compare_heads, write_results
+def test_identical_runs_give_identical_calibration(digits_lite0):
+    """Two identical runs give the same results.json (timing aside): liblinear's and libsvm's fits share one
+    process-wide random generator, so the out-of-fold fits of a temperature are not run in threads at once (they
+    were, and linear-svm's temperature differed in the 7th digit between two identical compare-heads runs)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+    from sklearn.svm import LinearSVC
 
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if "seconds" not in k and "_us_" not in k}
-        return [strip(v) for v in value] if isinstance(value, list) else value
+    from heads.evaluate import _oof_logits, shares_global_rng
 
-    documents = []
-    for run in ("a", "b"):
-        comparison = compare_heads([digits_lite0], heads=["linear-svm", "ridge"], budget=None, jobs=2, progress=False)
-        write_results(comparison, tmp_path / run)
-        documents.append(strip(json.loads((tmp_path / run / "results.json").read_text())))
-    assert documents[0]["rows"][0]["temperature"] is not None
-    assert documents[0] == documents[1]
+    store = read_store(digits_lite0)
+    train = np.flatnonzero(store.split == "train")
+    X, y = store.features[train].astype(np.float32), store.labels[train]
+    folds = [(np.setdiff1d(np.arange(len(y)), np.arange(k, len(y), 5)), np.arange(k, len(y), 5)) for k in range(5)]
+    pipeline = make_pipeline(Normalizer(), LinearSVC(C=10.0, max_iter=5000, random_state=0))
+    assert shares_global_rng(pipeline)
+    runs = [_oof_logits(pipeline, X, y, np.unique(y), folds, jobs=2)[0] for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
