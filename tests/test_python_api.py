@@ -1,6 +1,6 @@
 """The Python API: every exported name documented in docs/python-api.md, and every ``python`` code block of the
 README and of that page runs as written (in one session per file, in a temporary folder; the backbone swapped for
-timm's tiny test_resnet with random weights, the only change, so the examples stay fast)."""
+timm's tiny test_resnet with random weights at 64 px, the only change, so the examples stay fast)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pipelines
 from conftest import ROOT
 
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)  # exactly "python": "python skip" is not run
-TINY = {'model="tf_efficientnet_lite0", weights="packaged"': 'model="test_resnet", weights="random"'}
+TINY = {'model="tf_efficientnet_lite0", weights="packaged"': 'model="test_resnet", weights="random", image_size=64'}
 
 
 def _blocks(path: Path) -> list[str]:
