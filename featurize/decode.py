@@ -3,8 +3,9 @@ resized and center-cropped as tensors on the model's device, with Pillow's own r
 (:class:`PillowResample`), so that the features are those of the Pillow path.
 
 On a GPU the Pillow path is bound by CPU decoding (15 decode processes feed about a quarter of what an H100
-runs). Here the CPU only reads bytes and parses headers (threads of the main process: nothing to fork), and the
-GPU decodes whole batches. What the tensor path cannot take goes to the Pillow decoder, row by row, beside it:
+runs). There the CPU only reads bytes and scans headers, and the GPU decodes whole batches: the staged engine
+(:mod:`featurize.stages`) does that with :func:`decode_jpegs` and :func:`transform_by_size`; :class:`TensorDecoder`
+is the same path row by row on a CPU. What the tensor path cannot take goes to the Pillow decoder, row by row:
 
 * anything but a baseline RGB/greyscale JPEG (PNG, WebP, CMYK, and on CUDA progressive JPEGs, which nvJPEG's
   hardware path refuses), sources without encoded bytes (builtins), truncated files (no end-of-image marker:
@@ -13,8 +14,8 @@ GPU decodes whole batches. What the tensor path cannot take goes to the Pillow d
   Pillow, so one bad file never costs its neighbours their features.
 
 EXIF orientation is read from the header and applied to the tensor (torchvision applies it only on CPU).
-Before each batched decode on CUDA the caller's stream is synchronised: batched hardware decoding has been
-reported to corrupt unrelated tensors on H100 otherwise (torchvision PR #9606).
+Before each decode on CUDA the caller's stream is synchronised: batched hardware decoding has been reported to
+corrupt unrelated tensors on H100 otherwise (torchvision PR #9606).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
     from .backbones import Backbone
     from .sources import Source
 
-__all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "device_takes", "orient", "Prepared",
-           "TensorDecoder", "draft_size", "DecodeDataset", "collate_decoded"]
+__all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "device_takes", "orient",
+           "decode_jpegs", "transform_by_size", "Prepared", "TensorDecoder", "draft_size", "DecodeDataset", "collate_decoded"]
 
 DECODE_CHOICES = ("auto", "cpu", "gpu", "tensor")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -254,6 +255,48 @@ class Prepared:
     error: str = ""
 
 
+def decode_jpegs(datas: list[torch.Tensor], device: torch.device,
+                 before_call: Callable[[], None] | None = None) -> list[torch.Tensor | None]:
+    """JPEG bytes (uint8 CPU tensors) decoded by torchvision on `device` into uint8 [3, H, W] RGB images: one
+    batched call (nvJPEG's batched decode on CUDA), and when one bad image fails it, each image again on its own;
+    None for an image that still fails. `before_call` runs before every call (on CUDA: the synchronisation that
+    batched hardware decoding needs, torchvision PR #9606)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    where = device if device.type == "cuda" else "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+        if len(datas) > 1:
+            if before_call is not None:
+                before_call()
+            try:
+                return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=where))
+            except RuntimeError:
+                pass  # one bad image fails the whole call: decode them one by one
+        out: list[torch.Tensor | None] = []
+        for data in datas:
+            if before_call is not None:
+                before_call()
+            try:
+                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=where))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def transform_by_size(images: list[tuple[int, torch.Tensor]], steps: list[Callable]):
+    """Yield (positions, transformed images [k, 3, h, w]) for `images` -- (position, uint8 [3, H, W]) pairs --
+    grouped by size: images of one size are resized and cropped together, one call per size, not one each."""
+    groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for position, image in images:
+        groups.setdefault(tuple(image.shape), []).append((position, image))
+    for group in groups.values():
+        batch = torch.stack([image for _, image in group]) if len(group) > 1 else group[0][1][None]
+        for step in steps:
+            batch = step(batch)
+        yield [position for position, _ in group], batch
+
+
 class TensorDecoder:
     """Reads rows' bytes, decodes JPEGs with torchvision on `device`, and transforms them as tensors.
 
@@ -297,30 +340,8 @@ class TensorDecoder:
 
     # -- on the device, in the stream --------------------------------------------------------------------------
 
-    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
-            where = self.device if self.cuda else "cpu"
-            if len(datas) > 1:  # one call per batch (on CUDA: nvJPEG's batched decode)
-                if self.cuda:
-                    torch.cuda.current_stream(self.device).synchronize()
-                try:
-                    return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=where))
-                except RuntimeError:
-                    pass  # one bad image fails the whole call: decode them one by one
-            out: list[torch.Tensor | None] = []
-            for data in datas:
-                try:
-                    if self.cuda:
-                        torch.cuda.current_stream(self.device).synchronize()
-                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=where))
-                except RuntimeError:
-                    out.append(None)
-            return out
-
-    _orient = staticmethod(lambda image, orientation: orient(image, orientation))
+    def _sync(self) -> None:
+        torch.cuda.current_stream(self.device).synchronize()
 
     def transform(self, image: torch.Tensor) -> torch.Tensor:
         """Resize and crop decoded uint8 images ([3, H, W], or [N, 3, H, W] of one size) as the backbone's
@@ -336,18 +357,16 @@ class TensorDecoder:
         errors = [p.error for p in prepared]
         todo = [i for i, p in enumerate(prepared) if p.data is not None]
         if todo:
-            decoded = self._decode([prepared[i].data for i in todo])
-            same_size: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+            decoded = decode_jpegs([prepared[i].data for i in todo], self.device, self._sync if self.cuda else None)
+            oriented = []
             for i, image in zip(todo, decoded):
                 if image is None:  # the device refused it: Pillow decides (and names the reason if it fails too)
                     fallback, errors[i] = self.pillow(prepared[i].index)
                     images[i] = None if errors[i] else fallback
                 else:
-                    image = self._orient(image.to(self.device), prepared[i].orientation)
-                    same_size.setdefault(tuple(image.shape), []).append((i, image))
-            for group in same_size.values():  # images of one size are resized together: one call, not one each
-                resized = self.transform(torch.stack([image for _, image in group]))
-                for (i, _), image in zip(group, resized):
+                    oriented.append((i, orient(image.to(self.device), prepared[i].orientation)))
+            for positions, resized in transform_by_size(oriented, self.steps):
+                for i, image in zip(positions, resized):
                     images[i] = image
         blank = self.blank.to(self.device)
         batch = torch.stack([blank if image is None else image.to(self.device, non_blocking=True) for image in images])

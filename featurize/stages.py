@@ -36,7 +36,6 @@ import contextlib
 import queue
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequen
 import numpy as np
 import torch
 
-from .decode import DecodeDataset, collate_decoded, device_takes, orient, tensor_steps
+from .decode import DecodeDataset, collate_decoded, decode_jpegs, device_takes, orient, tensor_steps, transform_by_size
 from .device import autocast, prepare_model
 from .errors import FeaturizeError, error_text
 from .jpeg import JpegHeader, is_complete, scan_jpeg
@@ -326,45 +325,24 @@ class TorchvisionJpegDecoder:
     def accepts(self, header: JpegHeader) -> bool:
         return device_takes(header, self.cuda)
 
-    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        where = self.device if self.cuda else "cpu"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
-            if self.cuda:
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.device))
-                _wait(event, self.probe, "decode")
-            try:
-                return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=where))
-            except RuntimeError:
-                pass  # one bad image fails the whole call: decode them one by one
-            out: list[torch.Tensor | None] = []
-            for data in datas:
-                try:
-                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=where))
-                except RuntimeError:
-                    out.append(None)
-            return out
+    def _sync(self) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        _wait(event, self.probe, "decode")
 
     def decode(self, batch: ReadBatch, write: Callable[[np.ndarray, torch.Tensor], None]) -> list[int]:
         tensor = batch.arena.tensor
-        decoded = self._decode([tensor[o : o + n] for o, n in batch.spans])
+        decoded = decode_jpegs([tensor[o : o + n] for o, n in batch.spans], self.device,
+                               self._sync if self.cuda else None)
         failed: list[int] = []
-        groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+        oriented: list[tuple[int, torch.Tensor]] = []
         for pos, header, image in zip(batch.jpeg_rows, batch.headers, decoded):
             if image is None:
                 failed.append(int(pos))
-                continue
-            if header.orientation != 1:
-                image = orient(image, header.orientation)
-            groups.setdefault(tuple(image.shape), []).append((int(pos), image))
-        for group in groups.values():  # one resize per size: the same photos' sizes repeat
-            images = torch.stack([image for _, image in group]) if len(group) > 1 else group[0][1][None]
-            for step in self.steps:
-                images = step(images)
-            write(np.array([pos for pos, _ in group], dtype=np.int64), images)
+            else:
+                oriented.append((int(pos), orient(image, header.orientation)))
+        for positions, images in transform_by_size(oriented, self.steps):  # the same photos' sizes repeat
+            write(np.array(positions, dtype=np.int64), images)
         return failed
 
 

@@ -52,6 +52,16 @@ def write_image(path: Path, array: np.ndarray, **save_kwargs) -> Path:
     return path
 
 
+def broken_jpegs(data: bytes) -> tuple[bytes, bytes]:
+    """Two broken copies of a JPEG: cut in half (no end-of-image marker: Pillow refuses it as truncated), and a
+    complete-looking one (start and end markers, a header Pillow parses) with a bogus Huffman table, which the
+    decoder itself refuses."""
+    bogus = bytearray(data)
+    table = bogus.index(b"\xff\xc4")
+    bogus[table + 5 : table + 21] = b"\xff" * 16
+    return data[: len(data) // 2], bytes(bogus)
+
+
 @pytest.fixture(scope="session")
 def photo_folder(tmp_path_factory) -> Path:
     """ROOT/<class>/<image> with 7 real photographs in JPEG, PNG, WebP, BMP and TIFF."""

@@ -16,7 +16,7 @@ from featurize.engine import DecodeDataset, iter_features
 from featurize.errors import FeaturizeError
 from featurize.sources import open_source
 
-from conftest import photo, write_image
+from conftest import broken_jpegs, photo, write_image
 
 CPU = torch.device("cpu")
 
@@ -76,14 +76,9 @@ def test_one_corrupt_jpeg_costs_only_its_own_row(tmp_path):
     for i, array in enumerate(good):
         write_image(tmp_path / "ok" / f"{i}.jpg", array)
         write_image(tmp_path / "mixed" / f"{i}.jpg", array)
-    data = (tmp_path / "ok" / "0.jpg").read_bytes()
-    (tmp_path / "mixed" / "0b-truncated.jpg").write_bytes(data[: len(data) // 2])
-    # a complete-looking JPEG (start and end markers, a header Pillow parses) with a bogus Huffman table, which
-    # the decoder itself refuses
-    bogus = bytearray(data)
-    table = bogus.index(b"\xff\xc4")
-    bogus[table + 5: table + 21] = b"\xff" * 16
-    (tmp_path / "mixed" / "1b-bogus.jpg").write_bytes(bytes(bogus))
+    truncated, bogus = broken_jpegs((tmp_path / "ok" / "0.jpg").read_bytes())
+    (tmp_path / "mixed" / "0b-truncated.jpg").write_bytes(truncated)
+    (tmp_path / "mixed" / "1b-bogus.jpg").write_bytes(bogus)
     backbone = create_backbone("test_resnet", "random")
     clean, _ = _features(open_source(tmp_path / "ok"), backbone, "tensor", batch_size=5)
     mixed_source = open_source(tmp_path / "mixed")

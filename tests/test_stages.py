@@ -22,7 +22,7 @@ from featurize.stages import EngineProbe, iter_staged
 from featurize.store import partial_dir, read_store
 from pipelines.extract import extract_features
 
-from conftest import ROOT, TINY, assert_same_store, photo, write_image
+from conftest import ROOT, TINY, assert_same_store, broken_jpegs, photo, write_image
 from test_packed import folder_to_shards, folder_to_table
 
 CPU = torch.device("cpu")
@@ -63,12 +63,9 @@ def mixed_folder(tmp_path_factory):
     exif = Image.Exif()
     exif[0x0112] = 6
     write_image(root / "b" / "r.jpg", arrays[0][:200, :300], exif=exif)
-    data = (root / "a" / "0.jpg").read_bytes()
-    (root / "a" / "0t.jpg").write_bytes(data[: len(data) // 2])
-    bogus = bytearray(data)
-    table = bogus.index(b"\xff\xc4")
-    bogus[table + 5 : table + 21] = b"\xff" * 16
-    (root / "b" / "x.jpg").write_bytes(bytes(bogus))
+    truncated, bogus = broken_jpegs((root / "a" / "0.jpg").read_bytes())
+    (root / "a" / "0t.jpg").write_bytes(truncated)
+    (root / "b" / "x.jpg").write_bytes(bogus)
     return root
 
 
