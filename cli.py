@@ -26,7 +26,7 @@ from featurize import (
     resolve_device,
     verify_store_isolated,
 )
-from heads import DEFAULT_BUDGET_MINUTES, HEADS, SCORES, HeadsError, list_heads, parse_shots
+from heads import DEFAULT_BUDGET_MINUTES, HEADS, SCORES, STRATEGIES, HeadsError, list_heads, parse_shots
 from pipelines.cluster import LOCAL, ClusterError, host_and_port
 
 USER_ERRORS = (FeaturizeError, HeadsError, ClusterError)
@@ -753,6 +753,11 @@ def _rank_by_option(help_text: str):
                    "alone; 'all' puts the plain comparison on the curve. Writes learning_curve.png.")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
               help="--shots: draws per K (seeds --seed, --seed+1, ...).")
+@click.option("--selection", metavar="STRATEGY,...",
+              help="--shots: choose each curve's training rows with label-selection strategies (random, typiclust, "
+                   "probcover, kcenter, margin; see select-labels) instead of K per class: each picks K x classes "
+                   "rows without seeing a label; one line per strategy, the gain over random with a CI. "
+                   "Writes selection_curve.png.")
 @click.option("--calibrate", type=click.Choice(["none", "temperature", "sigmoid", "isotonic"]),
               help="Calibrate probabilities on out-of-fold predictions of the training rows (never the test rows) "
                    "[default: temperature for heads without predict_proba (ridge, SVMs), none for the rest]. "
@@ -773,7 +778,8 @@ def _rank_by_option(help_text: str):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_predictions,
                           save_best, budget,
-                          exhaustive, top, rank_by, shots, seeds, calibrate, task, fresh, include, ray_address, quiet):
+                          exhaustive, top, rank_by, shots, seeds, selection, calibrate, task, fresh, include,
+                          ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -808,6 +814,7 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads pixels.h5 lite0.h5:all lite0.h5:concat --out results/
       python cli.py compare-heads pixels.h5 lite0.h5:all lite2.h5:all --top 3 --rank-by knn_loo
       python cli.py compare-heads digits.h5 --shots 1,2,4,8,16,all --seeds 5 --out results/
+      python cli.py compare-heads digits.h5 --heads logreg --shots 1,2,4,8 --selection random,typiclust,kcenter
       python cli.py compare-heads photos.h5 --task all --out results/ --save-best best.skops
       python cli.py compare-heads big.h5 --budget 30 --out results/
       python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
@@ -837,7 +844,8 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
                 _console().rule(f"task {name}")
             comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
                                        n_boot=n_boot, budget=None if exhaustive else budget / len(tasks), top=top,
-                                       rank_by=rank_by, shots=shots, seeds=seeds, calibrate=calibrate, task=name,
+                                       rank_by=rank_by, shots=shots, seeds=seeds, selection=selection,
+                                       calibrate=calibrate, task=name,
                                        cache_dir=out_dir / ".runs" if out_dir else None, fresh=fresh,
                                        include=list(include), progress=not quiet)
             if comparison.units.get("reused"):
@@ -929,8 +937,11 @@ def _print_leaderboard(comparison) -> None:
 
 
 def _print_curve(console, curve: dict | None) -> None:
-    """The learning curve's best head per k."""
+    """The learning curve's best head per k; with --selection, every strategy's accuracy and gain per k."""
     if not curve or not curve["rows"]:
+        return
+    if curve.get("selection"):
+        _print_selection_curve(console, curve)
         return
     parts = []
     for r in (r for r in curve["rows"] if r["best"] and r["accuracy"] is not None):
@@ -938,6 +949,25 @@ def _print_curve(console, curve: dict | None) -> None:
                      f"{r['accuracy_ci'][1] * 100:.1f}]" + (" (untuned)" if r["untuned"] else ""))
     console.print(f"learning curve, best head per labelled rows per class (mean of {len(curve['seeds'])} draws, "
                   f"scored on {curve['scored']}; {curve['seconds']:.0f} s): " + "; ".join(parts))
+
+
+def _print_selection_curve(console, curve: dict) -> None:
+    rows = [r for r in curve["rows"] if r["accuracy"] is not None]
+    pairs = list(dict.fromkeys((r["representation"], r["head"]) for r in rows))
+    console.print(f"label selection, accuracy % per labels per class as total budgets (mean of {len(curve['seeds'])} "
+                  f"seeds, scored on {curve['scored']}; {curve['seconds']:.0f} s):")
+    for rep, head in pairs:
+        console.print(f"  {rep} + {head}")
+        for strategy in curve["selection"]:
+            parts = []
+            for r in (r for r in rows if (r["representation"], r["head"], r["selection"]) == (rep, head, strategy)):
+                text = f"{r['shots']}: {r['accuracy'] * 100:.1f}"
+                if "gain_vs_random" in r:
+                    text += f" ({r['gain_vs_random'] * 100:+.1f} [{r['gain_ci'][0] * 100:+.1f}, {r['gain_ci'][1] * 100:+.1f}])"
+                parts.append(text)
+            console.print(f"    {strategy:<10} " + "; ".join(parts))
+    for r in (r for r in curve["rows"] if r["accuracy"] is None):
+        console.print(f"  {r['error']}")
 
 
 def _print_trust(console, ranking: dict | None) -> None:
@@ -1014,6 +1044,61 @@ def _print_ranking(ranking) -> None:
     totals = ", ".join(f"{n} {sum(r['seconds'][n] for r in ranking.rows):.1f} s" for n in names)
     console.print(f"ranked by {ranking.rank_by}; {len(ranking.rows)} candidates scored on {ranking.n_rows} rows in "
                   f"{ranking.seconds:.1f} s (per score, all candidates: {totals})")
+
+
+@main.command("select-labels")
+@click.argument("store")
+@click.option("--budget", "-n", required=True, type=int, help="How many rows to choose.")
+@click.option("--strategy", "-s", type=click.Choice(list(STRATEGIES)), default="typiclust", show_default=True,
+              help="How to choose (see above).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV to write: id, rank and the strategy's columns.")
+@click.option("--labeled", type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV of rows already labelled (an id column, optionally label with class names): the picks "
+                   "extend them; margin fits its head on them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means, ties and random picks.")
+@click.option("--classes", "n_classes", type=click.IntRange(min=2),
+              help="probcover: how many classes the labels will have (sets its radius) [default: the store's].")
+@click.option("--radius", type=click.FloatRange(0, 2, min_open=True),
+              help="probcover: the ball radius (distance between L2-normalised rows) instead of the purity rule.")
+@click.option("--task", metavar="NAME", help="Which label set of the store [default: the default one].")
+def select_labels(store, budget, strategy, out, labeled, seed, n_classes, radius, task):
+    """Choose which BUDGET rows of a store to label next.
+
+    STORE is STORE.h5 or STORE.h5:LAYER (the representation distances are measured in). The candidates are its
+    unlabelled rows (label -1) outside the test split -- or, in a store where every row has a label (to try
+    strategies before paying for labels), every row outside the test split. Rows already labelled (the
+    store's own beside unlabelled ones, and --labeled) are extended, never picked again. Test rows and the
+    labels of rows not picked are never looked at.
+
+    \b
+      typiclust  the most typical row of each of the largest clusters without labels (TypiClust, 2022):
+                 the strategy for budgets of a few labels per class
+      probcover  greedy coverage of balls whose radius keeps 95 % of them pure (ProbCover, 2022)
+      kcenter    the row farthest from every labelled or picked row (k-center greedy / core-set)
+      margin     rows a head fitted on --labeled rows is least sure of (needs labelled rows of 2 classes)
+      random     uniform picks: the reference
+
+    Which one pays on your data is measured, not assumed: compare-heads --shots 1,2,4,8 --selection
+    random,typiclust,probcover,kcenter,margin draws a learning curve per strategy (docs/label-selection.md).
+
+    \b
+    Examples:
+      python cli.py select-labels photos.h5 --budget 100 --out to_label.csv
+      python cli.py select-labels photos.h5 --budget 100 --strategy margin --labeled done.csv --out next.csv
+    """
+    from pipelines.select import select_labels as choose
+
+    result = choose(store, budget, strategy, seed=seed, labeled=labeled, out=out, n_classes=n_classes, radius=radius,
+                    task=task)
+    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.summary.items())
+    click.echo(f"wrote {result.out}: {len(result.ids)} rows chosen by {strategy} among {result.candidates} "
+               f"{result.mode} rows" + (f", extending {result.labeled} labelled" if result.labeled else "")
+               + f" ({result.seconds:.1f} s)" + (f"; {summary}" if summary else ""))
+    if result.uncovered is not None:
+        click.echo(f"the store's labels of the picks (a simulation): {len(result.uncovered)} class(es) not covered"
+                   + (": " + ", ".join(result.uncovered[:10]) + (" ..." if len(result.uncovered) > 10 else "")
+                      if result.uncovered else ""))
 
 
 @main.command()

@@ -9,6 +9,7 @@ from .fewshot import parse_shots
 from .evaluate import HeadRun, fit_head, run_head
 from .metrics import bootstrap_ci, mcnemar_p_value, paired_difference_ci, point_metrics
 from .protocol import Plan, Task, plan_protocol
+from .selection import STRATEGIES, select
 from .registry import HEADS, PREPROCESSING, HeadSpec, get_head, list_heads, register_head, resolve_heads
 from .transferability import SCORES
 
@@ -17,6 +18,7 @@ __all__ = [
     "HEADS",
     "PREPROCESSING",
     "SCORES",
+    "STRATEGIES",
     "HeadRun",
     "HeadSpec",
     "HeadsError",
@@ -34,4 +36,5 @@ __all__ = [
     "register_head",
     "resolve_heads",
     "run_head",
+    "select",
 ]

@@ -27,6 +27,7 @@ _EXPORTS = {
     "rank_candidates": "rank", "Ranking": "rank",
     "predict_images": "predict", "PredictResult": "predict",
     "finetune": "finetuning", "FinetuneResult": "finetuning", "load_run": "finetuning", "FinetuneRun": "finetuning",
+    "select_labels": "select", "LabelSelection": "select",
     "run_benchmark": "bench", "run_heads_benchmark": "bench_heads",
 }
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from pipelines.inspect import summarize_store
     from pipelines.predict import PredictResult, predict_images
     from pipelines.rank import Ranking, rank_candidates
+    from pipelines.select import LabelSelection, select_labels
     from pipelines.report import write_results
 
 

@@ -23,12 +23,13 @@ from heads import HeadsError, Plan, fit_head, mcnemar_p_value, paired_difference
 from heads import resolve_heads, run_head
 from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, LastRound, full_plan, head_jobs
 from heads.fewshot import ALL
+from heads.selection import resolve_strategies
 from heads.race import RACE_FRACTION, RUNG_FACTOR, Contender, confirm, cut, drop_duplicates, probe_head, race_split
 from heads.persist import save_head
 from heads.transferability import SCORES, rank_agreement, stratified_subsample
 from pipelines.candidates import Candidate, align_stores, distinct_stores, parse_candidates, usable_rows
 from pipelines.provenance import library_versions
-from pipelines.curves import learning_curve, scored_rows_note
+from pipelines.curves import learning_curve, scored_rows_note, selection_curve
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
 from pipelines.runcache import RunCache, unit_key
 from pipelines.scoring import format_ci, score_fields
@@ -181,6 +182,7 @@ def compare_heads(
     rank_rows: int | None = DEFAULT_MAX_ROWS,
     shots: list[int | str] | None = None,
     seeds: int = 5,
+    selection: list[str] | str | None = None,
     calibrate: str | None = None,
     task: str | None = None,
     cache_dir: str | Path | None = None,
@@ -212,6 +214,11 @@ def compare_heads(
             the same `seeds` draws of k rows per class, tuned on them alone, before the plain comparison (which
             always runs: ``all`` puts it on the curve). Its time counts against the budget.
         seeds: draws per k.
+        selection: label-selection strategies (:mod:`heads.selection`: ``random``, ``typiclust``, ``probcover``,
+            ``kcenter``, ``margin``): instead of k rows per class drawn with their labels known, each strategy
+            picks k x classes rows without seeing a label, per seed, and the curve has one line per strategy
+            (:func:`pipelines.curves.selection_curve`; with ``random``, every other one's gain over it). Needs
+            `shots`.
         calibrate: ``none``, ``temperature``, ``sigmoid`` or ``isotonic`` (:mod:`heads.calibration`), fitted on
             out-of-fold logits of the fit rows; None: ``temperature`` for heads without probabilities (their
             NLL, Brier and ECE need some), ``none`` for the rest.
@@ -238,6 +245,11 @@ def compare_heads(
     if seeds < 1:
         raise HeadsError(f"--seeds must be at least 1, got {seeds}")
     specs = resolve_heads(heads)
+    if selection is not None:
+        selection = resolve_strategies(selection)
+        if not shots or not any(k != ALL for k in shots):
+            raise HeadsError("--selection draws the learning curve's training rows: give --shots too, e.g. "
+                             "--shots 1,2,4,8 --selection random,typiclust")
     if class_weight not in (None, "balanced"):
         raise HeadsError(f"--class-weight must be 'balanced' or 'none', got {class_weight!r}")
     jobs = jobs or os.cpu_count() or 1
@@ -283,11 +295,19 @@ def compare_heads(
         if shots:
             started = time.perf_counter()
             ks = [k for k in shots if k != ALL]
-            curve = {"shots": list(shots), "seeds": [seed + i for i in range(seeds)], "scored": scored_rows_note(plan),
-                     "rows": learning_curve(_without_duplicates(units, named, []), features, y, plan, ks,
-                                            [seed + i for i in range(seeds)], folds=folds, jobs=jobs,
-                                            class_weight=class_weight, n_boot=n_boot, seed=seed, bar=bar,
-                                            cache=cache) if ks else []}
+            draws = [seed + i for i in range(seeds)]
+            curve_units = _without_duplicates(units, named, [])
+            curve = {"shots": list(shots), "seeds": draws, "scored": scored_rows_note(plan, selection),
+                     "selection": selection}
+            if selection:
+                curve["rows"] = selection_curve(curve_units, features, y, plan, ks, draws, selection,
+                                                n_classes=n_classes, folds=folds, jobs=jobs,
+                                                class_weight=class_weight, n_boot=n_boot, seed=seed, bar=bar,
+                                                cache=cache)
+            else:
+                curve["rows"] = learning_curve(curve_units, features, y, plan, ks, draws, folds=folds, jobs=jobs,
+                                               class_weight=class_weight, n_boot=n_boot, seed=seed, bar=bar,
+                                               cache=cache) if ks else []
             curve["seconds"] = time.perf_counter() - started
         allocator = Allocator(budget_seconds or 0.0, plan, jobs=jobs, n_classes=n_classes, leader_last=probing)
         units_run = _Units(y, plan, n_classes, jobs, class_weight, seed, n_boot, y_scored, calibrate, allocator, cache,

@@ -22,7 +22,9 @@ from pipelines.plots import (
     plot_confusion,
     plot_learning_curve,
     plot_reliability,
+    selection_pairs,
 )
+from pipelines.curves import selection_verdicts
 from pipelines.scoring import format_ci, write_prediction_csv
 
 __all__ = ["write_results", "write_task_summary", "format_ci", "format_tau", "ranking_markdown", "CSV_FIELDS"]
@@ -143,10 +145,59 @@ def ranking_markdown(comparison: Comparison) -> list[str]:
     return lines + [""]
 
 
+def _selection_section(comparison: Comparison) -> list[str]:
+    curve = comparison.curve
+    ks = [k for k in curve["shots"] if k != "all"]
+    n_classes = len(comparison.classes)
+    point = {(r["representation"], r["head"], r["selection"], r["shots"]): r for r in curve["rows"]
+             if r.get("selection") is not None}
+    lines = [
+        "## Label selection: learning curves per strategy",
+        "",
+        f"At k labels per class, each strategy picked k × {n_classes} rows of the training rows without seeing a "
+        f"label (in rounds: each budget extends the last; margin's first round is random, it needs labels), for "
+        f"each of {len(curve['seeds'])} seeds (seeds {', '.join(map(str, curve['seeds']))}), in the representation "
+        "being evaluated; each head was tuned on the picked rows alone (stratified CV with as many folds as the "
+        "rarest picked class allows, else its untuned default, marked *). "
+        f"Scored on {curve['scored']}. Accuracy %: mean over seeds [95 % CI, bootstrap over seeds and scored rows]; "
+        "the gain over random on the same seeds and rows in points [95 % CI]; classes: the classes the picks "
+        f"covered (mean over seeds, of {n_classes}). Took {curve['seconds']:.0f} s.",
+        "",
+    ]
+    for rep, head in selection_pairs(comparison):
+        lines += [f"**{rep} + {head}**", "",
+                  "| strategy | " + " | ".join(f"{k} per class ({k * n_classes})" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for strategy in curve["selection"]:
+            cells = []
+            for k in ks:
+                r = point.get((rep, head, strategy, k))
+                if r is None or r["accuracy"] is None:
+                    cells.append("–")
+                    continue
+                text = f"{r['accuracy'] * 100:.1f} [{r['accuracy_ci'][0] * 100:.1f}, {r['accuracy_ci'][1] * 100:.1f}]"
+                text += "*" if r["untuned"] else ""
+                if r.get("gain_vs_random") is not None:
+                    gain = (f"{r['gain_vs_random'] * 100:+.1f} [{r['gain_ci'][0] * 100:+.1f}, "
+                            f"{r['gain_ci'][1] * 100:+.1f}]")
+                    text += f"<br>{'**' + gain + '**' if r['gain_ci'][0] > 0 else gain}"
+                text += f"<br>classes {sum(r['classes_covered']) / len(r['classes_covered']):.1f}"
+                cells.append(text)
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        lines.append("")
+    verdicts = selection_verdicts(curve["rows"])
+    lines += [f"- {v}" for v in verdicts] + ([""] if verdicts else [])
+    lines += [f"- {r['head']} on {r['representation']}, {r['error']}" if r.get("head") else f"- {r['error']}"
+              for r in curve["rows"] if r["accuracy"] is None]
+    return [*lines, "", "![label selection](learning_curve.png)", ""]
+
+
 def _curve_section(comparison: Comparison) -> list[str]:
     curve = comparison.curve
     if curve is None or not curve["rows"]:
         return []
+    if curve.get("selection"):
+        return _selection_section(comparison)
     ks = [k for k in curve["shots"] if k != "all"]
     with_all = "all" in curve["shots"]
     full = {(r["representation"], r["head"]): r for r in comparison.rows}
@@ -355,7 +406,7 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
         "ranking": comparison.ranking,
         "units": comparison.units,
         "learning_curve": None if comparison.curve is None else {
-            k: comparison.curve[k] for k in ("shots", "seeds", "scored", "seconds")},
+            k: comparison.curve.get(k) for k in ("shots", "seeds", "scored", "seconds", "selection")},
     }
     written = [out / name for name in
                ("results.json", "results.csv", "report.md", "accuracy_vs_fit_time.png", "confusion_matrix.png")]

@@ -32,7 +32,7 @@ import numpy as np
 from heads.evaluate import HeadRun
 from pipelines.provenance import package_versions
 
-__all__ = ["RunCache", "unit_key"]
+__all__ = ["RunCache", "digest", "unit_key"]
 
 _ARRAYS = ("y_pred", "scores", "proba", "proba_before")
 _LIBRARIES = ("scikit-learn", "numpy", "scipy", "torch", "headbench")
@@ -45,7 +45,7 @@ def _versions() -> tuple[tuple[str, str], ...]:
     return tuple(package_versions(_LIBRARIES).items())
 
 
-def _digest(array: np.ndarray) -> str:
+def digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
@@ -54,11 +54,11 @@ def unit_key(*, store_hash: str, candidate: str, task: str, y: np.ndarray, spec,
     """The hash of everything that determines one unit's result (see the module docstring); `extra`: what
     else does (a learning-curve draw: k, seed, folds)."""
     identity = {
-        "store": store_hash, "candidate": candidate, "task": task, "labels": _digest(np.asarray(y, dtype=np.int64)),
+        "store": store_hash, "candidate": candidate, "task": task, "labels": digest(np.asarray(y, dtype=np.int64)),
         "head": spec.name, "grid": repr(spec.grid), "prep": repr(spec.prep),
         "runs_as": {"description": run_spec.description, "grid": repr(run_spec.grid), "rank": run_spec.rank()},
         "protocol": {"kind": plan.kind, "folds": plan.folds, "seed": plan.seed,
-                     "tasks": [[_digest(t.fit), _digest(t.score)] for t in plan.tasks]},
+                     "tasks": [[digest(t.fit), digest(t.score)] for t in plan.tasks]},
         "class_weight": class_weight, "calibrate": calibrate, "mode": mode, "tune_rows": tune_rows,
         "approximated": approximated, "versions": dict(_versions()), "extra": extra or {},
     }

@@ -66,6 +66,7 @@ CLI_TO_PYTHON = {
                                 "json_out": "cli: the result as JSON"}),
     "bench-heads": ("run_heads_benchmark", {"n_rows": "n", "dim": "d", "cs": "Cs", "no_compare": "compare",
                                             "json_out": "cli: the result as JSON"}),
+    "select-labels": ("select_labels", {"n_classes": "n_classes"}),
     "inspect": ("summarize_store", {"store": "path", "as_json": "cli: the summary as JSON"}),
 }
 
