@@ -15,6 +15,8 @@ test; apt-get install dataset-fashion-mnist). Stores already in --work are reuse
 timing: `python cli.py select-labels STORE --budget 100 --strategy S` for every strategy, wall time of the whole
 command (start-up and reading the store included).
 
+dims: the selection space's PCA width (128) against the store's full width, on its test rows.
+
 scale: the store's rows repeated with a little Gaussian noise to --rows rows (real feature geometry, no
 duplicates), then every strategy picks --budget rows, timed in this process (margin from 100 random labelled
 rows; probcover's graph on its 100 000-row sample).
@@ -155,18 +157,53 @@ def scale(args) -> None:
         print(f"{strategy}: {time.perf_counter() - started:.1f} s; {picks.summary}", flush=True)
 
 
+def dims(args) -> None:
+    """The selection space's PCA width against the full one: the same rounds (1, 2, 4 labels per class) in
+    both, one fixed probe (standardise + logistic regression at its default C) on the picks, the test rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featurize.store import read_store
+    from heads.selection import SelectionSpace
+    from pipelines.curves import draw_selection
+
+    store = read_store(args.store)
+    train = store.ok & (store.split != "test") & (store.labels >= 0)
+    test = store.ok & (store.split == "test")
+    X, y = store.features[train].astype(np.float32), store.labels[train]
+    X_test, y_test = store.features[test].astype(np.float32), store.labels[test]
+    n_classes = len(np.unique(y))
+    budgets = [k * n_classes for k in (1, 2, 4)]
+    for width in (128, X.shape[1]):
+        started = time.perf_counter()
+        space = SelectionSpace(X, dims=width)
+        for strategy in ("typiclust", "probcover", "kcenter"):
+            scores = []
+            for seed in range(args.seeds):
+                picks, _, _ = draw_selection(space, y, budgets, strategy, seed, n_classes)
+                scores.append([make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(
+                    X[p], y[p]).score(X_test, y_test) if len(np.unique(y[p])) > 1 else np.mean(y_test == y[p][0])
+                    for p in picks])
+            mean = np.mean(scores, axis=0) * 100
+            print(f"dims {space.X.shape[1]:>5} {strategy:<10} " + "  ".join(
+                f"{k} per class {m:.1f}" for k, m in zip((1, 2, 4), mean)), flush=True)
+        print(f"dims {space.X.shape[1]}: {time.perf_counter() - started:.0f} s; probcover radius "
+              f"{space.radius(n_classes):.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["curves", "timing", "scale"])
+    parser.add_argument("what", choices=["curves", "timing", "scale", "dims"])
     parser.add_argument("--work", type=Path, default=Path("bench-select"))
-    parser.add_argument("--store", type=Path, help="timing, scale: the store")
+    parser.add_argument("--store", type=Path, help="timing, scale, dims: the store")
     parser.add_argument("--only", help="curves: data-set-representation names, e.g. digits-lite0,lfw-pixels")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    {"curves": curves, "timing": timing, "scale": scale}[args.what](args)
+    {"curves": curves, "timing": timing, "scale": scale, "dims": dims}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ candidate's label or at any row outside the pool (the caller keeps test rows out
 
 All distances are Euclidean between L2-normalised rows (the papers' setting), after a PCA to at most
 :data:`DEFAULT_DIMS` dimensions (:class:`SelectionSpace`: fitted once per pool with a fixed seed, so every
-strategy and seed shares it; all-pairs work scales with the dimension, and neighbourhoods at this width agree
-with the full one -- docs/benchmarks.md has the measurement). Strategies are a registry like the heads':
+strategy and seed shares it; all-pairs work scales with the dimension, and the picks at this width are as good
+as at the full one -- docs/label-selection.md measures both). Strategies are a registry like the heads':
 :func:`register_strategy`, :func:`get_strategy`, :func:`resolve_strategies`.
 """
 
@@ -78,20 +78,10 @@ class SelectionSpace:
     """
 
     def __init__(self, X: np.ndarray, *, dims: int = DEFAULT_DIMS, graph_rows: int = PROBCOVER_ROWS):
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or len(X) == 0:
+        if np.ndim(X) != 2 or len(X) == 0:
             raise HeadsError("label selection needs a non-empty pool of feature rows")
-        if not np.isfinite(X).all():
-            raise HeadsError("label selection got rows with NaN or infinite features; leave failed rows out")
-        X = _normalise(X)
-        if X.shape[1] > dims and len(X) > dims:
-            from sklearn.decomposition import PCA
-
-            rng = np.random.default_rng(0)
-            sample = X if len(X) <= 20_000 else X[np.sort(rng.choice(len(X), 20_000, replace=False))]
-            pca = PCA(n_components=dims, svd_solver="randomized", random_state=0).fit(sample)
-            X = _normalise(pca.transform(X).astype(np.float32))
-        self.X = np.ascontiguousarray(X, dtype=np.float32)
+        self._raw, self._n, self._dims = X, len(X), dims
+        self._X: np.ndarray | None = None
         # probcover's graph is all-pairs: above graph_rows it is built on a fixed uniform sample of the pool
         self.graph_rows = np.arange(len(X)) if len(X) <= graph_rows else \
             np.sort(np.random.default_rng(1).choice(len(X), graph_rows, replace=False))
@@ -99,8 +89,36 @@ class SelectionSpace:
         self._radius: dict[tuple[int, float], float] = {}
         self._graph: dict[float, tuple[np.ndarray, np.ndarray]] = {}
 
+    @property
+    def X(self) -> np.ndarray:
+        """The rows as measured: computed on first use (``random`` never needs them), a block of rows at a time,
+        so a pool of a million rows costs its own size once more only at the PCA's width."""
+        if self._X is None:
+            raw, dims = self._raw, self._dims
+            pca = None
+            if raw.shape[1] > dims and len(raw) > dims:
+                from sklearn.decomposition import PCA
+
+                rows = np.arange(len(raw)) if len(raw) <= 20_000 else \
+                    np.sort(np.random.default_rng(0).choice(len(raw), 20_000, replace=False))
+                pca = PCA(n_components=dims, svd_solver="randomized", random_state=0).fit(
+                    _normalise(self._checked(raw[rows])))
+            out = np.empty((len(raw), dims if pca is not None else raw.shape[1]), dtype=np.float32)
+            for start in range(0, len(raw), 65536):
+                block = _normalise(self._checked(raw[start:start + 65536]))
+                out[start:start + 65536] = block if pca is None else _normalise(pca.transform(block))
+            self._X, self._raw = out, None
+        return self._X
+
+    @staticmethod
+    def _checked(block: np.ndarray) -> np.ndarray:
+        block = np.asarray(block, dtype=np.float32)
+        if not np.isfinite(block).all():
+            raise HeadsError("label selection got rows with NaN or infinite features; leave failed rows out")
+        return block
+
     def __len__(self) -> int:
-        return len(self.X)
+        return self._n
 
     def kmeans(self, k: int, seed: int) -> np.ndarray:
         """Cluster of every row: scikit-learn's KMeans up to 50 clusters, MiniBatchKMeans above (as TypiClust)."""
@@ -207,41 +225,38 @@ def _typicality(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 def _typiclust(space, budget, labeled, y_labeled, seed, options) -> Picks:
     rng = _rng(seed, 0x7C1)
     n_clusters = int(min(len(labeled) + budget, options.get("max_clusters", MAX_CLUSTERS), len(space)))
-    clusters = space.kmeans(max(n_clusters, 1), seed)
+    clusters = space.kmeans(n_clusters, seed)
     taken = np.zeros(len(space), dtype=bool)
     taken[labeled] = True
     sizes = np.bincount(clusters, minlength=n_clusters)
-    labelled_in = np.bincount(clusters[labeled], minlength=n_clusters)
-    order = [c for c in np.lexsort((-sizes, labelled_in)) if sizes[c] > 0]  # fewest labelled, then largest
-    large = [c for c in order if sizes[c] >= MIN_CLUSTER]
-    typical: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    rows, cluster_of, size_of, typicality = [], [], [], []
+    free = np.bincount(clusters[~taken], minlength=n_clusters)
+    labelled_in = sizes - free
+    order = np.lexsort((-sizes, labelled_in))  # fewest labelled rows first, then the largest
+    by_cluster = np.argsort(clusters, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    typical: dict[int, np.ndarray] = {}
+    rows, cluster_of, typicality = [], [], []
     while len(rows) < budget:
-        picked_this_pass = 0
-        for c in (large if any(~taken[clusters == c].all() for c in large) else order):
-            if len(rows) >= budget:
-                break
-            if c not in typical:
-                members = np.flatnonzero(clusters == c)
-                typical[c] = members, _typicality(space.X[members], min(TYPICALITY_NEIGHBOURS, len(members) // 2), rng)
-            members, values = typical[c]
-            free = ~taken[members]
-            if not free.any():
-                continue
-            best = np.flatnonzero(free)[np.argmax(values[free])]
-            row = members[best]
-            taken[row] = True
-            rows.append(row)
-            cluster_of.append(c)
-            size_of.append(sizes[c])
-            typicality.append(values[best])
-            picked_this_pass += 1
-        if picked_this_pass == 0:  # every row is taken
+        # a pass over the clusters in order; tiny ones (outliers) only once the others have nothing left
+        eligible = [c for c in order if free[c] > 0 and sizes[c] >= MIN_CLUSTER] or \
+            [c for c in order if free[c] > 0]
+        if not eligible:
             break
+        for c in eligible[:budget - len(rows)]:
+            members = by_cluster[starts[c]:starts[c + 1]]
+            if c not in typical:
+                typical[c] = _typicality(space.X[members], min(TYPICALITY_NEIGHBOURS, len(members) // 2), rng)
+            values = np.where(taken[members], -np.inf, typical[c])
+            best = int(np.argmax(values))
+            taken[members[best]] = True
+            free[c] -= 1
+            rows.append(members[best])
+            cluster_of.append(c)
+            typicality.append(values[best])
+    cluster_of = np.asarray(cluster_of, dtype=np.int64)
     return Picks(np.asarray(rows, dtype=np.int64),
-                 {"cluster": np.asarray(cluster_of), "cluster_size": np.asarray(size_of),
-                  "typicality": np.asarray(typicality)},
-                 {"clusters": n_clusters, "clusters_picked_from": len(set(cluster_of))})
+                 {"cluster": cluster_of, "cluster_size": sizes[cluster_of], "typicality": np.asarray(typicality)},
+                 {"clusters": n_clusters, "clusters_picked_from": int(len(np.unique(cluster_of)))})
 
 
 def _probcover(space, budget, labeled, y_labeled, seed, options) -> Picks:
@@ -289,7 +304,8 @@ def _probcover(space, budget, labeled, y_labeled, seed, options) -> Picks:
         gains += [0] * len(extra)
         coverage += [float(covered.mean())] * len(extra)
     return Picks(np.asarray(picks, dtype=np.int64),
-                 {"covered": np.asarray(gains), "coverage": np.asarray(coverage)},
+                 {"covered": np.asarray(gains), "coverage": np.asarray(coverage),
+                  "radius": np.full(len(picks), float(radius))},
                  {"radius": float(radius), "coverage": float(covered.mean()),
                   "mean_degree": float(np.diff(indptr).mean()), "graph_rows": int(len(sub))})
 

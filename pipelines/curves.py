@@ -22,7 +22,7 @@ from heads.protocol import Plan
 from heads.selection import SELECTION_VERSION, SelectionSpace, get_strategy, select
 from pipelines.runcache import RunCache, digest, unit_key
 
-__all__ = ["learning_curve", "selection_curve", "selection_verdicts", "scored_rows_note"]
+__all__ = ["learning_curve", "draw_selection", "selection_curve", "selection_verdicts", "scored_rows_note"]
 
 
 def scored_rows_note(plan: Plan, selection: list[str] | None = None) -> str:
@@ -138,7 +138,7 @@ def learning_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan: 
     return rows
 
 
-def _draw_selection(space: SelectionSpace, y_pool: np.ndarray, budgets: list[int], strategy: str, seed: int,
+def draw_selection(space: SelectionSpace, y_pool: np.ndarray, budgets: list[int], strategy: str, seed: int,
                     n_classes: int) -> tuple[list[np.ndarray], bool, float]:
     """One strategy's picks at every budget, in rounds: each budget extends the previous picks (as a labelling
     campaign does), the labels of what was picked revealed before the next round. A strategy that needs labels
@@ -190,7 +190,7 @@ def selection_curve(units, features: dict[str, np.ndarray], y: np.ndarray, plan:
             for strategy in strategies:
                 if bar is not None:
                     bar.set_postfix_str(f"selecting: {name}, {strategy}, seed {draw_seed}")
-                picks[strategy], was_cold, took = _draw_selection(space, y[pool], [b for _, b in fits], strategy,
+                picks[strategy], was_cold, took = draw_selection(space, y[pool], [b for _, b in fits], strategy,
                                                                   draw_seed, n_classes)
                 cold[(name, strategy)] = cold.get((name, strategy), False) or was_cold
                 seconds[strategy] += took

@@ -45,20 +45,20 @@ def test_every_strategy_picks_budget_new_rows_reproducibly(space, pool, name):
 def test_strategies_never_read_the_labels_of_rows_they_do_not_pick(space, pool):
     # the curves' rounds reveal the labels of what was picked, round after round (margin fits on them); every
     # other label is changed here, and the picks must not move
-    from pipelines.curves import _draw_selection
+    from pipelines.curves import draw_selection
 
     y = pool[1]
     for name in STRATEGIES:
-        picks, _, _ = _draw_selection(space, y, [10, 20, 40], name, 0, 10)
+        picks, _, _ = draw_selection(space, y, [10, 20, 40], name, 0, 10)
         changed = (y + 1) % 10
         changed[picks[-1]] = y[picks[-1]]
-        again, _, _ = _draw_selection(space, changed, [10, 20, 40], name, 0, 10)
+        again, _, _ = draw_selection(space, changed, [10, 20, 40], name, 0, 10)
         for a, b in zip(picks, again):
             np.testing.assert_array_equal(a, b)
         if name == "margin":  # and the labels it was given do matter: it is not blind
             flipped = y.copy()
             flipped[picks[0]] = flipped[picks[0]] % 2  # two classes instead of ten
-            assert not np.array_equal(_draw_selection(space, flipped, [10, 20, 40], name, 0, 10)[0][1], picks[1])
+            assert not np.array_equal(draw_selection(space, flipped, [10, 20, 40], name, 0, 10)[0][1], picks[1])
 
 
 def test_typiclust_covers_more_classes_than_random_at_one_label_per_class(space, pool):
