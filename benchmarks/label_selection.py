@@ -104,6 +104,46 @@ def curves(args) -> None:
         print(f"{name}: {seconds:.0f} s", flush=True)
     (args.work / "label_selection.json").write_text(json.dumps(summary, indent=1))
     print("\n".join(table))
+    figure(args)
+
+
+def figure(args) -> None:
+    """One panel per data set and representation, one line per strategy (random dashed), from the results of
+    `curves`: --work/label_selection.png (docs/images/label-selection.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("digits-lite0", "lfw-lite0", "fashion-lite0", "digits-pixels", "lfw-pixels", "fashion-pixels")
+             if (args.work / "results" / n / "results.json").exists()]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), dpi=90, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        document = json.loads((args.work / "results" / name / "results.json").read_text())
+        rows = [r for r in document["learning_curve"] if r.get("selection") and r["accuracy"] is not None]
+        n_classes = len(document["meta"]["classes"])
+        for i, strategy in enumerate(STRATEGIES.split(",")):
+            points = sorted((r for r in rows if r["selection"] == strategy), key=lambda r: r["shots"])
+            x = [r["shots"] for r in points]
+            style = {"color": "black", "linestyle": "--"} if strategy == "random" else {"color": f"C{i}"}
+            ax.plot(x, [r["accuracy"] * 100 for r in points], marker="o", label=strategy, **style)
+            ax.fill_between(x, [r["accuracy_ci"][0] * 100 for r in points], [r["accuracy_ci"][1] * 100 for r in points],
+                            color=style["color"], alpha=0.1)
+        ks = sorted({r["shots"] for r in rows})
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [f"{k}\n({k * n_classes})" for k in ks])
+        ax.minorticks_off()
+        ax.set_title(name.replace("-", ", "), fontsize=10)
+        ax.set_xlabel("labels per class (total budget)", fontsize=8)
+        ax.set_ylabel("test accuracy %, 5 seeds, 95% CI", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("label selection vs random: logistic regression trained on the picked rows", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(args.work / "label_selection.png")
+    print(f"wrote {args.work / 'label_selection.png'}")
 
 
 def timing(args) -> None:
@@ -194,7 +234,7 @@ def dims(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["curves", "timing", "scale", "dims"])
+    parser.add_argument("what", choices=["curves", "figure", "timing", "scale", "dims"])
     parser.add_argument("--work", type=Path, default=Path("bench-select"))
     parser.add_argument("--store", type=Path, help="timing, scale, dims: the store")
     parser.add_argument("--only", help="curves: data-set-representation names, e.g. digits-lite0,lfw-pixels")
@@ -203,7 +243,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    {"curves": curves, "timing": timing, "scale": scale, "dims": dims}[args.what](args)
+    {"curves": curves, "figure": figure, "timing": timing, "scale": scale, "dims": dims}[args.what](args)
 
 
 if __name__ == "__main__":

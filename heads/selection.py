@@ -47,6 +47,7 @@ MAX_CLUSTERS = 500  # typiclust: k-means into at most this many clusters (the pa
 TYPICALITY_SAMPLE = 5000  # typiclust: a cluster's typicality is measured against at most this many of its rows
 PROBCOVER_ROWS = 100_000  # probcover: its all-pairs graph is built on at most this many rows of the pool
 BLOCK = 1024  # rows per block of an all-pairs product
+MAX_EDGES = 400_000_000  # probcover: a graph larger than this (1.6 GB of neighbour indices) is refused
 
 
 @dataclass
@@ -169,6 +170,9 @@ class SelectionSpace:
                 counts = np.bincount(r, minlength=min(BLOCK, len(X) - start))
                 indptr.append(total + np.cumsum(counts))
                 total += len(c)
+                if total > MAX_EDGES:
+                    raise HeadsError(f"probcover's radius {radius:.3g} puts more than {MAX_EDGES // len(X)} rows in "
+                                     "the average ball; give a smaller --radius (the purity rule picks one)")
             self._graph[key] = (np.concatenate(indptr), np.concatenate(parts))
         return self._graph[key]
 

@@ -93,6 +93,14 @@ def test_probcover_greedy_coverage_matches_brute_force():
     assert picks.info["coverage"][-1] == pytest.approx(covered.mean())
 
 
+def test_probcover_refuses_a_radius_whose_graph_would_not_fit(pool, monkeypatch):
+    from heads import selection
+
+    monkeypatch.setattr(selection, "MAX_EDGES", 50_000)
+    with pytest.raises(HeadsError, match="give a smaller --radius"):
+        select(SelectionSpace(pool[0]), 5, "probcover", radius=1.9)
+
+
 def test_probcover_radius_keeps_95_percent_of_balls_pure(space):
     radius = space.radius(10)
     labels = space.kmeans(10, 0)
