@@ -160,6 +160,10 @@ def main():
               help="Also store intermediate layers, from the same forward pass, globally average-pooled: stages "
                    "(every stage timm reports) or comma-separated module names / stage indices (blocks.2,4). "
                    "/features always holds the last layer (pooled pre-logits).")
+@click.option("--representation", type=click.Choice(["default", "auto"]), default="default", show_default=True,
+              help="auto: store what choosing the representation needs -- every stage beside the last layer "
+                   "(unless --layers names some) and, unless --crop-pct is given, no crop when the images are "
+                   "smaller than the model's input (small centred items keep their edges).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass [default: 8 on CPU, 128 on GPU].")
 @click.option(
     "--workers", type=click.IntRange(min=0),
@@ -211,8 +215,8 @@ def main():
 @_source_options
 @_ray_option("Spread the shards over actors (one per GPU, or one per CPU core)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers, batch_size, workers, device,
-            precision, dtype, shard_size, jpeg_draft, streams, compile_model, runtime, decode, max_failures, overwrite,
+def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers, representation, batch_size, workers,
+            device, precision, dtype, shard_size, jpeg_draft, streams, compile_model, runtime, decode, max_failures, overwrite,
             ray_address, quiet, **source_options):
     """Embed every image of SOURCE with a frozen backbone into an HDF5 feature store.
 
@@ -253,6 +257,7 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
         crop_pct=crop_pct,
         grayscale=grayscale,
         layers=layers,
+        representation=representation,
         device=device,
         precision=precision,
         dtype=dtype,
@@ -276,6 +281,10 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
         f"({result.images_per_second:.1f} img/s)"
     )
     click.echo(f"  runtime: {_runtime_line(result.runtime)}; decoder: {result.decoder}")
+    if result.representation:
+        r = result.representation
+        crop = r["crop_pct"] if r["crop_pct"] is not None else "the model's"
+        click.echo(f"  representation auto: layers {r['layers']}, crop {crop} ({r['crop_reason']})")
     for reason, count in sorted(result.failure_reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  failed: {count} x {reason} (see: python cli.py inspect {result.path})")
 
@@ -758,6 +767,11 @@ def _rank_by_option(help_text: str):
                    "probcover, kcenter, margin; see select-labels) instead of K per class: each picks K x classes "
                    "rows without seeing a label; one line per strategy, the gain over random with a CI. "
                    "Writes selection_curve.png.")
+@click.option("--representation", type=click.Choice(["auto", "given"]),
+              help="auto: expand each STORE.h5 into its default features and every stored layer, rank them on the "
+                   "training rows, add the best-ranked ones concatenated, run the heads on the best three (or "
+                   "--top) plus the default features, and report what won and by how much it beat the default "
+                   "features [default: auto for stores extracted with --representation auto, else given].")
 @click.option("--calibrate", type=click.Choice(["none", "temperature", "sigmoid", "isotonic"]),
               help="Calibrate probabilities on out-of-fold predictions of the training rows (never the test rows) "
                    "[default: temperature for heads without predict_proba (ridge, SVMs), none for the rest]. "
@@ -778,8 +792,8 @@ def _rank_by_option(help_text: str):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_predictions,
                           save_best, budget,
-                          exhaustive, top, rank_by, shots, seeds, selection, calibrate, task, fresh, include,
-                          ray_address, quiet):
+                          exhaustive, top, rank_by, shots, seeds, selection, representation, calibrate, task, fresh,
+                          include, ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -845,6 +859,7 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
             comparison = compare_heads(stores, heads, folds=folds, seed=seed, jobs=jobs, class_weight=weight,
                                        n_boot=n_boot, budget=None if exhaustive else budget / len(tasks), top=top,
                                        rank_by=rank_by, shots=shots, seeds=seeds, selection=selection,
+                                       representation=representation,
                                        calibrate=calibrate, task=name,
                                        cache_dir=out_dir / ".runs" if out_dir else None, fresh=fresh,
                                        include=list(include), progress=not quiet)
@@ -933,6 +948,7 @@ def _print_leaderboard(comparison) -> None:
         console.print(f"left out: {comparison.excluded_failed} rows that failed in at least one store, "
                       f"{comparison.excluded_unlabeled} unlabeled rows")
     _print_curve(console, comparison.curve)
+    _print_representation(console, comparison.representation)
     _print_trust(console, comparison.ranking)
 
 
@@ -949,6 +965,21 @@ def _print_curve(console, curve: dict | None) -> None:
                      f"{r['accuracy_ci'][1] * 100:.1f}]" + (" (untuned)" if r["untuned"] else ""))
     console.print(f"learning curve, best head per labelled rows per class (mean of {len(curve['seeds'])} draws, "
                   f"scored on {curve['scored']}; {curve['seconds']:.0f} s): " + "; ".join(parts))
+
+
+def _print_representation(console, chosen: dict | None) -> None:
+    """What --representation auto chose, against the default features."""
+    if not chosen:
+        return
+    line = (f"representation auto: {chosen['winner']} won among {chosen['candidates']} candidates ranked in "
+            f"{chosen['rank_seconds']:.0f} s (heads ran on {len(chosen['ran'])})")
+    if chosen["difference"] is not None and chosen["winner"] != chosen["reference"]:
+        low, high = chosen["difference_ci"]
+        line += (f"; {chosen['difference'] * 100:+.2f} points [{low * 100:+.2f}, {high * 100:+.2f}] over the default "
+                 f"features ({chosen['reference']} + {chosen['reference_head']}, paired on the test rows)")
+    elif chosen["winner"] == chosen["reference"]:
+        line += "; the default features won"
+    console.print(line)
 
 
 def _print_selection_curve(console, curve: dict) -> None:

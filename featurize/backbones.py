@@ -34,6 +34,7 @@ from .errors import FeaturizeError
 from .store import LAST_LAYER
 
 __all__ = [
+    "input_side",
     "WEIGHT_CHOICES",
     "PackagedWeights",
     "PACKAGED_WEIGHTS",
@@ -548,6 +549,16 @@ def _create_pixels(weights: str, image_size: int | None, crop_pct: float | None,
     width = (1 if grayscale else 3) * size * size
     return Backbone(PIXELS, model, {"source": "none", "sha256": ""}, data_config, transform, width,
                     {"kind": "pixels", "grayscale": grayscale})
+
+
+def input_side(model_name: str, image_size: int | None = None) -> int:
+    """The square input size a backbone runs at: `image_size` when given, else the model's pretrained config's,
+    else timm's default (224); without building the model."""
+    if image_size:
+        return int(image_size)
+    cfg = timm.models.get_pretrained_cfg(model_name) if model_name != PIXELS else None
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    return int(size[-1]) if size else 224
 
 
 def create_backbone(

@@ -42,6 +42,7 @@ __all__ = [
     "CsvSource",
     "DigitsSource",
     "open_source",
+    "median_image_side",
     "register_opener",
     "decode_image",
     "image_extensions",
@@ -471,6 +472,20 @@ class DigitsSource(Source):
 
 
 _OPENERS: list[Callable[[str, dict], "Source | None"]] = []
+
+
+def median_image_side(source: Source, rows: int = 64) -> int | None:
+    """The median shorter side, in pixels, of up to `rows` images spread evenly over `source` (the ones that
+    decode); None when none does."""
+    n = len(source.samples)
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(rows, n))}) if n else []
+    sides = []
+    for i in picks:
+        try:
+            sides.append(min(source.load(i).size))
+        except Exception:  # noqa: BLE001 -- a row that does not decode says nothing about the others' size
+            continue
+    return int(np.median(sides)) if sides else None
 
 
 def register_opener(opener: Callable[[str, dict], "Source | None"]) -> Callable:

@@ -19,7 +19,8 @@ import numpy as np
 from featurize.store import LAST_LAYER, FeatureStore, StoreError, read_features, read_store
 from heads import HeadsError
 
-__all__ = ["Candidate", "parse_candidates", "align_stores", "distinct_stores", "usable_rows", "LAST", "ALL", "CONCAT"]
+__all__ = ["Candidate", "parse_candidates", "align_stores", "distinct_stores", "usable_rows", "layer_candidates",
+           "concat_candidate", "name_candidates", "LAST", "ALL", "CONCAT"]
 
 LAST, ALL, CONCAT = LAST_LAYER, "all", "concat"
 
@@ -40,6 +41,7 @@ class Candidate:
     store: FeatureStore
     layer: str
     name: str = ""
+    parts: tuple[str, ...] | None = None  # concat: the representations side by side (None: every stored one)
 
     @property
     def backbone(self) -> str:
@@ -48,14 +50,17 @@ class Candidate:
     @property
     def blocks(self) -> list[str]:
         """The representations read, in column order: one, or every stored one for ``concat``."""
-        return [LAST, *self.store.layer_names] if self.layer == CONCAT else [self.layer]
+        if self.layer != CONCAT:
+            return [self.layer]
+        return list(self.parts) if self.parts else [LAST, *self.store.layer_names]
 
     @property
     def block_widths(self) -> tuple[int, ...] | None:
         """Column widths of the blocks of a ``concat`` candidate (None for a single representation)."""
         if self.layer != CONCAT:
             return None
-        return (int(self.store.shape[1]), *(int(t["width"]) for t in self.store.layers))
+        widths = {LAST: int(self.store.shape[1]), **{t["name"]: int(t["width"]) for t in self.store.layers}}
+        return tuple(widths[b] for b in self.blocks)
 
     @property
     def width(self) -> int:
@@ -147,6 +152,26 @@ def parse_candidates(specs: list[str | os.PathLike], task: str | None = None) ->
     return out
 
 
+def layer_candidates(candidate: Candidate) -> list[Candidate]:
+    """A store's default features and each of its stored layers, as single candidates (the store's own when it
+    holds no layers)."""
+    return [candidate] + [Candidate(f"{candidate.store.path}:{name}", candidate.store, name)
+                          for name in candidate.store.layer_names]
+
+
+def concat_candidate(store: FeatureStore, parts: list[str]) -> Candidate:
+    """The representations `parts` of `store` side by side (in the store's order: the last layer first)."""
+    order = [LAST, *store.layer_names]
+    parts = sorted(set(parts), key=order.index)
+    return Candidate(f"{store.path}:concat", store, CONCAT, parts=tuple(parts))
+
+
+def name_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """Give candidates made in code (not parsed) their display names; returns them."""
+    _name(candidates)
+    return candidates
+
+
 def distinct_stores(candidates: list[Candidate]) -> list[FeatureStore]:
     """The stores behind the candidates, each once, in order."""
     return list({id(c.store): c.store for c in candidates}.values())
@@ -175,7 +200,8 @@ def _name(candidates: list[Candidate]) -> None:
         stores_per_backbone[c.backbone].add(c.store.path.resolve())
     for c in candidates:
         base = c.backbone if len(stores_per_backbone[c.backbone]) == 1 else f"{c.backbone} ({c.store.path.stem})"
-        c.name = base if c.layer == LAST else f"{base}:{c.layer}"
+        layer = f"concat({'+'.join(c.parts)})" if c.parts else c.layer
+        c.name = base if c.layer == LAST else f"{base}:{layer}"
     names = collections.Counter(c.name for c in candidates)
     for c in candidates:  # same backbone and file name in two folders: the path tells them apart
         if names[c.name] > 1:

@@ -27,7 +27,8 @@ from heads.selection import resolve_strategies
 from heads.race import RACE_FRACTION, RUNG_FACTOR, Contender, confirm, cut, drop_duplicates, probe_head, race_split
 from heads.persist import save_head
 from heads.transferability import SCORES, rank_agreement, stratified_subsample
-from pipelines.candidates import Candidate, align_stores, distinct_stores, parse_candidates, usable_rows
+from pipelines.candidates import (CONCAT, LAST, Candidate, align_stores, concat_candidate, distinct_stores,
+                                  layer_candidates, name_candidates, parse_candidates, usable_rows)
 from pipelines.provenance import library_versions
 from pipelines.curves import learning_curve, scored_rows_note, selection_curve
 from pipelines.rank import DEFAULT_MAX_ROWS, DEFAULT_RANK_BY, check_score, score_candidates
@@ -75,6 +76,10 @@ class Comparison:
         curve: with ``shots``: the learning curve (:mod:`pipelines.curves`): ``shots``, ``seeds``, ``scored``
             (which rows each point is scored on), ``seconds`` and ``rows`` (one per representation x head x k);
             None otherwise.
+        representation: with ``representation="auto"``: ``winner`` (the best row's representation),
+            ``reference`` (the default features), ``difference`` and ``difference_ci`` (the winner's best head
+            minus the reference's best head, paired on the scored rows), ``candidates`` (how many were ranked),
+            ``ran`` (those that ran heads), ``concat`` (the concatenated parts), ``rank_seconds``; else None.
         units: the run cache (:mod:`pipelines.runcache`): ``reused`` units and the ``reused_seconds`` they took
             when they ran, and units ``committed`` by this run.
     """
@@ -97,6 +102,7 @@ class Comparison:
     ranking: dict[str, Any] | None = None
     curve: dict[str, Any] | None = None
     units: dict[str, Any] = field(default_factory=dict)
+    representation: dict[str, Any] | None = None
 
     @property
     def best(self) -> dict[str, Any]:
@@ -149,6 +155,71 @@ def _rank(candidates: list[Candidate], usable: np.ndarray, y: np.ndarray, plan: 
     return score_candidates(candidates, mask, y[keep], progress=progress), len(keep)
 
 
+AUTO_TOP = 3  # representation auto: heads run on this many of the best-ranked candidates (plus the default features)
+AUTO_CONCAT = 3  # representation auto: the best-ranked single representations concatenated into one more candidate
+
+
+def _auto_requested(representation: str | None, candidates: list[Candidate]) -> bool:
+    if representation not in (None, "auto", "given"):
+        raise HeadsError(f"--representation must be auto or given, got {representation!r}")
+    plain = [c for c in candidates if c.layer == LAST]
+    if representation == "auto":
+        if not any(c.store.layer_names for c in plain):
+            raise HeadsError("--representation auto chooses among a store's layers, and no store given without a "
+                             "layer holds any; extract with --representation auto (or --layers stages) first")
+        return True
+    if representation == "given":
+        return False
+    return bool(plain) and all(c.store.attrs.get("representation", {}).get("kind") == "auto" for c in plain) \
+        and len(plain) == len(candidates)
+
+
+def _auto_candidates(candidates: list[Candidate], usable: np.ndarray, y: np.ndarray, plan: Plan,
+                     rank_rows: int | None, seed: int, rank_by: str, progress: bool):
+    """(candidates, their scores, rows scored, names that always run) of ``representation="auto"``: every store
+    given without a layer expanded into its default features and every layer, the best-ranked of those
+    concatenated, all scored on the training rows only (:func:`_rank`)."""
+    singles = []
+    for c in candidates:
+        singles += layer_candidates(c) if c.layer == LAST and c.store.layer_names else [c]
+    name_candidates(singles)
+    scores, n_rows = _rank(singles, usable, y, plan, rank_rows, seed, progress)
+    by_name = {r["candidate"]: r for r in scores}
+    concats = []
+    for store in distinct_stores(singles):
+        own = sorted((c for c in singles if c.store is store and c.layer != CONCAT),
+                     key=lambda c: -by_name[c.name][rank_by])
+        if len(own) > 1:
+            concats.append(concat_candidate(store, [c.layer for c in own[:AUTO_CONCAT]]))
+    everything = name_candidates(singles + concats)
+    if concats:
+        extra, _ = _rank(concats, usable, y, plan, rank_rows, seed, progress)
+        scores = [{**r, "candidate": c.name} for r, c in zip(scores + extra, everything)]
+    keep = {c.name for c in everything if c.layer == LAST}
+    return everything, scores, n_rows, keep
+
+
+def _auto_outcome(rows: list[dict[str, Any]], predictions, y_scored: np.ndarray, keep: set[str],
+                  ranking: dict[str, Any], n_boot: int, seed: int) -> dict[str, Any]:
+    """What ``representation="auto"`` chose and how far it beat the default features (paired on the scored
+    rows)."""
+    frozen = [r for r in rows if r["mode"] != "finetune"]
+    winner = frozen[0]
+    reference = next((r for r in frozen if r["representation"] in keep), None)
+    out = {"winner": winner["representation"], "reference": reference["representation"] if reference else None,
+           "difference": None, "difference_ci": None, "candidates": len(ranking["scores"]),
+           "ran": sorted({r["representation"] for r in frozen}), "rank_seconds": ranking["seconds"],
+           "concat": [r["candidate"] for r in ranking["scores"] if ":concat(" in r["candidate"]]}
+    if reference is not None:
+        a = predictions[(winner["representation"], winner["head"])] == y_scored
+        b = predictions[(reference["representation"], reference["head"])] == y_scored
+        difference, low, high = paired_difference_ci(a, b, n_boot=n_boot, seed=seed)
+        out.update(difference=difference, difference_ci=[low, high], reference_head=reference["head"],
+                   reference_accuracy=reference["accuracy"], winner_head=winner["head"],
+                   winner_accuracy=winner["accuracy"])
+    return out
+
+
 def best_accuracy(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The best head's accuracy of every representation that ran heads."""
     best: dict[str, float] = {}
@@ -183,6 +254,7 @@ def compare_heads(
     shots: list[int | str] | None = None,
     seeds: int = 5,
     selection: list[str] | str | None = None,
+    representation: str | None = None,
     calibrate: str | None = None,
     task: str | None = None,
     cache_dir: str | Path | None = None,
@@ -219,6 +291,13 @@ def compare_heads(
             picks k x classes rows without seeing a label, per seed, and the curve has one line per strategy
             (:func:`pipelines.curves.selection_curve`; with ``random``, every other one's gain over it). Needs
             `shots`.
+        representation: ``auto``: each store given without a layer is expanded into its default features and
+            every stored layer; all are ranked by `rank_by` on the training rows, the best ranked
+            (:data:`AUTO_CONCAT`) are concatenated as one more candidate, and heads run on the best
+            :data:`AUTO_TOP` (or `top`) of them plus the default features, the reference the winner is measured
+            against (``Comparison.representation``: the winner, its paired difference from the default
+            features with a CI, what the choice cost). ``given``: the candidates as named. None: ``auto`` for
+            stores extracted with ``representation="auto"``, else ``given``.
         calibrate: ``none``, ``temperature``, ``sigmoid`` or ``isotonic`` (:mod:`heads.calibration`), fitted on
             out-of-fold logits of the fit rows; None: ``temperature`` for heads without probabilities (their
             NLL, Brier and ECE need some), ``none`` for the rest.
@@ -254,6 +333,7 @@ def compare_heads(
         raise HeadsError(f"--class-weight must be 'balanced' or 'none', got {class_weight!r}")
     jobs = jobs or os.cpu_count() or 1
     candidates = parse_candidates(store_paths, task=task)
+    auto = _auto_requested(representation, candidates)
     stores = distinct_stores(candidates)
     labeled, usable = usable_rows(stores)
     ref = stores[0]
@@ -264,15 +344,23 @@ def compare_heads(
     included = _included_runs(include or [], ref, usable, plan, y_scored, n_boot, seed)
 
     ranking: dict[str, Any] | None = None
+    keep: set[str] = set()  # candidates that run heads whatever their rank (auto: the default features)
+    scores = None
+    if auto:
+        started = time.perf_counter()
+        candidates, scores, n_rows, keep = _auto_candidates(candidates, usable, y, plan, rank_rows, seed, rank_by,
+                                                            progress)
+        top = AUTO_TOP if top is None else top
     running = candidates
     if top is not None or len(candidates) >= MIN_CANDIDATES_FOR_TRUST:
-        started = time.perf_counter()
-        scores, n_rows = _rank(candidates, usable, y, plan, rank_rows, seed, progress)
+        if scores is None:
+            started = time.perf_counter()
+            scores, n_rows = _rank(candidates, usable, y, plan, rank_rows, seed, progress)
         ranking = {"rank_by": rank_by, "top": top, "rows_scored": n_rows, "scores": scores, "ranked_out": [],
                    "seconds": time.perf_counter() - started}
         if top is not None and top < len(candidates):
             order = sorted(scores, key=lambda r: -r[rank_by])
-            kept = {r["candidate"] for r in order[:top]}
+            kept = {r["candidate"] for r in order[:top]} | keep
             running = [c for c in candidates if c.name in kept]
             ranking["ranked_out"] = [r for r in order if r["candidate"] not in kept]
 
@@ -374,6 +462,7 @@ def compare_heads(
     _versus_best_frozen(rows, predictions, y_scored, n_boot, seed)
     if ranking is not None:
         ranking["agreement"] = _agreement(ranking["scores"], rows, seed)
+    chosen = _auto_outcome(rows, predictions, y_scored, keep, ranking, n_boot, seed) if auto else None
     return Comparison(
         rows=rows,
         plan=plan,
@@ -392,6 +481,7 @@ def compare_heads(
         candidates=candidates,
         ranking=ranking,
         curve=curve,
+        representation=chosen,
         units={"reused": cache.reused, "reused_seconds": cache.reused_seconds, "committed": cache.committed},
     )
 

@@ -13,12 +13,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from featurize.backbones import check_model_name, create_backbone
+from featurize.backbones import PIXELS, check_model_name, create_backbone, input_side
 from featurize.decode import resolve_decode
 from featurize.errors import FeaturizeError
 from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device
 from featurize.runtime import resolve_runtime
-from featurize.sources import open_source
+from featurize.sources import median_image_side, open_source
 from featurize.store import FORMAT_VERSION, StoreWriter, check_writable
 from pipelines.provenance import library_versions
 
@@ -45,6 +45,8 @@ class ExtractResult:
         first_batch_seconds: from the model being ready to the first batch of features (local runs).
         shutdown_seconds: from the last batch of features to the finished store (decoders stopped, shards
             written, store finalised).
+        representation: with ``representation="auto"``, what it chose and why (layers, crop_pct,
+            median_image_side, input_side, crop_reason); else None.
     """
 
     path: Path
@@ -60,6 +62,7 @@ class ExtractResult:
     startup_seconds: float | None = None
     first_batch_seconds: float | None = None
     shutdown_seconds: float | None = None
+    representation: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (f"ExtractResult(path={str(self.path)!r}, rows={self.num_rows}, failed={self.num_failed}, "
@@ -108,6 +111,21 @@ def _commit_on_error(writer: StoreWriter):
         raise
 
 
+def _auto_representation(src, model: str, image_size: int | None, layers: str | None,
+                         crop_pct: float | None) -> tuple[str, float | None, dict[str, Any]]:
+    """(layers, crop_pct, what was chosen and why) for ``representation="auto"``."""
+    if model == PIXELS:
+        raise FeaturizeError("--representation auto chooses the layers and the crop of a timm backbone; --model "
+                             "pixels has neither: leave --representation out")
+    layers = "stages" if layers in (None, "", "last") else layers
+    side, target = median_image_side(src), input_side(model, image_size)
+    why = "given" if crop_pct is not None else None
+    if crop_pct is None and side is not None and side < target:
+        crop_pct, why = 1.0, f"images of {side} px, smaller than the {target} px input: no crop"
+    return layers, crop_pct, {"kind": "auto", "layers": layers, "crop_pct": crop_pct, "median_image_side": side,
+                              "input_side": target, "crop_reason": why or "the model's own crop"}
+
+
 def extract_features(
     source: str,
     out: str | Path,
@@ -118,6 +136,7 @@ def extract_features(
     crop_pct: float | None = None,
     grayscale: bool = False,
     layers: str | None = None,
+    representation: str = "default",
     device: str = "auto",
     precision: str = "auto",
     dtype: str = "float16",
@@ -147,6 +166,11 @@ def extract_features(
         grayscale: pixels only: one grey channel.
         layers: intermediate layers stored beside the features, from the same forward pass: ``last`` (none),
             ``stages``, or module names / stage indices (:func:`featurize.backbones.resolve_layers`).
+        representation: ``default`` (what `layers` and `crop_pct` say), or ``auto``: what compare-heads'
+            choice of representation needs -- every stage (unless `layers` names some) and, unless `crop_pct`
+            is given, no crop (1.0) when the source's images are smaller than the model's input (their median
+            shorter side, over 64 images spread over the source): small centred items keep their edges. The
+            choice and what it was based on are in the config and the store's ``representation`` attribute.
         runtime: ``auto`` (OpenVINO on a CPU when installed and the model converts, else torch), ``torch`` or
             ``openvino`` (:mod:`featurize.runtime`); part of the config, so a resume must use the same one.
         decode: ``auto`` (GPU decoding on CUDA, Pillow elsewhere), ``cpu`` (Pillow), ``gpu`` (nvJPEG) or
@@ -169,6 +193,11 @@ def extract_features(
     limit_spec = str(max_failures)
     check_model_name(model)  # cheap, so a typo fails before a large folder is scanned
     src = open_source(source, **source_options)
+    chosen = None
+    if representation == "auto":
+        layers, crop_pct, chosen = _auto_representation(src, model, image_size, layers, crop_pct)
+    elif representation != "default":
+        raise FeaturizeError(f"--representation must be default or auto, got {representation!r}")
     allowed = allowed_failures(limit_spec, len(src))
     fingerprint = src.fingerprint()
     stamps: dict[str, float] = {}
@@ -233,6 +262,8 @@ def extract_features(
             config["decode"]["decoder"] = computed["decoder"]
         if src.tasks:  # the same: the label sets' contents are in the fingerprint, their names here
             config["dataset"]["tasks"] = src.task_names
+        if chosen is not None:  # the same: only an auto representation is recorded as one
+            config["representation"] = chosen
         writer = StoreWriter(
             out, config, len(src), computed["num_features"], dtype=dtype, shard_size=shard_size, overwrite=overwrite,
             layers=computed["layers"],
@@ -276,6 +307,7 @@ def extract_features(
             "device": placement,
             "num_features": computed["num_features"],
             **({"layers": computed["layers"]} if computed["layers"] else {}),
+            **({"representation": chosen} if chosen is not None else {}),
             "dataset_fingerprint": config["dataset"]["fingerprint"],
             "source": src.describe(),
             "library_versions": library_versions(),
@@ -298,4 +330,5 @@ def extract_features(
         startup_seconds=stamps["model_ready"] - called if "model_ready" in stamps else None,
         first_batch_seconds=stamps["first_batch"] - stamps["model_ready"] if "first_batch" in stamps else None,
         shutdown_seconds=finished - stamps["last_batch"],
+        representation=chosen,
     )

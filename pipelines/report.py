@@ -145,6 +145,29 @@ def ranking_markdown(comparison: Comparison) -> list[str]:
     return lines + [""]
 
 
+def _representation_section(comparison: Comparison) -> list[str]:
+    chosen = comparison.representation
+    if not chosen:
+        return []
+    ranking = comparison.ranking
+    lines = ["## Representation chosen (auto)", ""]
+    if chosen["difference"] is not None and chosen["winner"] != chosen["reference"]:
+        low, high = chosen["difference_ci"]
+        lines.append(f"**{chosen['winner']}** won: {chosen['winner_head']} at {chosen['winner_accuracy'] * 100:.2f} % "
+                     f"against {chosen['reference_accuracy'] * 100:.2f} % for the default features "
+                     f"({chosen['reference']} + {chosen['reference_head']}): **{chosen['difference'] * 100:+.2f} "
+                     f"points** [{low * 100:+.2f}, {high * 100:+.2f}], paired on the {len(comparison.y_scored)} "
+                     "scored rows.")
+    else:
+        lines.append(f"The default features ({chosen['reference']}) won; no layer or concatenation beat them.")
+    lines += ["", f"{chosen['candidates']} candidates — the default features, every stored layer and the "
+              f"best-ranked ones side by side ({', '.join(chosen['concat']) or 'none'}) — were ranked by "
+              f"{ranking['rank_by']} on {ranking['rows_scored']} training rows (never the test rows) in "
+              f"{chosen['rank_seconds']:.0f} s of the budget; heads ran on {', '.join(chosen['ran'])}. Every "
+              "candidate's scores and cost are in the Representations section.", ""]
+    return lines
+
+
 def _selection_section(comparison: Comparison) -> list[str]:
     curve = comparison.curve
     ks = [k for k in curve["shots"] if k != "all"]
@@ -290,7 +313,7 @@ def protocol_lines(comparison: Comparison) -> list[str]:
 def markdown_sections(comparison: Comparison) -> list[str]:
     """The report's sections after the leaderboard, as Markdown: learning curve, calibration, representations,
     cost and budget (their plots are referenced as PNG files)."""
-    return [*_finetune_section(comparison), *_curve_section(comparison), *_calibration_section(comparison),
+    return [*_representation_section(comparison), *_finetune_section(comparison), *_curve_section(comparison), *_calibration_section(comparison),
             *ranking_markdown(comparison), *_cost_section(comparison)]
 
 
@@ -405,6 +428,7 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
         "candidates": [{"candidate": c.name, "store": str(c.store.path), "layer": c.layer} for c in comparison.candidates],
         "ranking": comparison.ranking,
         "units": comparison.units,
+        "representation": comparison.representation,
         "learning_curve": None if comparison.curve is None else {
             k: comparison.curve.get(k) for k in ("shots", "seeds", "scored", "seconds", "selection")},
     }
