@@ -973,12 +973,17 @@ def _print_representation(console, chosen: dict | None) -> None:
         return
     line = (f"representation auto: {chosen['winner']} won among {chosen['candidates']} candidates ranked in "
             f"{chosen['rank_seconds']:.0f} s (heads ran on {len(chosen['ran'])})")
-    if chosen["difference"] is not None and chosen["winner"] != chosen["reference"]:
+    if chosen["winner"] == chosen["reference"]:
+        line += "; the default features won"
+    elif chosen["difference"] is not None:
         low, high = chosen["difference_ci"]
         line += (f"; {chosen['difference'] * 100:+.2f} points [{low * 100:+.2f}, {high * 100:+.2f}] over the default "
                  f"features ({chosen['reference']} + {chosen['reference_head']}, paired on the test rows)")
-    elif chosen["winner"] == chosen["reference"]:
-        line += "; the default features won"
+    elif chosen["reference_dropped"]:
+        dropped = chosen["reference_dropped"]
+        line += (f"; the race dropped every head on the default features ({chosen['reference']}: best "
+                 f"{dropped['head']} at {dropped['held_out_accuracy'] * 100:.2f} % on {dropped['held_out_rows']} "
+                 "held-out training rows)")
     console.print(line)
 
 

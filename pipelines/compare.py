@@ -76,10 +76,12 @@ class Comparison:
         curve: with ``shots``: the learning curve (:mod:`pipelines.curves`): ``shots``, ``seeds``, ``scored``
             (which rows each point is scored on), ``seconds`` and ``rows`` (one per representation x head x k);
             None otherwise.
-        representation: with ``representation="auto"``: ``winner`` (the best row's representation),
-            ``reference`` (the default features), ``difference`` and ``difference_ci`` (the winner's best head
-            minus the reference's best head, paired on the scored rows), ``candidates`` (how many were ranked),
-            ``ran`` (those that ran heads), ``concat`` (the concatenated parts), ``rank_seconds``; else None.
+        representation: with ``representation="auto"``: ``winner`` (the best row's representation, head and
+            accuracy), ``reference`` (the default features, their best head and accuracy), ``difference`` and
+            ``difference_ci`` (the winner's best head minus the reference's, paired on the scored rows; None
+            when the race dropped every head on the reference: ``reference_dropped`` then holds the best one's
+            held-out accuracy and the reason), ``candidates`` (how many were ranked), ``ran`` (those that ran
+            heads), ``concat`` (the concatenated candidates), ``rank_seconds``; else None.
         units: the run cache (:mod:`pipelines.runcache`): ``reused`` units and the ``reused_seconds`` they took
             when they ran, and units ``committed`` by this run.
     """
@@ -195,28 +197,35 @@ def _auto_candidates(candidates: list[Candidate], usable: np.ndarray, y: np.ndar
     if concats:
         extra, _ = _rank(concats, usable, y, plan, rank_rows, seed, progress)
         scores = [{**r, "candidate": c.name} for r, c in zip(scores + extra, everything)]
-    keep = {c.name for c in everything if c.layer == LAST}
+    keep = [c.name for c in everything if c.layer == LAST]
     return everything, scores, n_rows, keep
 
 
-def _auto_outcome(rows: list[dict[str, Any]], predictions, y_scored: np.ndarray, keep: set[str],
-                  ranking: dict[str, Any], n_boot: int, seed: int) -> dict[str, Any]:
-    """What ``representation="auto"`` chose and how far it beat the default features (paired on the scored
-    rows)."""
+def _auto_outcome(rows: list[dict[str, Any]], predictions, y_scored: np.ndarray, keep: list[str],
+                  ranking: dict[str, Any], skipped: list[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
+    """What ``representation="auto"`` chose and how far it beat the default features: paired on the scored rows
+    when a head on the default features reached them, else what the race saw on held-out training rows."""
     frozen = [r for r in rows if r["mode"] != "finetune"]
     winner = frozen[0]
-    reference = next((r for r in frozen if r["representation"] in keep), None)
-    out = {"winner": winner["representation"], "reference": reference["representation"] if reference else None,
+    reference = keep[0]
+    out = {"winner": winner["representation"], "winner_head": winner["head"], "winner_accuracy": winner["accuracy"],
+           "reference": reference, "reference_head": None, "reference_accuracy": None, "reference_dropped": None,
            "difference": None, "difference_ci": None, "candidates": len(ranking["scores"]),
            "ran": sorted({r["representation"] for r in frozen}), "rank_seconds": ranking["seconds"],
            "concat": [r["candidate"] for r in ranking["scores"] if ":concat(" in r["candidate"]]}
-    if reference is not None:
+    best = next((r for r in frozen if r["representation"] == reference), None)
+    if best is not None:
         a = predictions[(winner["representation"], winner["head"])] == y_scored
-        b = predictions[(reference["representation"], reference["head"])] == y_scored
+        b = predictions[(reference, best["head"])] == y_scored
         difference, low, high = paired_difference_ci(a, b, n_boot=n_boot, seed=seed)
-        out.update(difference=difference, difference_ci=[low, high], reference_head=reference["head"],
-                   reference_accuracy=reference["accuracy"], winner_head=winner["head"],
-                   winner_accuracy=winner["accuracy"])
+        out.update(difference=difference, difference_ci=[low, high], reference_head=best["head"],
+                   reference_accuracy=best["accuracy"])
+        return out
+    raced = [s for s in skipped if s["representation"] == reference and s.get("race")]
+    if raced:  # every head on the default features was dropped by the race: what it saw is the evidence
+        top = max(raced, key=lambda s: s["race"]["rung_accuracy"][-1])
+        out["reference_dropped"] = {"head": top["head"], "held_out_accuracy": top["race"]["rung_accuracy"][-1],
+                                    "held_out_rows": top["race"]["rung_rows"][-1], "reason": top["reason"]}
     return out
 
 
@@ -344,7 +353,7 @@ def compare_heads(
     included = _included_runs(include or [], ref, usable, plan, y_scored, n_boot, seed)
 
     ranking: dict[str, Any] | None = None
-    keep: set[str] = set()  # candidates that run heads whatever their rank (auto: the default features)
+    keep: list[str] = []  # candidates that run heads whatever their rank (auto: the default features)
     scores = None
     if auto:
         started = time.perf_counter()
@@ -360,7 +369,7 @@ def compare_heads(
                    "seconds": time.perf_counter() - started}
         if top is not None and top < len(candidates):
             order = sorted(scores, key=lambda r: -r[rank_by])
-            kept = {r["candidate"] for r in order[:top]} | keep
+            kept = {r["candidate"] for r in order[:top]} | set(keep)
             running = [c for c in candidates if c.name in kept]
             ranking["ranked_out"] = [r for r in order if r["candidate"] not in kept]
 
@@ -462,7 +471,7 @@ def compare_heads(
     _versus_best_frozen(rows, predictions, y_scored, n_boot, seed)
     if ranking is not None:
         ranking["agreement"] = _agreement(ranking["scores"], rows, seed)
-    chosen = _auto_outcome(rows, predictions, y_scored, keep, ranking, n_boot, seed) if auto else None
+    chosen = _auto_outcome(rows, predictions, y_scored, keep, ranking, skipped, n_boot, seed) if auto else None
     return Comparison(
         rows=rows,
         plan=plan,

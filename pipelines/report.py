@@ -151,7 +151,9 @@ def _representation_section(comparison: Comparison) -> list[str]:
         return []
     ranking = comparison.ranking
     lines = ["## Representation chosen (auto)", ""]
-    if chosen["difference"] is not None and chosen["winner"] != chosen["reference"]:
+    if chosen["winner"] == chosen["reference"]:
+        lines.append(f"The default features ({chosen['reference']}) won; no layer or concatenation beat them.")
+    elif chosen["difference"] is not None:
         low, high = chosen["difference_ci"]
         lines.append(f"**{chosen['winner']}** won: {chosen['winner_head']} at {chosen['winner_accuracy'] * 100:.2f} % "
                      f"against {chosen['reference_accuracy'] * 100:.2f} % for the default features "
@@ -159,7 +161,11 @@ def _representation_section(comparison: Comparison) -> list[str]:
                      f"points** [{low * 100:+.2f}, {high * 100:+.2f}], paired on the {len(comparison.y_scored)} "
                      "scored rows.")
     else:
-        lines.append(f"The default features ({chosen['reference']}) won; no layer or concatenation beat them.")
+        dropped = chosen["reference_dropped"]
+        lines.append(f"**{chosen['winner']}** won ({chosen['winner_head']}, {chosen['winner_accuracy'] * 100:.2f} %). "
+                     f"No head on the default features ({chosen['reference']}) reached the test rows"
+                     + (f": the race dropped them on held-out training rows — the best, {dropped['head']}: "
+                        f"{dropped['reason']}." if dropped else "."))
     lines += ["", f"{chosen['candidates']} candidates — the default features, every stored layer and the "
               f"best-ranked ones side by side ({', '.join(chosen['concat']) or 'none'}) — were ranked by "
               f"{ranking['rank_by']} on {ranking['rows_scored']} training rows (never the test rows) in "

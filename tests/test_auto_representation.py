@@ -125,3 +125,18 @@ def test_auto_without_layers_is_a_one_line_error(runner, small_digits, tmp_path)
     plain = extract_features(small_digits, tmp_path / "plain.h5", **TINY).path
     result = invoke(runner, ["compare-heads", plain, "--representation", "auto", "-q"])
     assert_one_line_error(result, "no store given without a layer holds any")
+
+
+def test_a_reference_dropped_by_the_race_is_reported_with_the_race_evidence():
+    import numpy as np
+
+    from pipelines.compare import _auto_outcome
+
+    rows = [{"representation": "lite0:concat(last+blocks.6)", "head": "rbf-svm", "accuracy": 0.92, "mode": "halving"}]
+    skipped = [{"representation": "lite0", "head": h, "reason": f"{a * 100:.2f} % on 2000 held-out rows",
+                "race": {"rung_accuracy": [a], "rung_rows": [2000]}} for h, a in (("logreg", 0.872), ("rbf-svm", 0.874))]
+    ranking = {"scores": [{"candidate": "lite0"}, {"candidate": "lite0:concat(last+blocks.6)"}], "seconds": 3.0}
+    y = np.zeros(10)
+    out = _auto_outcome(rows, {}, y, ["lite0"], ranking, skipped, 100, 0)
+    assert out["reference"] == "lite0" and out["difference"] is None
+    assert out["reference_dropped"]["head"] == "rbf-svm" and out["reference_dropped"]["held_out_accuracy"] == 0.874
