@@ -765,8 +765,8 @@ def _rank_by_option(help_text: str):
 @click.option("--selection", metavar="STRATEGY,...",
               help="--shots: choose each curve's training rows with label-selection strategies (random, typiclust, "
                    "probcover, kcenter, margin; see select-labels) instead of K per class: each picks K x classes "
-                   "rows without seeing a label; one line per strategy, the gain over random with a CI. "
-                   "Writes selection_curve.png.")
+                   "rows without seeing a label; one line per strategy, the gain over random with a CI "
+                   "(learning_curve.png, report.md).")
 @click.option("--representation", type=click.Choice(["auto", "given"]),
               help="auto: expand each STORE.h5 into its default features and every stored layer, rank them on the "
                    "training rows, add the best-ranked ones concatenated, run the heads on the best three (or "
@@ -1099,7 +1099,7 @@ def _print_ranking(ranking) -> None:
               help="probcover: the ball radius (distance between L2-normalised rows) instead of the purity rule.")
 @click.option("--task", metavar="NAME", help="Which label set of the store [default: the default one].")
 def select_labels(store, budget, strategy, out, labeled, seed, n_classes, radius, task):
-    """Choose which BUDGET rows of a store to label next.
+    """Choose the --budget rows of a store to label next.
 
     STORE is STORE.h5 or STORE.h5:LAYER (the representation distances are measured in). The candidates are its
     unlabelled rows (label -1) outside the test split -- or, in a store where every row has a label (to try
