@@ -115,28 +115,16 @@ def figure(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipelines.plots import selection_panel
+
     names = [n for n in ("digits-lite0", "lfw-lite0", "fashion-lite0", "digits-pixels", "lfw-pixels", "fashion-pixels")
              if (args.work / "results" / n / "results.json").exists()]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), dpi=90, squeeze=False)
     for ax, name in zip(axes.flat, names):
         document = json.loads((args.work / "results" / name / "results.json").read_text())
-        rows = [r for r in document["learning_curve"] if r.get("selection") and r["accuracy"] is not None]
-        n_classes = len(document["meta"]["classes"])
-        for i, strategy in enumerate(STRATEGIES.split(",")):
-            points = sorted((r for r in rows if r["selection"] == strategy), key=lambda r: r["shots"])
-            x = [r["shots"] for r in points]
-            style = {"color": "black", "linestyle": "--"} if strategy == "random" else {"color": f"C{i}"}
-            ax.plot(x, [r["accuracy"] * 100 for r in points], marker="o", label=strategy, **style)
-            ax.fill_between(x, [r["accuracy_ci"][0] * 100 for r in points], [r["accuracy_ci"][1] * 100 for r in points],
-                            color=style["color"], alpha=0.1)
-        ks = sorted({r["shots"] for r in rows})
-        ax.set_xscale("log")
-        ax.set_xticks(ks, [f"{k}\n({k * n_classes})" for k in ks])
-        ax.minorticks_off()
+        rows = [r for r in document["learning_curve"] if r.get("selection")]
+        selection_panel(ax, rows, STRATEGIES.split(","), len(document["meta"]["classes"]), args.seeds)
         ax.set_title(name.replace("-", ", "), fontsize=10)
-        ax.set_xlabel("labels per class (total budget)", fontsize=8)
-        ax.set_ylabel("test accuracy %, 5 seeds, 95% CI", fontsize=8)
-        ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8, loc="lower right")

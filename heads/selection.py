@@ -228,7 +228,7 @@ def _typicality(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 def _typiclust(space, budget, labeled, y_labeled, seed, options) -> Picks:
     rng = _rng(seed, 0x7C1)
-    n_clusters = int(min(len(labeled) + budget, options.get("max_clusters", MAX_CLUSTERS), len(space)))
+    n_clusters = int(min(len(labeled) + budget, MAX_CLUSTERS, len(space)))
     clusters = space.kmeans(n_clusters, seed)
     taken = np.zeros(len(space), dtype=bool)
     taken[labeled] = True

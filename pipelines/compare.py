@@ -193,10 +193,9 @@ def _auto_candidates(candidates: list[Candidate], usable: np.ndarray, y: np.ndar
                      key=lambda c: -by_name[c.name][rank_by])
         if len(own) > 1:
             concats.append(concat_candidate(store, [c.layer for c in own[:AUTO_CONCAT]]))
-    everything = name_candidates(singles + concats)
+    everything = name_candidates(singles + concats)  # the singles keep their names; the concatenations get theirs
     if concats:
-        extra, _ = _rank(concats, usable, y, plan, rank_rows, seed, progress)
-        scores = [{**r, "candidate": c.name} for r, c in zip(scores + extra, everything)]
+        scores += _rank(concats, usable, y, plan, rank_rows, seed, progress)[0]
     keep = [c.name for c in everything if c.layer == LAST]
     return everything, scores, n_rows, keep
 

@@ -13,7 +13,7 @@ from heads.calibration import expected_calibration_error, reliability_bins
 from pipelines.compare import Comparison
 
 __all__ = ["plot_accuracy_vs_fit_time", "plot_confusion", "plot_learning_curve", "plot_reliability", "place_labels",
-           "curve_rows", "curve_lines", "fit_rows", "selection_pairs", "CURVE_LINES"]
+           "curve_rows", "curve_lines", "fit_rows", "selection_pairs", "selection_panel", "CURVE_LINES"]
 
 
 def plot_accuracy_vs_fit_time(comparison: Comparison, path, fmt: str | None = None) -> None:
@@ -211,34 +211,38 @@ def selection_pairs(comparison: Comparison) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda pair: -best.get(pair, 0.0))
 
 
+def selection_panel(ax, rows: list[dict[str, Any]], strategies: list[str], n_classes: int, n_seeds: int) -> None:
+    """One representation x head of a selection curve on `ax`: a line per strategy with its CI band (random
+    dashed black), labels per class on a log axis with the total budget under each. `rows`: its curve rows."""
+    ks = sorted({r["shots"] for r in rows})
+    for i, strategy in enumerate(strategies):
+        points = sorted((r for r in rows if r["selection"] == strategy and r["accuracy"] is not None),
+                        key=lambda r: r["shots"])
+        if not points:
+            continue
+        x = [r["shots"] for r in points]
+        style = {"color": "black", "linestyle": "--"} if strategy == "random" else {"color": f"C{i}"}
+        ax.plot(x, [r["accuracy"] * 100 for r in points], marker="o", label=strategy, **style)
+        ax.fill_between(x, [r["accuracy_ci"][0] * 100 for r in points], [r["accuracy_ci"][1] * 100 for r in points],
+                        color=style["color"], alpha=0.12)
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [f"{k}\n({k * n_classes})" for k in ks])
+    ax.minorticks_off()
+    ax.set_xlabel("labels per class (total budget)")
+    ax.set_ylabel(f"accuracy (%), mean of {n_seeds} seeds, 95% CI")
+    ax.grid(True, alpha=0.3)
+
+
 def _plot_selection_curve(comparison: Comparison, path, fmt: str | None) -> None:
     import matplotlib.pyplot as plt
 
     curve = comparison.curve
     pairs = selection_pairs(comparison)[:SELECTION_PANELS]
-    point = {(r["representation"], r["head"], r["selection"], r["shots"]): r for r in curve["rows"]
-             if r["accuracy"] is not None}
-    ks = [k for k in curve["shots"] if k != "all"]
-    n_classes = len(comparison.classes)
     fig, axes = plt.subplots(1, len(pairs), figsize=(6.5 * len(pairs), 4.8), dpi=110, squeeze=False)
     for ax, (rep, head) in zip(axes[0], pairs):
-        for i, strategy in enumerate(curve["selection"]):
-            rows = [point[key] for key in ((rep, head, strategy, k) for k in ks) if key in point]
-            if not rows:
-                continue
-            x = [r["shots"] for r in rows]
-            style = {"color": "black", "linestyle": "--"} if strategy == "random" else {"color": f"C{i}"}
-            ax.plot(x, [r["accuracy"] * 100 for r in rows], marker="o", label=strategy, **style)
-            ax.fill_between(x, [r["accuracy_ci"][0] * 100 for r in rows], [r["accuracy_ci"][1] * 100 for r in rows],
-                            color=style["color"], alpha=0.12)
-        ax.set_xscale("log")
-        ax.set_xticks(ks, [f"{k}\n({k * n_classes})" for k in ks])
-        ax.minorticks_off()
-        ax.set_xlabel("labels per class (total budget)")
-        ax.set_ylabel(f"accuracy (%), mean of {len(curve['seeds'])} seeds, 95% CI")
-        ax.set_title(f"{rep} + {head}" if len(pairs) > 1 or len({p[0] for p in pairs}) > 1 else
-                     f"label selection: {head} on {rep}", fontsize=10)
-        ax.grid(True, alpha=0.3)
+        rows = [r for r in curve["rows"] if (r["representation"], r["head"]) == (rep, head)]
+        selection_panel(ax, rows, curve["selection"], len(comparison.classes), len(curve["seeds"]))
+        ax.set_title(f"{rep} + {head}" if len(pairs) > 1 else f"label selection: {head} on {rep}", fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, format=fmt)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class LabelSelection:
     uncovered: list[str] | None
     seconds: float
     out: Path | None = None
-    mode: str = field(default="unlabelled")
+    mode: str = "unlabelled"
 
     def __repr__(self) -> str:
         return (f"LabelSelection({self.strategy}: {len(self.ids)} of {self.candidates} {self.mode} rows, "
@@ -124,7 +124,7 @@ def select_labels(
         HeadsError, StoreError: a bad budget, no candidate rows, unknown or test ids in `labeled`, a strategy
             that needs labels without them.
     """
-    get_strategy(strategy)
+    spec = get_strategy(strategy)
     if int(budget) != budget or budget < 1:
         raise HeadsError(f"--budget must be at least 1 row, got {budget}")
     candidate = parse_candidates([store], task=task)[0]
@@ -158,7 +158,6 @@ def select_labels(
     if budget > n_candidates:
         raise HeadsError(f"--budget {budget} is larger than the {n_candidates} rows that can be picked; "
                          f"give at most {n_candidates}")
-    spec = get_strategy(strategy)
     labeled_rows = np.flatnonzero(known)
     y_labeled = y_known[labeled_rows]
     if spec.needs_labels and (len(labeled_rows) == 0 or (y_labeled < 0).any()):
@@ -166,14 +165,15 @@ def select_labels(
                          "a label column (or rows the store has labels for); to start from nothing, use "
                          "typiclust, probcover or random")
     started = time.perf_counter()
-    pool = np.flatnonzero(candidates | known)
+    in_pool = candidates | known
+    pool = np.flatnonzero(in_pool)
     position = np.full(len(labels), -1)
     position[pool] = np.arange(len(pool))
     classes = n_classes if n_classes is not None else (len(meta.classes) if len(meta.classes) > 1 else None)
     if strategy == "probcover" and radius is None and not classes:
         raise HeadsError("probcover sets its radius from the number of classes and the store has none: give "
                          "--classes K (how many classes the labels will have) or --radius R")
-    features = candidate.load(np.isin(np.arange(len(labels)), pool))
+    features = candidate.load(in_pool)
     space = SelectionSpace(features, dims=dims)
     picks = select(space, int(budget), strategy, labeled=position[labeled_rows],
                    y_labeled=y_labeled if spec.needs_labels else None, seed=seed, n_classes=classes, radius=radius)

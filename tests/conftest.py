@@ -52,6 +52,23 @@ def write_image(path: Path, array: np.ndarray, **save_kwargs) -> Path:
     return path
 
 
+def write_digit_folder(root: Path, *, classes: int, train: int, test: int) -> Path:
+    """scikit-learn's digits of the first `classes` classes as PNG files, `train` and `test` of each class in
+    ROOT/<split>/<class>/ folders (the builtin's own split)."""
+    from featurize.sources import DigitsSource
+
+    source, counts = DigitsSource(), {}
+    for s in source.samples:
+        wanted = train if s.split == "train" else test
+        if s.label >= classes or counts.get((s.split, s.label), 0) >= wanted:
+            continue
+        counts[(s.split, s.label)] = counts.get((s.split, s.label), 0) + 1
+        path = root / s.split / str(s.label) / f"d{s.index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source.load(s.index).save(path)
+    return root
+
+
 def broken_jpegs(data: bytes) -> tuple[bytes, bytes]:
     """Two broken copies of a JPEG: cut in half (no end-of-image marker: Pillow refuses it as truncated), and a
     complete-looking one (start and end markers, a header Pillow parses) with a bogus Huffman table, which the

@@ -9,7 +9,7 @@ from featurize.sources import DigitsSource
 from featurize.store import read_store
 from pipelines.extract import extract_features
 
-from conftest import TINY, assert_one_line_error, invoke, photo, write_image
+from conftest import TINY, assert_one_line_error, invoke, photo, write_digit_folder, write_image
 
 
 @pytest.fixture
@@ -59,13 +59,8 @@ def test_auto_on_pixels_is_a_one_line_error(runner, tmp_path):
 def auto_store(tmp_path_factory):
     """90 digits (classes 0-2, 20 train + 10 test each) through test_resnet with --representation auto."""
     root = tmp_path_factory.mktemp("auto")
-    source, counts = DigitsSource(), {}
-    for s in source.samples:
-        if s.label > 2 or counts.get((s.split, s.label), 0) >= (20 if s.split == "train" else 10):
-            continue
-        counts[(s.split, s.label)] = counts.get((s.split, s.label), 0) + 1
-        source.load(s.index).save(_mkdir(root / "img" / s.split / str(s.label)) / f"d{s.index:04d}.png")
-    return extract_features(root / "img", root / "auto.h5", representation="auto", **TINY).path
+    folder = write_digit_folder(root / "img", classes=3, train=20, test=10)
+    return extract_features(folder, root / "auto.h5", representation="auto", **TINY).path
 
 
 def _plant(store_path, out, layer, rows):

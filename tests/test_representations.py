@@ -21,7 +21,7 @@ from featurize.store import partial_dir, read_features, read_store
 from heads.blocks import BlockStandardScaler
 from pipelines.extract import extract_features
 
-from conftest import ROOT, assert_one_line_error, invoke
+from conftest import ROOT, assert_one_line_error, invoke, write_digit_folder
 
 TINY = dict(model="test_resnet", weights="random", precision="fp32", runtime="torch", workers=0, progress=False)
 FIXTURE_V1 = ROOT / "tests" / "data" / "store-v1.h5"
@@ -30,16 +30,7 @@ FIXTURE_V1 = ROOT / "tests" / "data" / "store-v1.h5"
 @pytest.fixture(scope="module")
 def digit_folder(tmp_path_factory):
     """60 of scikit-learn's digits (classes 0-2) as PNG files in train/test split folders."""
-    root = tmp_path_factory.mktemp("digits")
-    source, counts = DigitsSource(), {}
-    for s in source.samples:
-        if s.label > 2 or counts.get((s.split, s.label), 0) >= (15 if s.split == "train" else 5):
-            continue
-        counts[(s.split, s.label)] = counts.get((s.split, s.label), 0) + 1
-        path = root / s.split / str(s.label) / f"d{s.index:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        source.load(s.index).save(path)
-    return root
+    return write_digit_folder(tmp_path_factory.mktemp("digits"), classes=3, train=15, test=5)
 
 
 @pytest.fixture(scope="module")
