@@ -1138,6 +1138,73 @@ def select_labels(store, budget, strategy, out, labeled, seed, n_classes, radius
 
 
 @main.command()
+@click.argument("store")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for audit.json, duplicates.csv, label_issues.csv and outliers.csv.")
+@click.option("--task", metavar="NAME", help="Which label set of the store [default: the default one].")
+@click.option("--threshold", type=click.FloatRange(-1, 1),
+              help="Cosine a near-duplicate pair needs, instead of the calibrated one.")
+@click.option("--min-pixel", type=click.FloatRange(-1, 1),
+              help="Pixel similarity (thumbnail correlation) a near-duplicate pair needs, instead of the calibrated "
+                   "one.")
+@click.option("--sample", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Images copied (4 ways each) to calibrate the near-duplicate rule.")
+@click.option("--neighbours", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Nearest others searched per row.")
+@click.option("--images", metavar="SOURCE",
+              help="Where the store's images are now, when they moved since extraction [default: the recorded "
+                   "source].")
+@click.option("--labels/--no-labels", default=True, show_default=True,
+              help="Look for label issues (5-fold out-of-fold logistic regression, cleanlab).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and the calibration sample.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def audit(store, out, task, threshold, min_pixel, sample, neighbours, images, labels, seed, quiet):
+    """Find near-duplicates, label issues and outliers in a store.
+
+    STORE is STORE.h5 or STORE.h5:LAYER. Near-duplicates within and across splits come from each row's nearest
+    others in the features (FAISS: exact up to a million rows); the rule that decides them is calibrated on
+    copies of the store's own images (JPEG re-encoded, rescaled, cropped, mirrored, embedded exactly as the
+    store was) against other images, and, when the images are reachable, the pixels must agree too (grey
+    thumbnails, mirror-forgiving, crop-aligned). Its expected recall per kind of copy and false-match rate are reported. Label issues: cleanlab's
+    confident learning on out-of-fold probabilities; outliers: rows far from all others.
+
+    Test rows with a twin among the rows a head is fitted on inflate the accuracy compare-heads reports
+    (docs/audit.md says what to do about it).
+
+    \b
+    Examples:
+      python cli.py audit photos.h5 --out audit/
+      python cli.py audit photos.h5:blocks.6 --task species --out audit-species/
+      python cli.py audit photos.h5 --images /new/place/photos --out audit/
+    """
+    from pipelines.audit import audit as run_audit
+
+    result = run_audit(store, out, task=task, threshold=threshold, min_pixel=min_pixel, sample=sample,
+                       neighbours=neighbours, images=images, labels=labels, seed=seed, progress=not quiet)
+    d, rule = result.duplicates, result.duplicates["rule"]
+    decided = f"cosine >= {rule['threshold']:.3f}" + (
+        f" and pixel similarity >= {rule['min_pixel']:.3f}" if rule["min_pixel"] is not None else "")
+    if rule["calibrated"]:
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in rule["recall_by_kind"].items())
+        decided += (f" (calibrated on {rule['sample']} images: recall {rule['recall']:.2f} [{kinds}], "
+                    f"{rule['false_match_rate'] * 100:.1f} % of other images pass)")
+    click.echo(f"{result.rows} rows audited in {result.seconds['total']:.1f} s")
+    click.echo(f"near-duplicates: {len(d['pairs'])} pairs in {d['clusters']} clusters, {d['cross_split']} across "
+               f"splits; {d['test_with_twin']} of {d['test_rows']} test rows have a twin outside the test split; "
+               f"rule: {decided}")
+    if result.label_issues is not None:
+        worst = sorted(result.label_issues["per_class"].items(), key=lambda kv: -kv[1])[:3]
+        click.echo(f"label issues: {result.label_issues['count']} of {result.labelled} labelled rows"
+                   + (f" (most in {', '.join(f'{k} {v}' for k, v in worst if v)})" if result.label_issues["count"] else ""))
+    click.echo(f"outliers: {result.outliers['count']}" + (f" ({result.outliers['unlabelled']} unlabelled)"
+                                                          if result.outliers["unlabelled"] else ""))
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {out}/: audit.json, duplicates.csv" + (", label_issues.csv" if result.label_issues else "")
+               + ", outliers.csv")
+
+
+@main.command()
 @click.option("--head", "head_path", required=True, type=click.Path(path_type=Path),
               help="A head saved by compare-heads --save-best.")
 @click.argument("source")

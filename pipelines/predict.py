@@ -18,7 +18,7 @@ from heads import HeadsError
 from heads.persist import load_head
 from pipelines.scoring import write_csv
 
-__all__ = ["PredictResult", "predict_images"]
+__all__ = ["PredictResult", "predict_images", "weights_choice"]
 
 
 @dataclass
@@ -41,7 +41,9 @@ class PredictResult:
     num_scored: dict[str, int] = field(default_factory=dict)
 
 
-def _weights_for(provenance: dict, weights: str | None) -> str:
+def weights_choice(provenance: dict, weights: str | None) -> str:
+    """The --weights choice that gives back the weights recorded in `provenance` (a head's or a store's
+    ``weights_source``), unless `weights` names them; a weights file must be given again."""
     if weights:
         return weights
     source = str(provenance.get("weights_source", ""))
@@ -89,7 +91,7 @@ def predict_images(
     src = open_source(source, **{k: v for k, v in (source_options or {}).items() if v is not None})
     blocks = list(prov.get("blocks") or [LAST_LAYER])  # heads saved before layers existed: the default features
     backbone = create_backbone(
-        prov["backbone"], _weights_for(prov, weights), image_size=int(prov["data_config"]["input_size"][-1]),
+        prov["backbone"], weights_choice(prov, weights), image_size=int(prov["data_config"]["input_size"][-1]),
         crop_pct=prov["data_config"].get("crop_pct"), grayscale=bool((prov.get("pooling") or {}).get("grayscale")),
         layers=[b for b in blocks if b != LAST_LAYER],
     )
