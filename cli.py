@@ -788,12 +788,17 @@ def _rank_by_option(help_text: str):
               help="Add a fine-tuned run (python cli.py finetune ... --out RUN_DIR) to the leaderboard, paired with "
                    "the heads on the same test rows (ids and labels checked), with its cost: seconds and "
                    "parameters trained. Repeatable. Needs stores with a test split.")
+@click.option("--exclude-duplicates", "exclude_duplicates", type=click.Path(file_okay=False, path_type=Path),
+              metavar="AUDIT_DIR",
+              help="Also score every head without the test rows that have a near-duplicate among the rows it was "
+                   "fitted on, as found by `python cli.py audit STORE --out AUDIT_DIR`: accuracy with and "
+                   "without them, side by side.")
 @_ray_option("Run the searches and CV fits (joblib's Ray backend; --jobs defaults to the cluster's CPUs)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n_boot, out_dir, save_predictions,
                           save_best, budget,
                           exhaustive, top, rank_by, shots, seeds, selection, representation, calibrate, task, fresh,
-                          include, ray_address, quiet):
+                          include, exclude_duplicates, ray_address, quiet):
     """Train and compare classical heads on one or more representations: feature stores or their layers.
 
     Each CANDIDATE is STORE.h5 (its default features), STORE.h5:LAYER (one stored layer), STORE.h5:all
@@ -833,6 +838,7 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
       python cli.py compare-heads big.h5 --budget 30 --out results/
       python cli.py compare-heads big.h5 --ray 10.0.0.1:6379 --out results/
       python cli.py compare-heads digits.h5 --include ft1/ --include ft0/ --out results/
+      python cli.py compare-heads photos.h5 --exclude-duplicates audit/ --out results/
     """
 
     from pipelines.compare import compare_heads, save_best_head, task_names
@@ -862,7 +868,8 @@ def compare_heads_command(stores, head_names, folds, seed, jobs, class_weight, n
                                        representation=representation,
                                        calibrate=calibrate, task=name,
                                        cache_dir=out_dir / ".runs" if out_dir else None, fresh=fresh,
-                                       include=list(include), progress=not quiet)
+                                       include=list(include), exclude_duplicates=exclude_duplicates,
+                                       progress=not quiet)
             if comparison.units.get("reused"):
                 click.echo(f"reused {comparison.units['reused']} units committed by an earlier run "
                            f"({comparison.units['reused_seconds']:.0f} s of work), computed "
@@ -947,9 +954,24 @@ def _print_leaderboard(comparison) -> None:
     if comparison.excluded_failed or comparison.excluded_unlabeled:
         console.print(f"left out: {comparison.excluded_failed} rows that failed in at least one store, "
                       f"{comparison.excluded_unlabeled} unlabeled rows")
+    _print_duplicates(console, comparison)
     _print_curve(console, comparison.curve)
     _print_representation(console, comparison.representation)
     _print_trust(console, comparison.ranking)
+
+
+def _print_duplicates(console, comparison) -> None:
+    """--exclude-duplicates: how many scored rows have a twin, and the best heads' accuracy without them."""
+    d = comparison.duplicates
+    if not d:
+        return
+    console.print(f"near-duplicates ({d['audit']}): {d['twinned']} of {d['scored']} scored rows have a twin among "
+                  "the rows their head was fitted on")
+    for r in comparison.rows[:3]:
+        if r.get("accuracy_without_twins") is not None:
+            low, high = r["accuracy_without_twins_ci"]
+            console.print(f"  {r['representation']} {r['head']}: {r['accuracy'] * 100:.2f} % with them, "
+                          f"{r['accuracy_without_twins'] * 100:.2f} % [{low * 100:.1f}, {high * 100:.1f}] without")
 
 
 def _print_curve(console, curve: dict | None) -> None:

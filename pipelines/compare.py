@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from featurize.store import FeatureStore
-from heads import HeadsError, Plan, fit_head, mcnemar_p_value, paired_difference_ci, plan_protocol
+from heads import HeadsError, Plan, bootstrap_ci, fit_head, mcnemar_p_value, paired_difference_ci, plan_protocol
 from heads import resolve_heads, run_head
 from heads.budget import DEFAULT_BUDGET_MINUTES, PROBE_ROWS, Allocator, HeadBudget, LastRound, full_plan, head_jobs
 from heads.fewshot import ALL
@@ -84,6 +84,9 @@ class Comparison:
             heads), ``concat`` (the concatenated candidates), ``rank_seconds``; else None.
         units: the run cache (:mod:`pipelines.runcache`): ``reused`` units and the ``reused_seconds`` they took
             when they ran, and units ``committed`` by this run.
+        duplicates: with ``exclude_duplicates``: the audit folder read, ``pairs`` in it, ``twinned`` (scored rows
+            with a near-duplicate among the rows their head was fitted on) of ``scored``; every row then also has
+            ``accuracy_without_twins`` and its ``accuracy_without_twins_ci``. None otherwise.
     """
 
     rows: list[dict[str, Any]]
@@ -105,6 +108,7 @@ class Comparison:
     curve: dict[str, Any] | None = None
     units: dict[str, Any] = field(default_factory=dict)
     representation: dict[str, Any] | None = None
+    duplicates: dict[str, Any] | None = None
 
     @property
     def best(self) -> dict[str, Any]:
@@ -268,6 +272,7 @@ def compare_heads(
     cache_dir: str | Path | None = None,
     fresh: bool = False,
     include: list[str | Path] | None = None,
+    exclude_duplicates: str | Path | None = None,
     progress: bool = True,
 ) -> Comparison:
     """Train and compare every head on every representation under one protocol.
@@ -317,6 +322,9 @@ def compare_heads(
         include: finished ``finetune`` run folders (:mod:`pipelines.finetuning`) whose rows join the leaderboard,
             paired with the heads on the same test rows (their ids and labels checked), with their cost (seconds,
             parameters trained). Needs stores with a test split (the holdout protocol).
+        exclude_duplicates: an ``audit`` output folder: every row is also scored without the scored rows that
+            have a near-duplicate (by its duplicates.csv) among the rows their head was fitted on (the test
+            split's training rows; under nested CV, each outer fold's), reported side by side.
         progress: show a progress bar.
 
     Raises:
@@ -350,6 +358,7 @@ def compare_heads(
     y_scored = y[plan.scored]
     n_classes = len(ref.classes)
     included = _included_runs(include or [], ref, usable, plan, y_scored, n_boot, seed)
+    twins = None if exclude_duplicates is None else _twinned_rows(exclude_duplicates, ref.ids[usable], plan)
 
     ranking: dict[str, Any] | None = None
     keep: list[str] = []  # candidates that run heads whatever their rank (auto: the default features)
@@ -468,6 +477,8 @@ def compare_heads(
         row["p_value_vs_best"] = 1.0 if rank == 1 else mcnemar_p_value(best_correct, correct)
         row["tied_with_best"] = bool(row["p_value_vs_best"] >= SIGNIFICANCE)
     _versus_best_frozen(rows, predictions, y_scored, n_boot, seed)
+    if twins is not None:
+        _without_twins(rows, predictions, y_scored, twins, n_classes, n_boot, seed)
     if ranking is not None:
         ranking["agreement"] = _agreement(ranking["scores"], rows, seed)
     chosen = _auto_outcome(rows, predictions, y_scored, keep, ranking, skipped, n_boot, seed) if auto else None
@@ -490,6 +501,7 @@ def compare_heads(
         ranking=ranking,
         curve=curve,
         representation=chosen,
+        duplicates=None if twins is None else {k: v for k, v in twins.items() if k != "mask"},
         units={"reused": cache.reused, "reused_seconds": cache.reused_seconds, "committed": cache.committed},
     )
 
@@ -515,6 +527,58 @@ def _included_runs(paths: list, ref: FeatureStore, usable: np.ndarray, plan: Pla
         seen[key] = path
         joined.append((row, y_pred, proba))
     return joined
+
+
+def _twinned_rows(audit_dir: str | Path, ids: np.ndarray, plan: Plan) -> dict[str, Any]:
+    """Which scored rows (plan order) have a near-duplicate, by `audit_dir`/duplicates.csv (written by ``audit``),
+    among the rows their own task was fitted on: the test split's fit rows, or each outer fold's."""
+    import csv
+
+    path = Path(audit_dir) / "duplicates.csv"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"id_a", "id_b"} <= set(reader.fieldnames):
+                raise HeadsError(f"{path} has no id_a,id_b columns; give a folder written by `python cli.py audit`")
+            pairs = [(r["id_a"], r["id_b"]) for r in reader]
+    except OSError as e:
+        raise HeadsError(f"--exclude-duplicates {audit_dir}: cannot read {path} ({e.strerror or e}); run "
+                         "`python cli.py audit STORE --out DIR` first and give DIR") from None
+    position = {str(i): n for n, i in enumerate(ids)}
+    unknown = [i for pair in pairs for i in pair if i not in position]
+    if pairs and len(unknown) == 2 * len(pairs):
+        raise HeadsError(f"no id of {path} is a row of this store (e.g. {unknown[0]!r}): the audit is of another "
+                         "store; audit this one")
+    a = np.array([position.get(x, -1) for x, _ in pairs], dtype=np.int64)
+    b = np.array([position.get(y, -1) for _, y in pairs], dtype=np.int64)
+    known = (a >= 0) & (b >= 0)  # rows that failed or have no label in this comparison are not scored or fitted
+    a, b = a[known], b[known]
+    mask = []
+    for task in plan.tasks:
+        fitted = np.zeros(len(ids), bool)
+        fitted[task.fit] = True
+        twinned = np.zeros(len(ids), bool)
+        twinned[a[fitted[b]]] = True
+        twinned[b[fitted[a]]] = True
+        mask.append(twinned[task.score])
+    mask = np.concatenate(mask)
+    return {"audit": str(audit_dir), "pairs": int(len(pairs)), "twinned": int(mask.sum()), "scored": int(len(mask)),
+            "mask": mask}
+
+
+def _without_twins(rows: list[dict[str, Any]], predictions: dict, y_scored: np.ndarray, twins: dict[str, Any],
+                   n_classes: int, n_boot: int, seed: int) -> None:
+    """Each row's accuracy (with its bootstrap CI) on the scored rows that have no near-duplicate among the rows
+    their head was fitted on."""
+    clean = ~twins["mask"]
+    for row in rows:
+        if not clean.any():
+            row["accuracy_without_twins"], row["accuracy_without_twins_ci"] = None, None
+            continue
+        y_pred = predictions[(row["representation"], row["head"])][clean]
+        row["accuracy_without_twins"] = float(np.mean(y_pred == y_scored[clean]))
+        row["accuracy_without_twins_ci"] = [float(v) for v in
+                                            bootstrap_ci(y_scored[clean], y_pred, n_classes, n_boot, seed=seed)["accuracy"]]
 
 
 def _versus_best_frozen(rows: list[dict[str, Any]], predictions: dict, y_scored: np.ndarray, n_boot: int,

@@ -316,10 +316,29 @@ def protocol_lines(comparison: Comparison) -> list[str]:
     ]
 
 
+def _duplicates_section(comparison: Comparison) -> list[str]:
+    d = comparison.duplicates
+    if not d:
+        return []
+    lines = ["## Near-duplicates (--exclude-duplicates)", "",
+             f"{d['twinned']} of the {d['scored']} scored rows have a near-duplicate among the rows their head was "
+             f"fitted on (by the audit in {d['audit']}: {d['pairs']} pairs). A head that memorises is rewarded for "
+             "them; the accuracy without them is the one to trust.", "",
+             "| representation | head | accuracy % [95 % CI] | without the twinned rows % [95 % CI] |",
+             "|---|---|---:|---:|"]
+    for r in comparison.rows:
+        if r.get("accuracy_without_twins") is None:
+            continue
+        low, high = r["accuracy_without_twins_ci"]
+        lines.append(f"| {r['representation']} | {r['head']} | {format_ci(r)} | "
+                     f"{r['accuracy_without_twins'] * 100:.2f} [{low * 100:.1f}, {high * 100:.1f}] |")
+    return lines + [""]
+
+
 def markdown_sections(comparison: Comparison) -> list[str]:
     """The report's sections after the leaderboard, as Markdown: learning curve, calibration, representations,
     cost and budget (their plots are referenced as PNG files)."""
-    return [*_representation_section(comparison), *_finetune_section(comparison), *_curve_section(comparison), *_calibration_section(comparison),
+    return [*_duplicates_section(comparison), *_representation_section(comparison), *_finetune_section(comparison), *_curve_section(comparison), *_calibration_section(comparison),
             *ranking_markdown(comparison), *_cost_section(comparison)]
 
 
@@ -435,6 +454,7 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
         "ranking": comparison.ranking,
         "units": comparison.units,
         "representation": comparison.representation,
+        "duplicates": comparison.duplicates,
         "learning_curve": None if comparison.curve is None else {
             k: comparison.curve.get(k) for k in ("shots", "seeds", "scored", "seconds", "selection")},
     }

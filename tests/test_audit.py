@@ -235,3 +235,28 @@ def test_audit_refuses_one_row_and_one_class(tmp_path, runner):
     assert not out.exists()
     result = invoke(runner, ["audit", one_class, "--out", out, "--no-labels", "--sample", 3, "-q"])
     assert result.exit_code == 0 and "label issues skipped" in result.output, result.output
+
+
+def test_exclude_duplicates_scores_knn_without_the_planted_twins(planted, tmp_path, runner):
+    """Copies of train images planted in the test split: a 1-NN head finds them; scored without them, its
+    accuracy is its accuracy on the clean test rows."""
+    from pipelines.audit import audit
+    from pipelines.compare import compare_heads
+
+    store, copies = planted
+    audit(store, tmp_path / "audit", sample=40, labels=False, progress=False)
+    comparison = compare_heads([store], ["knn"], budget=None, exclude_duplicates=tmp_path / "audit", progress=False)
+    d, row = comparison.duplicates, comparison.rows[0]
+    assert d["twinned"] >= 0.75 * len(copies) and d["scored"] == len(comparison.y_scored)
+    ids = comparison.stores[0].ids[comparison.usable][comparison.plan.scored]
+    planted_copy = np.isin(ids, [c for c, _, _ in copies])
+    correct = comparison.predictions[(row["representation"], row["head"])] == comparison.y_scored
+    assert correct[planted_copy].mean() > correct[~planted_copy].mean()  # the twins are the easy rows
+    assert row["accuracy_without_twins"] < row["accuracy"]
+    assert abs(row["accuracy_without_twins"] - correct[~planted_copy].mean()) < 0.02
+    result = invoke(runner, ["compare-heads", store, "--heads", "knn", "--exclude-duplicates", tmp_path / "audit",
+                             "--out", tmp_path / "results", "-q"])
+    assert result.exit_code == 0 and "without" in result.output, result.output
+    assert "## Near-duplicates" in (tmp_path / "results" / "report.md").read_text()
+    assert_one_line_error(invoke(runner, ["compare-heads", store, "--exclude-duplicates", tmp_path / "nowhere"]),
+                          "run `python cli.py audit")
