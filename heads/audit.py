@@ -169,27 +169,33 @@ def _centred(x: np.ndarray) -> np.ndarray:
 def pixel_similarity(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, *, align_from: float | None = None,
                      block: int = 256) -> np.ndarray:
     """How alike the images of rows a and b look: the correlation of their grey thumbnails (`thumbs`: [n, THUMB,
-    THUMB]), the best of b as is and mirrored; for pairs whose plain correlation is at least `align_from` (all
+    THUMB]), the better of b as is and mirrored; for pairs whose plain correlation is at least `align_from` (all
     when None), also the best over crop alignments (each image cut by :data:`OFFSETS` pixels on each side,
-    compared to the other whole), which finds a cropped copy in its source. 1.0 = the same picture."""
+    compared to the other whole, in the better orientation), which finds a cropped copy in its source. 1.0 = the
+    same picture."""
     a, b = np.asarray(a), np.asarray(b)
     out = np.empty(len(a), np.float32)
+    mirrored = np.zeros(len(a), bool)
     for s in range(0, len(a), 4096):  # plain: whole against whole
         A = _centred(_FULL @ thumbs[a[s:s + 4096]].astype(np.float32) @ _FULL.T)
         B = _centred(_FULL @ thumbs[b[s:s + 4096]].astype(np.float32) @ _FULL.T)
-        out[s:s + 4096] = np.maximum(np.einsum("psv,psv->p", A, B), np.einsum("psv,psv->p", A, B[:, :, ::-1]))
+        same, mirror = np.einsum("psv,psv->p", A, B), np.einsum("psv,psv->p", A, B[:, :, ::-1])
+        out[s:s + 4096], mirrored[s:s + 4096] = np.maximum(same, mirror), mirror > same
     align = np.flatnonzero(out >= align_from) if align_from is not None else np.arange(len(a))
     k = len(_WINDOWS)
     for s in range(0, len(align), block):
         rows = align[s:s + block]
         best = out[rows]
-        for x, y in ((a[rows], b[rows]), (b[rows], a[rows])):
+        flip = mirrored[rows]
+        for x, y, flip_x in ((a[rows], b[rows], False), (b[rows], a[rows], True)):
             X = thumbs[x].astype(np.float32)
+            X = np.where(flip[:, None, None] & flip_x, X[:, :, ::-1], X)  # b mirrored to face a, when it does
             windows = _centred(np.matmul(np.matmul(_WINDOWS[None, :, None], X[:, None, None]),
                                          np.swapaxes(_WINDOWS, 1, 2)[None, None, :])).reshape(len(rows), k * k, -1)
             whole = _centred(_FULL @ thumbs[y].astype(np.float32) @ _FULL.T)
-            for Y in (whole, whole[:, :, ::-1]):
-                best = np.maximum(best, (windows @ Y.reshape(len(rows), -1, 1))[..., 0].max(axis=1))
+            if not flip_x:
+                whole = np.where(flip[:, None, None], whole[:, :, ::-1], whole)
+            best = np.maximum(best, (windows @ whole.reshape(len(rows), -1, 1))[..., 0].max(axis=1))
         out[rows] = best
     return out
 

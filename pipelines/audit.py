@@ -107,10 +107,12 @@ def make_copy(image, kind: str, rng: np.random.Generator):
 
 
 def thumbnail(image) -> np.ndarray:
-    """The grey THUMB x THUMB thumbnail (box-filtered, uint8) the pixel similarity compares."""
+    """The grey THUMB x THUMB thumbnail (bilinear, antialiased when shrinking; uint8) the pixel similarity
+    compares: a small image enlarged this way and its enlarged copy shrunk back end up alike (a box filter
+    enlarges blockily, and rescaled copies of 28-px images then correlated at a median 0.96 instead of 0.999)."""
     from PIL import Image
 
-    return np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.uint8)
+    return np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def _thumbnail_paths(paths: list[str]) -> np.ndarray:
