@@ -1199,7 +1199,7 @@ def audit(store, out, task, threshold, min_pixel, sample, neighbours, images, la
       python cli.py audit photos.h5:blocks.6 --task species --out audit-species/
       python cli.py audit photos.h5 --images /new/place/photos --out audit/
     """
-    from pipelines.audit import audit as run_audit
+    from pipelines.auditing import audit as run_audit
 
     result = run_audit(store, out, task=task, threshold=threshold, min_pixel=min_pixel, sample=sample,
                        neighbours=neighbours, images=images, labels=labels, seed=seed, progress=not quiet)

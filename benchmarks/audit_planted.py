@@ -173,7 +173,7 @@ def evaluate(out: Path, truth: dict) -> dict:
 
 
 def main() -> None:
-    from pipelines.audit import audit
+    from pipelines.auditing import audit
     from pipelines.extract import extract_features
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

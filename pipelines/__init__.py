@@ -28,14 +28,14 @@ _EXPORTS = {
     "predict_images": "predict", "PredictResult": "predict",
     "finetune": "finetuning", "FinetuneResult": "finetuning", "load_run": "finetuning", "FinetuneRun": "finetuning",
     "select_labels": "select", "LabelSelection": "select",
-    "audit": "audit", "AuditResult": "audit",
+    "audit": "auditing", "AuditResult": "auditing",
     "run_benchmark": "bench", "run_heads_benchmark": "bench_heads",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from pipelines.audit import AuditResult, audit
+    from pipelines.auditing import AuditResult, audit
     from pipelines.bench import run_benchmark
     from pipelines.bench_heads import run_heads_benchmark
     from pipelines.compare import Comparison, compare_heads, save_best_head

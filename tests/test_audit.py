@@ -1,5 +1,5 @@
 """audit: neighbour search, the calibrated near-duplicate rule, label issues and outliers (heads.audit), and the
-pipeline and CLI on real images with planted copies and flipped labels (pipelines.audit)."""
+pipeline and CLI on real images with planted copies and flipped labels (pipelines.auditing)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_pairs_are_reported_once_and_joined_into_clusters():
 
 
 def _thumb(array) -> np.ndarray:
-    from pipelines.audit import thumbnail
+    from pipelines.auditing import thumbnail
 
     return thumbnail(Image.fromarray(array))
 
@@ -189,7 +189,7 @@ def test_audit_finds_planted_copies_and_writes_its_files(planted, tmp_path, runn
 def test_audit_without_labels_or_images_says_what_it_could_not_do(planted, tmp_path):
     import shutil
 
-    from pipelines.audit import audit
+    from pipelines.auditing import audit
 
     store, _ = planted
     moved = tmp_path / "moved"
@@ -240,7 +240,7 @@ def test_audit_refuses_one_row_and_one_class(tmp_path, runner):
 def test_exclude_duplicates_scores_knn_without_the_planted_twins(planted, tmp_path, runner):
     """Copies of train images planted in the test split: a 1-NN head finds them; scored without them, its
     accuracy is its accuracy on the clean test rows."""
-    from pipelines.audit import audit
+    from pipelines.auditing import audit
     from pipelines.compare import compare_heads
 
     store, copies = planted
