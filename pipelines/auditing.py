@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from featurize.errors import FeaturizeError
 from featurize.sources import Source, open_source
-from featurize.store import LAST_LAYER, write_atomic
+from featurize.store import LAST_LAYER, read_features, read_store, write_atomic
 from heads import HeadsError
 from heads.audit import (DEFAULT_NEIGHBOURS, THUMB, UNCALIBRATED_THRESHOLD, CosineSpace, Rule, calibrate,
                          cosine_neighbours, duplicate_pairs, far_out, label_issues, measure,
@@ -171,8 +171,6 @@ def _copies_features(meta, blocks: list[str], images: list, progress: bool) -> n
     from pipelines.extract import extract_features
     from pipelines.predict import weights_choice
 
-    from featurize.store import read_store
-
     attrs = meta.attrs
     layers = [b for b in blocks if b != LAST_LAYER]
     tmp = Path(tempfile.mkdtemp(prefix="headbench-audit-"))
@@ -192,8 +190,6 @@ def _copies_features(meta, blocks: list[str], images: list, progress: bool) -> n
             jpeg_draft=bool((attrs.get("decode") or {}).get("jpeg_draft", True)), progress=progress,
         )
         copies = read_store(tmp / "copies.h5")
-        from featurize.store import read_features
-
         parts = [read_features(copies, b).astype(np.float32) for b in blocks]
         return parts[0] if len(parts) == 1 else np.hstack(parts)
     finally:
