@@ -961,7 +961,13 @@ def _print_leaderboard(comparison) -> None:
 
 
 def _print_duplicates(console, comparison) -> None:
-    """--exclude-duplicates: how many scored rows have a twin, and the best heads' accuracy without them."""
+    """--exclude-duplicates: how many scored rows have a twin, and the best heads' accuracy without them; without
+    it, the quick feature check's warning when too many scored rows have a near-identical twin."""
+    from pipelines.report import twin_warning
+
+    check = comparison.twin_check
+    if check and check.get("warn"):
+        console.print(twin_warning(check))
     d = comparison.duplicates
     if not d:
         return

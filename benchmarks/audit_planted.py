@@ -19,7 +19,10 @@ The truth goes to WORK/truth.json, outside the image folder. Then lite0 (package
   the share whose partner is the copy's true source; pairs among the original images (natural duplicates) are
   counted apart;
 - label issues: the share of flipped rows among the k lowest label qualities (k = number of flips);
-- the audit's own seconds per step.
+- the audit's own seconds per step;
+- what --exclude-duplicates does to a kNN head (compare-heads, the full protocol): its test accuracy on all test
+  rows, without the rows the audit marks as twinned, and on the clean test set (the original test rows only:
+  the same comparison, excluding exactly the planted copies through a duplicates.csv written from the truth).
 """
 
 from __future__ import annotations
@@ -172,6 +175,26 @@ def evaluate(out: Path, truth: dict) -> dict:
     return result
 
 
+def exclusion(store: Path, work: Path, truth: dict) -> dict:
+    """kNN's test accuracy: on all test rows, without the audit's twinned rows, and on the original test rows."""
+    from pipelines.compare import compare_heads
+    from pipelines.scoring import write_csv
+
+    ids = truth["ids"]
+    planted = work / "planted-pairs"  # an audit folder holding only the truth's pairs: excluding them = a clean set
+    planted.mkdir(exist_ok=True)
+    write_csv(planted / "duplicates.csv", ["id_a", "id_b", "split_a", "split_b", "cosine", "pixel", "cluster"],
+              ([ids[c["copy"]], ids[c["source"]], "test", "train", "", "", n] for n, c in enumerate(truth["copies"])))
+    out = {}
+    for name, folder in (("audit", work / "audit"), ("clean", planted)):
+        row = compare_heads([store], ["knn"], exclude_duplicates=folder, budget=None, progress=False).rows[0]
+        out["all_test_rows"] = row["accuracy"]
+        out["without_audit_twins" if name == "audit" else "clean_test_set"] = row["accuracy_without_twins"]
+        if name == "audit":
+            out["without_audit_twins_ci"] = row["accuracy_without_twins_ci"]
+    return out
+
+
 def main() -> None:
     from pipelines.auditing import audit
     from pipelines.extract import extract_features
@@ -196,6 +219,7 @@ def main() -> None:
     result = audit(store, work / "audit", progress=True)
     measured = evaluate(work / "audit", truth)
     measured.update(rows=result.rows, rule=result.duplicates["rule"], seconds=result.seconds, notes=result.notes)
+    measured["knn"] = exclusion(store, work, truth)
     (work / "measured.json").write_text(json.dumps(measured, indent=2))
     print(json.dumps(measured, indent=2))
 

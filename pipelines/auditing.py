@@ -28,7 +28,7 @@ from featurize.errors import FeaturizeError
 from featurize.sources import Source, open_source
 from featurize.store import LAST_LAYER, read_features, read_store, write_atomic
 from heads import HeadsError
-from heads.audit import (DEFAULT_NEIGHBOURS, THUMB, UNCALIBRATED_THRESHOLD, CosineSpace, Rule, calibrate,
+from heads.audit import (DEFAULT_NEIGHBOURS, OOF_CS, THUMB, UNCALIBRATED_THRESHOLD, CosineSpace, Rule, calibrate,
                          cosine_neighbours, duplicate_pairs, far_out, label_issues, measure,
                          out_of_fold_probabilities, outlier_scores, pair_clusters, pixel_similarity)
 from pipelines.candidates import parse_candidates
@@ -359,7 +359,7 @@ def audit(
     else:
         classes = np.unique(y_all[labelled])
         y = np.searchsorted(classes, y_all[labelled])
-        probabilities = out_of_fold_probabilities(X[labelled], y, folds=folds, seed=seed)
+        probabilities, C = out_of_fold_probabilities(X[labelled], y, folds=folds, seed=seed)
         is_issue, quality, suggested = label_issues(y, probabilities)
         where = np.flatnonzero(labelled)
         names = np.asarray(meta.classes)[classes]
@@ -369,7 +369,8 @@ def audit(
                        "issue": bool(is_issue[i])} for i in order]
         per_class = {str(names[c]): int((is_issue & (y == c)).sum()) for c in range(len(classes))}
         issues = {"rows": issue_rows, "count": int(is_issue.sum()), "per_class": per_class, "folds": folds,
-                  "head": "torch-logreg (standardised, C=0.1), out-of-fold", "method": "cleanlab find_label_issues "
+                  "head": f"torch-logreg (standardised, C={C:g}: the lowest out-of-fold log loss on the path "
+                  f"{', '.join(f'{c:g}' for c in OOF_CS)}), out-of-fold", "C": C, "method": "cleanlab find_label_issues "
                   "(prune_by_noise_rate), ranked by self-confidence label quality"}
     seconds["label_issues"] = time.perf_counter() - t
 

@@ -41,6 +41,8 @@ __all__ = ["Comparison", "compare_heads", "align_stores", "best_accuracy", "save
 SIGNIFICANCE = 0.05
 # With fewer candidates a rank correlation says nothing.
 MIN_CANDIDATES_FOR_TRUST = 3
+TWIN_WARNING = 0.01  # without --exclude-duplicates, warn when more than this share of scored rows has a feature twin
+TWIN_CHECK_LIMIT = 5e9  # the quick twin check runs when scored rows x rows is at most this (an exact search)
 
 
 LEADERBOARD_FIELDS = ("rank", "task", "representation", "head", "accuracy", "accuracy_ci", "balanced_accuracy",
@@ -87,6 +89,10 @@ class Comparison:
         duplicates: with ``exclude_duplicates``: the audit folder read, ``pairs`` in it, ``twinned`` (scored rows
             with a near-duplicate among the rows their head was fitted on) of ``scored``; every row then also has
             ``accuracy_without_twins`` and its ``accuracy_without_twins_ci``. None otherwise.
+        twin_check: without ``exclude_duplicates``: the quick feature check (``signal``, ``threshold``,
+            ``representation``; ``twinned`` of ``scored`` rows have a row their head was fitted on at that feature
+            cosine or above, their ``share``, ``warn`` when it exceeds :data:`TWIN_WARNING`, ``seconds``; or
+            ``skipped`` and why). None with ``exclude_duplicates``.
     """
 
     rows: list[dict[str, Any]]
@@ -108,6 +114,7 @@ class Comparison:
     curve: dict[str, Any] | None = None
     units: dict[str, Any] = field(default_factory=dict)
     representation: dict[str, Any] | None = None
+    twin_check: dict[str, Any] | None = None
     duplicates: dict[str, Any] | None = None
 
     @property
@@ -359,6 +366,7 @@ def compare_heads(
     n_classes = len(ref.classes)
     included = _included_runs(include or [], ref, usable, plan, y_scored, n_boot, seed)
     twins = None if exclude_duplicates is None else _twinned_rows(exclude_duplicates, ref.ids[usable], plan)
+    twin_check = _feature_twins(candidates[0], usable, plan) if twins is None else None
 
     ranking: dict[str, Any] | None = None
     keep: list[str] = []  # candidates that run heads whatever their rank (auto: the default features)
@@ -502,6 +510,7 @@ def compare_heads(
         curve=curve,
         representation=chosen,
         duplicates=None if twins is None else {k: v for k, v in twins.items() if k != "mask"},
+        twin_check=twin_check,
         units={"reused": cache.reused, "reused_seconds": cache.reused_seconds, "committed": cache.committed},
     )
 
@@ -552,18 +561,48 @@ def _twinned_rows(audit_dir: str | Path, ids: np.ndarray, plan: Plan) -> dict[st
     a = np.array([position.get(x, -1) for x, _ in pairs], dtype=np.int64)
     b = np.array([position.get(y, -1) for _, y in pairs], dtype=np.int64)
     known = (a >= 0) & (b >= 0)  # rows that failed or have no label in this comparison are not scored or fitted
-    a, b = a[known], b[known]
+    mask = _twin_mask(a[known], b[known], plan, len(ids))
+    return {"audit": str(audit_dir), "pairs": int(len(pairs)), "twinned": int(mask.sum()), "scored": int(len(mask)),
+            "mask": mask}
+
+
+def _twin_mask(a: np.ndarray, b: np.ndarray, plan: Plan, n: int) -> np.ndarray:
+    """Per scored row (plan order): does a pair (a, b) (positions among the `n` usable rows) join it to a row its
+    own task was fitted on?"""
     mask = []
     for task in plan.tasks:
-        fitted = np.zeros(len(ids), bool)
+        fitted = np.zeros(n, bool)
         fitted[task.fit] = True
-        twinned = np.zeros(len(ids), bool)
+        twinned = np.zeros(n, bool)
         twinned[a[fitted[b]]] = True
         twinned[b[fitted[a]]] = True
         mask.append(twinned[task.score])
-    mask = np.concatenate(mask)
-    return {"audit": str(audit_dir), "pairs": int(len(pairs)), "twinned": int(mask.sum()), "scored": int(len(mask)),
-            "mask": mask}
+    return np.concatenate(mask)
+
+
+def _feature_twins(candidate: Candidate, usable: np.ndarray, plan: Plan) -> dict[str, Any]:
+    """compare-heads' quick look for test rows the heads could have memorised (without --exclude-duplicates):
+    scored rows whose feature cosine to a row their task was fitted on is near 1, relative to the data's own
+    spacing (:func:`heads.audit.feature_twins`). Near-identical twins only:
+    ``audit`` confirms with the pixels and finds re-encoded, resized and cropped copies too. Skipped (and said)
+    on stores too large for an exact search in passing."""
+    from heads.audit import feature_twins
+
+    started = time.perf_counter()
+    n = int(usable.sum())
+    scored = np.unique(np.concatenate([task.score for task in plan.tasks]))
+    out: dict[str, Any] = {"signal": "features", "representation": candidate.name}
+    if len(scored) * n > TWIN_CHECK_LIMIT:
+        return {**out, "skipped": f"{len(scored):,} scored x {n:,} rows is too large a search to do in passing; "
+                                  "run `python cli.py audit` for the near-duplicates"}
+    X = candidate.load(usable)
+    if not np.isfinite(X).all():
+        return {**out, "skipped": "rows with NaN or infinite features"}
+    a, b, threshold = feature_twins(X, scored)
+    mask = _twin_mask(a, b, plan, n)
+    return {**out, "threshold": threshold, "twinned": int(mask.sum()), "scored": int(len(mask)),
+            "share": float(mask.mean()) if len(mask) else 0.0, "warn": bool(mask.mean() > TWIN_WARNING)
+            if len(mask) else False, "seconds": time.perf_counter() - started}
 
 
 def _without_twins(rows: list[dict[str, Any]], predictions: dict, y_scored: np.ndarray, twins: dict[str, Any],

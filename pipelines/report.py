@@ -316,7 +316,20 @@ def protocol_lines(comparison: Comparison) -> list[str]:
     ]
 
 
+def twin_warning(check: dict) -> str:
+    """The one line compare-heads prints (and report.md repeats) when the quick feature check finds too many
+    scored rows with a near-identical twin among their head's fit rows."""
+    return (f"warning: {check['twinned']} of {check['scored']} scored rows ({check['share'] * 100:.1f} %) have a "
+            f"near-identical twin (feature cosine >= {check['threshold']:.4g}) among the rows their head was fitted "
+            "on, and heads that memorise are rewarded for them: find every near-duplicate with `python cli.py audit "
+            "STORE --out DIR` and score without them with --exclude-duplicates DIR")
+
+
 def _duplicates_section(comparison: Comparison) -> list[str]:
+    check = comparison.twin_check
+    if check and check.get("warn"):
+        line = twin_warning(check)[len("warning: "):]
+        return ["## Near-duplicates", "", line[0].upper() + line[1:] + ".", ""]
     d = comparison.duplicates
     if not d:
         return []
@@ -455,6 +468,7 @@ def write_results(comparison: Comparison, out_dir: str | Path, *, predictions: b
         "units": comparison.units,
         "representation": comparison.representation,
         "duplicates": comparison.duplicates,
+        "twin_check": comparison.twin_check,
         "learning_curve": None if comparison.curve is None else {
             k: comparison.curve.get(k) for k in ("shots", "seeds", "scored", "seconds", "selection")},
     }

@@ -89,7 +89,7 @@ def test_pixel_similarity_finds_a_cropped_copy_of_a_real_photo_in_its_source():
     h, w = photo.shape[:2]
     cropped = photo[int(0.06 * h):, : int(0.93 * w)]  # 6 % off the top, 7 % off the right
     thumbs = np.stack([_thumb(photo), _thumb(cropped), _thumb(chelsea()), _thumb(coffee())])
-    plain = pixel_similarity(thumbs, np.array([0, 0, 2]), np.array([1, 2, 3]), align_from=2.0)  # no alignment
+    plain = pixel_similarity(thumbs, np.array([0, 0, 2]), np.array([1, 2, 3]), align=False)
     aligned = pixel_similarity(thumbs, np.array([0, 0, 2]), np.array([1, 2, 3]))
     assert aligned[0] > 0.93 and aligned[0] > plain[0] + 0.02, (plain, aligned)
     assert aligned[1] < 0.7 and aligned[2] < 0.7
@@ -103,7 +103,7 @@ def test_label_issues_find_most_uniform_flips_on_real_digits():
     flipped = rng.choice(len(y), int(0.03 * len(y)), replace=False)
     noisy = y.copy()
     noisy[flipped] = (y[flipped] + rng.integers(1, 10, len(flipped))) % 10
-    probabilities = out_of_fold_probabilities(X.astype(np.float32), noisy, seed=0)
+    probabilities, C = out_of_fold_probabilities(X.astype(np.float32), noisy, seed=0)
     is_issue, quality, suggested = label_issues(noisy, probabilities)
     top = np.argsort(quality)[:len(flipped)]
     assert len(set(top) & set(flipped)) / len(flipped) >= 0.8
@@ -260,3 +260,35 @@ def test_exclude_duplicates_scores_knn_without_the_planted_twins(planted, tmp_pa
     assert "## Near-duplicates" in (tmp_path / "results" / "report.md").read_text()
     assert_one_line_error(invoke(runner, ["compare-heads", store, "--exclude-duplicates", tmp_path / "nowhere"]),
                           "run `python cli.py audit")
+
+
+def _digits_with_twins(path, twins: int):
+    """scikit-learn's digits as a store (pixels as features), `twins` of its test rows replaced by exact copies
+    of train rows (same features, same label)."""
+    from sklearn.datasets import load_digits
+
+    from featurize.store import StoreWriter
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X.astype(np.float32), y.copy()
+    split = np.where(np.arange(len(y)) % 5 == 0, "test", "train")
+    test, train = np.flatnonzero(split == "test"), np.flatnonzero(split == "train")
+    X[test[:twins]], y[test[:twins]] = X[train[:twins]], y[train[:twins]]
+    writer = StoreWriter(path, {"digits-with-twins": twins}, len(y), X.shape[1], dtype="float32")
+    writer.add(np.arange(len(y)), X, [""] * len(y))
+    return writer.finalize([f"digit-{i:04d}" for i in range(len(y))], y.tolist(), split.tolist(),
+                           [str(c) for c in range(10)], {"backbone": "pixels", "source": "builtin:digits"})
+
+
+def test_compare_heads_warns_when_test_rows_have_a_feature_twin_in_train(tmp_path, runner):
+    checks = {}
+    for twins in (0, 20):  # 20 of the 360 test rows replaced by copies of train rows (5.6 %)
+        store = _digits_with_twins(tmp_path / f"twins{twins}.h5", twins=twins)
+        result = invoke(runner, ["compare-heads", store, "--heads", "knn", "--out", tmp_path / f"r{twins}", "-q"])
+        assert result.exit_code == 0, result.output
+        checks[twins] = json.loads((tmp_path / f"r{twins}" / "results.json").read_text())["meta"]["twin_check"]
+        warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
+        assert len(warning) == checks[twins]["warn"] == (twins > 0), result.output
+        assert "## Near-duplicates" in (tmp_path / f"r{twins}" / "report.md").read_text() or twins == 0
+    assert checks[20]["twinned"] >= 20 and checks[0]["twinned"] <= 3 and checks[20]["scored"] == 360, checks
+    assert "--exclude-duplicates" in warning[0]

@@ -216,8 +216,9 @@ def _without_timings(document: dict) -> dict:
               "probe_seconds", "share_seconds", "cached"}
     rows = [{k: v for k, v in r.items() if k not in timing} for r in document["rows"]]
     meta = {k: v for k, v in document["meta"].items() if k not in ("seconds", "units", "parallel")}
-    if meta.get("learning_curve"):
-        meta["learning_curve"] = {k: v for k, v in meta["learning_curve"].items() if k != "seconds"}
+    for key in ("learning_curve", "twin_check"):
+        if meta.get(key):
+            meta[key] = {k: v for k, v in meta[key].items() if k != "seconds"}
     return {"rows": rows, "meta": meta, "learning_curve": document.get("learning_curve")}
 
 
