@@ -1168,7 +1168,7 @@ def select_labels(store, budget, strategy, out, labeled, seed, n_classes, radius
 @main.command()
 @click.argument("store")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for audit.json, duplicates.csv, label_issues.csv and outliers.csv.")
+              help="Folder for audit.json, duplicates.csv, label_issues.csv, outliers.csv and audit.html.")
 @click.option("--task", metavar="NAME", help="Which label set of the store [default: the default one].")
 @click.option("--threshold", type=click.FloatRange(-1, 1),
               help="Cosine a near-duplicate pair needs, instead of the calibrated one.")
@@ -1229,7 +1229,7 @@ def audit(store, out, task, threshold, min_pixel, sample, neighbours, images, la
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"wrote {out}/: audit.json, duplicates.csv" + (", label_issues.csv" if result.label_issues else "")
-               + ", outliers.csv")
+               + ", outliers.csv, audit.html")
 
 
 @main.command()

@@ -31,6 +31,7 @@ from heads import HeadsError
 from heads.audit import (DEFAULT_NEIGHBOURS, OOF_CS, THUMB, UNCALIBRATED_THRESHOLD, CosineSpace, Rule, calibrate,
                          cosine_neighbours, duplicate_pairs, far_out, label_issues, measure,
                          out_of_fold_probabilities, outlier_scores, pair_clusters, pixel_similarity)
+from pipelines.audit_html import write_audit_html
 from pipelines.candidates import parse_candidates
 from pipelines.scoring import write_csv
 
@@ -58,6 +59,9 @@ class AuditResult:
         outliers: ``rows`` (id, split, label, score), ``fence``, ``count``.
         seconds: per step.
         notes: what the audit could not do and why (no images, no labels, ...), one line each.
+        counts: ``splits`` and ``classes``: per split and per class, ``rows``, ``in_pairs`` (rows in a
+            near-duplicate pair), ``label_issues``, ``outliers``; per split also ``cross`` (rows with a twin in
+            another split).
     """
 
     out: Path
@@ -68,6 +72,7 @@ class AuditResult:
     outliers: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         issues = "no labels" if self.label_issues is None else f"{self.label_issues['count']} label issues"
@@ -385,14 +390,42 @@ def audit(
                 "unlabelled": int((y_all[outlying] < 0).sum()),
                 "score": f"mean cosine distance to the {found.method['k']} nearest others; outliers above the "
                          "third quartile + 3 interquartile ranges"}
+    flagged = np.zeros(len(rows), bool)
+    if issues is not None:
+        flagged[np.flatnonzero(labelled)[is_issue]] = True
+    counts = _counts(split, y_all, list(meta.classes), cluster >= 0, a, b, flagged, outlying)
     seconds["total"] = time.perf_counter() - started
 
-    result = AuditResult(out, len(rows), int(labelled.sum()), duplicates, issues, outliers, seconds, notes)
-    _write(result, meta, candidate, store)
+    result = AuditResult(out, len(rows), int(labelled.sum()), duplicates, issues, outliers, seconds, notes, counts)
+    position = {str(i): n for n, i in enumerate(ids)}
+    picture = None if src is None else (lambda row_id: src.load(int(rows[position[row_id]])))
+    _write(result, meta, candidate, store, picture)
     return result
 
 
-def _write(result: AuditResult, meta, candidate, spec) -> None:
+def _counts(split: np.ndarray, y: np.ndarray, classes: list[str], in_pair: np.ndarray, a: np.ndarray,
+            b: np.ndarray, flagged: np.ndarray, outlying: np.ndarray) -> dict[str, list[dict[str, Any]]]:
+    """Per split and per class: rows, rows in a near-duplicate pair, label issues, outliers (and per split, rows
+    with a twin in another split)."""
+    cross = np.zeros(len(split), bool)
+    other = split[a] != split[b]
+    cross[a[other]] = cross[b[other]] = True
+    outlier = np.zeros(len(split), bool)
+    outlier[outlying] = True
+
+    def row(name: str, members: np.ndarray, with_cross: bool) -> dict[str, Any]:
+        out = {"name": name, "rows": int(members.sum()), "in_pairs": int((members & in_pair).sum()),
+               "label_issues": int((members & flagged).sum()), "outliers": int((members & outlier).sum())}
+        return {**out, "cross": int((members & cross).sum())} if with_cross else out
+
+    splits = [row(str(s), split == s, True) for s in sorted(set(split.tolist()))]
+    per_class = [row(name, y == c, False) for c, name in enumerate(classes) if (y == c).any()]
+    if (y < 0).any():
+        per_class.append(row("(no label)", y < 0, False))
+    return {"splits": splits, "classes": per_class}
+
+
+def _write(result: AuditResult, meta, candidate, spec, picture) -> None:
     out = result.out
     write_csv(out / "duplicates.csv", ["id_a", "id_b", "split_a", "split_b", "cosine", "pixel", "cluster"],
               ([p["id_a"], p["id_b"], p["split_a"], p["split_b"], p["cosine"],
@@ -414,6 +447,7 @@ def _write(result: AuditResult, meta, candidate, spec) -> None:
          "top": [r for r in result.label_issues["rows"] if r["issue"]][:TOP_PAIRS_JSON]},
         "outliers": {**{k: v for k, v in result.outliers.items() if k != "rows"},
                      "top": result.outliers["rows"][:TOP_PAIRS_JSON]},
+        "counts": result.counts,
         "seconds": {k: round(v, 2) for k, v in result.seconds.items()}, "notes": result.notes,
     }
 
@@ -421,6 +455,8 @@ def _write(result: AuditResult, meta, candidate, spec) -> None:
         tmp.write_text(json.dumps(summary, indent=2, default=_plain))
 
     write_atomic(out / "audit.json", write)
+    write_audit_html(summary, result.duplicates["pairs"], None if result.label_issues is None else
+                     result.label_issues["rows"], result.outliers["rows"], out / "audit.html", picture)
 
 
 def _plain(value):

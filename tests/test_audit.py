@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -292,3 +293,51 @@ def test_compare_heads_warns_when_test_rows_have_a_feature_twin_in_train(tmp_pat
         assert "## Near-duplicates" in (tmp_path / f"r{twins}" / "report.md").read_text() or twins == 0
     assert checks[20]["twinned"] >= 20 and checks[0]["twinned"] <= 3 and checks[20]["scored"] == 360, checks
     assert "--exclude-duplicates" in warning[0]
+
+
+@pytest.fixture(scope="module")
+def audit_page(planted, tmp_path_factory):
+    from pipelines.auditing import audit
+
+    store, _ = planted
+    out = tmp_path_factory.mktemp("audit-html")
+    audit(store, out, sample=40, progress=False)
+    return out / "audit.html"
+
+
+def test_audit_html_holds_its_pictures_and_counts(audit_page):
+    import re
+
+    html = audit_page.read_text()
+    summary = json.loads((audit_page.parent / "audit.json").read_text())
+    assert not re.findall(r"""(?:src|href)\s*=\s*["'](?!#|data:)""", html)  # nothing fetched from elsewhere
+    assert not re.findall(r"url\((?!#|data:)", html) and "@import" not in html
+    pictures = re.findall(r'<img src="data:image/(?:png|jpeg);base64,', html)
+    shown = min(summary["duplicates"]["pairs"], 30)
+    assert shown > 0 and len(pictures) >= 2 * shown  # both images of every pair shown, then issues and outliers
+    for part in ("Counts per split", "Counts per class", "Near-duplicates", "Label issues", "Outliers",
+                 f"{summary['duplicates']['cross_split']} of them across splits"):
+        assert part in html, part
+    assert {c["name"] for c in summary["counts"]["classes"]} == {"face", "other"}
+    assert sum(c["rows"] for c in summary["counts"]["splits"]) == summary["rows"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium here (.ci/run installs Debian's chromium)")
+@pytest.mark.parametrize("width", [1280, 390])  # desktop, and a phone
+def test_audit_html_renders_and_nothing_on_it_overlaps(audit_page, tmp_path, width):
+    import re
+
+    from test_report_html import CHECKER, _browser
+
+    shot = tmp_path / f"audit-{width}.png"
+    done = _browser(f"--window-size={width},2000", f"--screenshot={shot}", audit_page.as_uri())
+    assert shot.exists(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert (pixels < 240).any(axis=2).mean() > 0.02 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    checked = tmp_path / "checked.html"
+    checked.write_text(audit_page.read_text().replace("</body>", CHECKER + "</body>"))
+    done = _browser(f"--window-size={width},2000", "--dump-dom", checked.as_uri())
+    found = re.search(r'<pre id="overlap-result">(.*?)</pre>', done.stdout, re.S)
+    assert found, done.stderr[-2000:]
+    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert result["texts"] > 50 and result["count"] == 0, result
