@@ -1215,7 +1215,7 @@ def audit(store, out, task, threshold, min_pixel, sample, neighbours, images, la
     if rule["calibrated"]:
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in rule["recall_by_kind"].items())
         decided += (f" (calibrated on {rule['sample']} images: recall {rule['recall']:.2f} [{kinds}], "
-                    f"{rule['false_match_rate'] * 100:.1f} % of other images pass)")
+                    f"{rule['false_match_rate'] * 100:.1f} % of {rule['others']} other images pass)")
     click.echo(f"{result.rows} rows audited in {result.seconds['total']:.1f} s")
     click.echo(f"near-duplicates: {len(d['pairs'])} pairs in {d['clusters']} clusters, {d['cross_split']} across "
                f"splits; {d['test_with_twin']} of {d['test_rows']} test rows have a twin outside the test split; "

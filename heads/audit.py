@@ -261,7 +261,7 @@ class Rule:
         precision, recall: on the calibration pairs (each sampled image's copies against its second-nearest other
             image); ``recall_by_kind``: per kind of copy; ``false_match_rate``: share of those other images that
             pass.
-        sample: images the copies were made from.
+        sample: images the copies were made from; ``others``: images whose nearest other image was measured.
     """
 
     threshold: float
@@ -273,6 +273,7 @@ class Rule:
     recall_by_kind: dict[str, float] = field(default_factory=dict)
     false_match_rate: float | None = None
     sample: int = 0
+    others: int = 0
     user_threshold: bool = False
 
     def accepts(self, cosine: np.ndarray, pixel: np.ndarray | None = None) -> np.ndarray:
@@ -289,9 +290,10 @@ def _best_rule(pos: np.ndarray, neg: np.ndarray, pos_px: np.ndarray | None, neg_
                max_false_match: float) -> tuple[float, float | None]:
     """(threshold, min_pixel) with the highest recall of copies (pos) among the rules that let at most
     `max_false_match` of the other images (neg) pass; ties go to fewer false matches, then to the stricter
-    rule."""
-    thresholds = np.unique(np.concatenate([pos, neg, [np.inf]]))
-    bounds = [None] if pos_px is None else list(np.unique(np.concatenate([pos_px, neg_px])))
+    rule. Only the copies' own values are tried as bounds: moving a bound up to the next copy's value keeps every
+    copy it accepted and can only drop others."""
+    thresholds = np.unique(np.concatenate([pos, [np.inf]]))
+    bounds = [None] if pos_px is None else list(np.unique(pos_px))
     best, best_key = (float("inf"), None if pos_px is None else float("inf")), (-1.0, 0.0, 0.0, 0.0)
     for bound in bounds:
         p = np.sort(pos if bound is None else pos[pos_px >= bound])
@@ -330,7 +332,7 @@ def calibrate(copies: dict[str, np.ndarray], others: np.ndarray, *, copy_pixel: 
     pos_px = np.concatenate([copy_pixel[k] for k in kinds]) if pixels else None
     threshold, min_pixel = _best_rule(pos, neg, pos_px, np.asarray(other_pixel) if pixels else None, max_false_match)
     rule = Rule(threshold, min_pixel, calibrated=True, signal="features+pixels" if pixels else "features",
-                sample=len(neg))
+                sample=len(copies[kinds[0]]), others=len(neg))
     return measure(rule, copies, others, copy_pixel, other_pixel)
 
 

@@ -78,7 +78,8 @@ def write_audit_html(summary: dict[str, Any], pairs: list[dict[str, Any]], issue
     rule_text = (f"A pair is a near-duplicate at feature cosine ≥ {rule['threshold']:.3f}"
                  + (f" and pixel similarity ≥ {rule['min_pixel']:.3f}" if rule.get("min_pixel") is not None else "")
                  + (f", calibrated on copies of {rule['sample']} images: recall {rule['recall']:.2f} ({recall}), "
-                    f"{rule['false_match_rate'] * 100:.1f} % of other images pass." if rule.get("calibrated") else
+                    f"{rule['false_match_rate'] * 100:.1f} % of {rule.get('others', 0)} other images pass."
+                    if rule.get("calibrated") else
                     " (given, not calibrated)." if rule.get("user_threshold") else " (the uncalibrated default)."))
     li = summary.get("label_issues")
     lines = [f"{d['pairs']} near-duplicate pairs in {d['clusters']} clusters, {d['cross_split']} of them across "

@@ -39,6 +39,10 @@ __all__ = ["AuditResult", "audit", "make_copy", "COPY_KINDS", "DEFAULT_SAMPLE", 
 
 AUDIT_VERSION = 1  # audit.json's schema (docs/audit.md)
 DEFAULT_SAMPLE = 200  # images copied to calibrate the near-duplicate rule (x 4 kinds of copy)
+# Rows whose second-nearest other row stands for "not a copy" in the calibration. They cost no embedding, so there
+# are many: the rule's bound is the 99th percentile of their similarities, and from 200 of them that rested on the
+# 2nd-highest value (the pixel bound of the same planted set moved between 0.985 and 0.989 from draw to draw).
+OTHERS = 5000
 COPY_KINDS = ("jpeg", "rescale", "crop", "flip")
 TOP_PAIRS_JSON = 50  # the most similar pairs repeated in audit.json (all of them are in duplicates.csv)
 
@@ -201,8 +205,9 @@ def _copies_features(meta, blocks: list[str], images: list, progress: bool) -> n
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _calibrate(meta, blocks, src, space, neighbours, thumbs, sample_rows, rows, seed, progress):
-    """The rule measured on copies of `sample_rows` (positions into the audited rows)."""
+def _calibrate(meta, blocks, src, space, neighbours, thumbs, sample_rows, other_rows, rows, seed, progress):
+    """The rule measured on copies of `sample_rows` against the second-nearest others of `other_rows` (positions
+    into the audited rows)."""
     rng = np.random.default_rng(seed)
     images, kinds, sources = [], [], []
     for position in sample_rows:
@@ -215,15 +220,15 @@ def _calibrate(meta, blocks, src, space, neighbours, thumbs, sample_rows, rows, 
     sources, kinds = np.asarray(sources), np.asarray(kinds)
     cosine = np.einsum("ij,ij->i", features, space.X[sources])
     other = min(1, neighbours.index.shape[1] - 1)  # the second-nearest: the nearest may be a natural duplicate
-    others_at = neighbours.index[sample_rows, other]
-    others = neighbours.similarity[sample_rows, other]
+    others_at = neighbours.index[other_rows, other]
+    others = neighbours.similarity[other_rows, other]
     copies = {k: cosine[kinds == k] for k in COPY_KINDS}
     copy_px = other_px = None
     if thumbs is not None:
         pool = np.concatenate([thumbs, np.stack([thumbnail(img) for img in images])])
         pixel = pixel_similarity(pool, sources, len(thumbs) + np.arange(len(images)))
         copy_px = {k: pixel[kinds == k] for k in COPY_KINDS}
-        other_px = pixel_similarity(thumbs, sample_rows, others_at)
+        other_px = pixel_similarity(thumbs, other_rows, others_at)
     rule = calibrate(copies, others, copy_pixel=copy_px, other_pixel=other_px)
     details = {"copies": {k: _quantiles(v) for k, v in copies.items()}, "other": _quantiles(others),
                "other_is": "second-nearest" if other else "nearest"}
@@ -324,9 +329,11 @@ def audit(
     else:
         m = min(sample, len(rows))
         sample_rows = np.sort(np.random.default_rng(seed).choice(len(rows), m, replace=False))
+        other_rows = np.sort(np.random.default_rng(seed + 1).choice(len(rows), min(OTHERS, len(rows)),
+                                                                     replace=False))
         try:
             rule, calibration, measured = _calibrate(meta, candidate.blocks, src, space, found, thumbs,
-                                                     sample_rows, rows, seed, progress)
+                                                     sample_rows, other_rows, rows, seed, progress)
         except (FeaturizeError, HeadsError) as e:  # e.g. weights no longer available
             rule = Rule(UNCALIBRATED_THRESHOLD)
             notes.append(f"could not embed calibration copies ({str(e).splitlines()[0]}); the threshold is the "
