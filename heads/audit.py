@@ -14,8 +14,8 @@ Near-duplicates, in three steps:
    rescaled, cropped, flipped: true duplicates) and against its nearest other image (mostly not duplicates). The
    rule is a feature threshold and, when the images are at hand, a bound on :func:`pixel_similarity` (the
    correlation of grey thumbnails, mirror-forgiving, also in the crop window that the images' mean row and column
-   profiles point to) the pair must also meet. Both are chosen for the highest recall of the copies among the rules that accept at most
-   :data:`MAX_FALSE_MATCH` of the other images; the per-kind recall and that false-match rate are reported with
+   profiles point to) the pair must also meet. Both are chosen for the highest recall of the copies among the
+   rules that accept at most :data:`MAX_FALSE_MATCH` of the other images; the per-kind recall and that false-match rate are reported with
    them, so the rule's expected precision and recall are known, not guessed.
 """
 
@@ -28,9 +28,10 @@ import numpy as np
 
 from .errors import HeadsError
 
-__all__ = ["DEFAULT_DIMS", "DEFAULT_NEIGHBOURS", "EXACT_LIMIT", "MAX_FALSE_MATCH", "UNCALIBRATED_THRESHOLD", "CosineSpace", "Neighbours",
-           "Rule", "calibrate", "measure", "cosine_neighbours", "feature_twins", "TWIN_SPACING", "duplicate_pairs", "pair_clusters", "pixel_similarity", "THUMB",
-           "OOF_CS", "out_of_fold_probabilities", "label_issues", "outlier_scores", "far_out"]
+__all__ = ["DEFAULT_DIMS", "DEFAULT_NEIGHBOURS", "EXACT_LIMIT", "MAX_FALSE_MATCH", "UNCALIBRATED_THRESHOLD",
+           "CosineSpace", "Neighbours", "Rule", "calibrate", "measure", "cosine_neighbours", "feature_twins",
+           "TWIN_SPACING", "duplicate_pairs", "pair_clusters", "pixel_similarity", "THUMB", "OOF_CS",
+           "out_of_fold_probabilities", "label_issues", "outlier_scores", "far_out"]
 
 DEFAULT_DIMS = 256  # PCA width of the space near-duplicates are searched in (a flat search costs rows^2 x width)
 DEFAULT_NEIGHBOURS = 10  # nearest others kept per row: a cluster larger than this is still joined through its pairs
@@ -389,7 +390,7 @@ def pair_clusters(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-OOF_CS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the regularisation path the out-of-fold logistic regression picks from
+OOF_CS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the path the out-of-fold logistic regression picks its C from
 
 
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0,

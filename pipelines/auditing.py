@@ -381,9 +381,10 @@ def audit(
                        "issue": bool(is_issue[i])} for i in order]
         per_class = {str(names[c]): int((is_issue & (y == c)).sum()) for c in range(len(classes))}
         issues = {"rows": issue_rows, "count": int(is_issue.sum()), "per_class": per_class, "folds": folds,
-                  "head": f"torch-logreg (standardised, C={C:g}: the lowest out-of-fold log loss on the path "
-                  f"{', '.join(f'{c:g}' for c in OOF_CS)}), out-of-fold", "C": C, "method": "cleanlab find_label_issues "
-                  "(prune_by_noise_rate), ranked by self-confidence label quality"}
+                  "head": f"torch-logreg (standardised, C={C:g}: the lowest held-out log loss of the first fold on "
+                  f"the path {', '.join(f'{c:g}' for c in OOF_CS)}), out-of-fold", "C": C,
+                  "method": "cleanlab find_label_issues (prune_by_noise_rate), ranked by self-confidence label "
+                            "quality"}
     seconds["label_issues"] = time.perf_counter() - t
 
     scores = outlier_scores(found)
