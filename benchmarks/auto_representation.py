@@ -12,7 +12,7 @@ with --layers stages and --crop-pct). Then one default compare-heads per cell, i
     auto    STORE.h5 --representation auto (the acceptance path: extract auto, then default compare-heads)
     last    STORE.h5 --representation given: the last layer only
     stage   STORE.h5:LAYER: the single stage ranked best on the training rows by the auto cell's ranking
-            (run auto first; never chosen on test rows)
+            (run auto first; never chosen on test rows), or the one --stage names
     concat  STORE.h5:concat: every stage and the last layer side by side
 
 Cells already in WORK/grid.json are skipped, so the grid can be run piecewise and resumed; every cell is
@@ -80,13 +80,13 @@ def best_stage(grid: dict, cell_key: str) -> str:
     return max(stages, key=lambda s: s[auto["rank_by"]])["candidate"].rsplit(":", 1)[1]
 
 
-def run_cell(grid: dict, work: Path, store: Path, cell_key: str, cell: str) -> dict:
+def run_cell(grid: dict, work: Path, store: Path, cell_key: str, cell: str, stage: str | None = None) -> dict:
     if cell == "auto":
         candidates, representation = [str(store)], "auto"
     elif cell == "last":
         candidates, representation = [str(store)], "given"
     elif cell == "stage":
-        candidates, representation = [f"{store}:{best_stage(grid, cell_key)}"], "given"
+        candidates, representation = [f"{store}:{stage or best_stage(grid, cell_key)}"], "given"
     else:
         candidates, representation = [f"{store}:concat"], "given"
     started = time.perf_counter()
@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--backbones", default="lite0,lite1,lite2")
     parser.add_argument("--crops", default="1.0,0.875")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"any of {', '.join(CELLS)}, in this order")
+    parser.add_argument("--stage", help="the layer of the 'stage' cell, instead of the best one by the auto cell's "
+                        "ranking (e.g. blocks.6, when the auto cell of that store was not run)")
     parser.add_argument("--table", action="store_true", help="only print the table of what grid.json holds")
     args = parser.parse_args()
     work = args.work
@@ -149,7 +151,7 @@ def main() -> None:
                     key = f"{backbone}-crop{crop:g}/{cell}"
                     if key in grid:
                         continue
-                    grid[key] = run_cell(grid, work, store, key.rsplit("/", 1)[0], cell)
+                    grid[key] = run_cell(grid, work, store, key.rsplit("/", 1)[0], cell, args.stage)
                     path.write_text(json.dumps(saved, indent=2))
                     print(f"{key}: {format_ci(grid[key])} % in {grid[key]['seconds']:.0f} s", flush=True)
     print(f"\n{saved['cpu']}\n")
