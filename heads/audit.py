@@ -197,15 +197,11 @@ _FULL = _resampler(0, THUMB)
 _SPANS = np.stack([_resampler(low, THUMB - high) for low in CUTS for high in CUTS])  # one axis: (cut low, cut high)
 
 
-def _centred(x: np.ndarray) -> np.ndarray:
-    """Mean-centred, unit-norm over the last two axes (a correlation is then a dot product)."""
-    x = x - x.mean(axis=(-2, -1), keepdims=True)
-    return x / (np.linalg.norm(x, axis=(-2, -1), keepdims=True) + 1e-6)
-
-
-def _centred_1d(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(axis=-1, keepdims=True)
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+def _centred(x: np.ndarray, axis: int | tuple[int, ...] = (-2, -1)) -> np.ndarray:
+    """Mean-centred, unit-norm over `axis` (the last two: images; -1: profiles), so a correlation is a dot
+    product."""
+    x = x - x.mean(axis=axis, keepdims=True)
+    return x / (np.linalg.norm(x, axis=axis, keepdims=True) + 1e-6)
 
 
 _SPANS_CENTRED = (_SPANS - _SPANS.mean(axis=1, keepdims=True)).reshape(-1, THUMB).T  # cut and mean-centred at once
@@ -223,23 +219,23 @@ def _cropped_in(source: np.ndarray, copy: np.ndarray) -> np.ndarray:
     """Correlation of `copy` ([p, SIDE, SIDE], centred) with the window of `source` ([p, THUMB, THUMB]) it was
     most likely cut from: the window's rows and columns are found apart, from the images' mean row and column
     profiles (a cropped copy's profile is a stretched span of its source's), each to :data:`CUT_STEP` pixels."""
-    rows = _SPANS[_best_span(source.mean(axis=2), _centred_1d(copy.mean(axis=2)))]
-    cols = _SPANS[_best_span(source.mean(axis=1), _centred_1d(copy.mean(axis=1)))]
+    rows = _SPANS[_best_span(source.mean(axis=2), _centred(copy.mean(axis=2), axis=-1))]
+    cols = _SPANS[_best_span(source.mean(axis=1), _centred(copy.mean(axis=1), axis=-1))]
     window = _centred(rows @ source @ np.swapaxes(cols, 1, 2))
     return np.einsum("psv,psv->p", window, copy)
 
 
-def pixel_similarity(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, *, align: bool = True,
-                     block: int = 4096) -> np.ndarray:
+def pixel_similarity(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, *, b_thumbs: np.ndarray | None = None,
+                     align: bool = True, block: int = 4096) -> np.ndarray:
     """How alike the images of rows a and b look: the correlation of their grey thumbnails (`thumbs`: [n, THUMB,
-    THUMB]), the better of b as is and mirrored; with `align`, also each image's best window (up to 5 thumbnail
+    THUMB]; b's from `b_thumbs` when given, e.g. copies that are not rows), the better of b as is and mirrored; with `align`, also each image's best window (up to 5 thumbnail
     pixels cut from each side, see :func:`_cropped_in`) against the other whole, in the better orientation, which
     finds a cropped copy in its source. 1.0 = the same picture."""
     a, b = np.asarray(a), np.asarray(b)
     out = np.empty(len(a), np.float32)
     for s in range(0, len(a), block):
         X = thumbs[a[s:s + block]].astype(np.float32)
-        Y = thumbs[b[s:s + block]].astype(np.float32)
+        Y = (thumbs if b_thumbs is None else b_thumbs)[b[s:s + block]].astype(np.float32)
         A, B = _centred(_FULL @ X @ _FULL.T), _centred(_FULL @ Y @ _FULL.T)
         same, mirror = np.einsum("psv,psv->p", A, B), np.einsum("psv,psv->p", A, B[:, :, ::-1])
         best = np.maximum(same, mirror)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,8 +22,7 @@ def picture_uri(image) -> str:
     scales small ones up without smoothing), PNG for small images, JPEG for photographs."""
     from PIL import Image
 
-    image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
-    image = image.copy()
+    image = image.copy() if image.mode in ("RGB", "L") else image.convert("RGB")
     image.thumbnail((PICTURE, PICTURE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     small = max(image.size) <= 64
@@ -39,9 +36,8 @@ def _sentence(text: str) -> str:
 
 
 def _shown_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    cross = [p for p in pairs if p["split_a"] != p["split_b"]]
-    within = [p for p in pairs if p["split_a"] == p["split_b"]]
-    return [{**p, "cross": p["split_a"] != p["split_b"]} for p in (cross + within)[:SHOWN_PAIRS]]
+    cross_first = sorted(pairs, key=lambda p: p["split_a"] == p["split_b"])  # stable: most similar first in each
+    return [{**p, "cross": p["split_a"] != p["split_b"]} for p in cross_first[:SHOWN_PAIRS]]
 
 
 def write_audit_html(summary: dict[str, Any], pairs: list[dict[str, Any]], issues: list[dict[str, Any]] | None,
@@ -56,9 +52,8 @@ def write_audit_html(summary: dict[str, Any], pairs: list[dict[str, Any]], issue
         picture: id -> PIL image of that row (or None when it cannot be read); None when the images are not at
             hand (the page then shows the ids alone).
     """
-    import jinja2
-
     from featurize.store import write_atomic
+    from pipelines.pages import render_page
 
     def uri(row_id: str) -> str | None:
         if picture is None:
@@ -78,7 +73,7 @@ def write_audit_html(summary: dict[str, Any], pairs: list[dict[str, Any]], issue
     rule_text = (f"A pair is a near-duplicate at feature cosine ≥ {rule['threshold']:.3f}"
                  + (f" and pixel similarity ≥ {rule['min_pixel']:.3f}" if rule.get("min_pixel") is not None else "")
                  + (f", calibrated on copies of {rule['sample']} images: recall {rule['recall']:.2f} ({recall}), "
-                    f"{rule['false_match_rate'] * 100:.1f} % of {rule.get('others', 0)} other images pass."
+                    f"{rule['false_match_rate'] * 100:.1f} % of {rule['others']} other images pass."
                     if rule.get("calibrated") else
                     " (given, not calibrated)." if rule.get("user_threshold") else " (the uncalibrated default)."))
     li = summary.get("label_issues")
@@ -88,20 +83,13 @@ def write_audit_html(summary: dict[str, Any], pairs: list[dict[str, Any]], issue
              if d["test_rows"] else "No test split: no test row can leak.",
              f"{li['count']} label issues." if li else "No label issues looked for.",
              f"{summary['outliers']['count']} outliers."]
-    try:
-        headbench_version = version("headbench")
-    except PackageNotFoundError:
-        headbench_version = "(not installed)"
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipelines", "templates"),
-                                     autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True)
-    page = environment.get_template("audit.html").render(
-        store_name=Path(summary["store"]).name, representation=summary["representation"], task=summary["task"],
+    page = render_page(
+        "audit.html", store_name=Path(summary["store"]).name, representation=summary["representation"], task=summary["task"],
         rows=summary["rows"], labelled=summary["labelled"], summary=lines, notes=summary.get("notes", []),
         splits=summary["counts"]["splits"], classes=summary["counts"]["classes"], rule=rule_text,
         pairs=shown_pairs, issues=shown_issues, issues_method=_sentence(li["method"]) if li else "",
         issues_why="the task has no labels, or --no-labels was given." if li is None else "",
-        outliers=shown_outliers, outliers_method=_sentence(summary["outliers"]["score"]), version=headbench_version,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        outliers=shown_outliers, outliers_method=_sentence(summary["outliers"]["score"]))
 
     def write(tmp: Path) -> None:
         tmp.write_text(page, encoding="utf-8")

@@ -225,8 +225,8 @@ def _calibrate(meta, blocks, src, space, neighbours, thumbs, sample_rows, other_
     copies = {k: cosine[kinds == k] for k in COPY_KINDS}
     copy_px = other_px = None
     if thumbs is not None:
-        pool = np.concatenate([thumbs, np.stack([thumbnail(img) for img in images])])
-        pixel = pixel_similarity(pool, sources, len(thumbs) + np.arange(len(images)))
+        pixel = pixel_similarity(thumbs, sources, np.arange(len(images)),
+                                 b_thumbs=np.stack([thumbnail(img) for img in images]))
         copy_px = {k: pixel[kinds == k] for k in COPY_KINDS}
         other_px = pixel_similarity(thumbs, other_rows, others_at)
     rule = calibrate(copies, others, copy_pixel=copy_px, other_pixel=other_px)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 import json
 import re
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from pipelines.compare import Comparison
+from pipelines.pages import render_page
 from pipelines.plots import plot_accuracy_vs_fit_time, plot_confusion, plot_learning_curve, plot_reliability
 from pipelines.scoring import format_ci
 
@@ -124,10 +123,6 @@ def write_html(comparison: Comparison, path: str | Path, command: str | None = N
             leaderboard; image lines are left out (the page draws its own plots).
         protocol: the protocol's lines (:func:`pipelines.report.protocol_lines`).
     """
-    import jinja2
-
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipelines", "templates"),
-                                     autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True)
     best = comparison.best
     sections = "\n".join(line for line in sections if not line.startswith("!["))
     figures_top = [{"svg": inline_svg(plot_accuracy_vs_fit_time, comparison, "fit"),
@@ -140,11 +135,8 @@ def write_html(comparison: Comparison, path: str | Path, command: str | None = N
     if best.get("nll") is not None:
         figures_winner.append({"svg": inline_svg(plot_reliability, comparison, "reliability"),
                                "caption": "Reliability diagram of the winner's probabilities."})
-    try:
-        headbench_version = version("headbench")
-    except PackageNotFoundError:
-        headbench_version = "(not installed)"
-    page = environment.get_template("report.html").render(
+    page = render_page(
+        "report.html",
         task=comparison.task if len(comparison.stores[0].task_names) > 1 else None,
         best={**best, "params_json": json.dumps(best["params"], sort_keys=True), "accuracy_text": format_ci(best)},
         command=command or "(not recorded: written from Python)",
@@ -156,8 +148,6 @@ def write_html(comparison: Comparison, path: str | Path, command: str | None = N
         per_class=_per_class(comparison),
         figures_winner=figures_winner,
         stores=_provenance(comparison),
-        version=headbench_version,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     path = Path(path)
     path.write_text(page, encoding="utf-8")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, invoke
+from test_report_html import BROWSER
 from heads import HeadsError
 from heads.audit import (THUMB, CosineSpace, Neighbours, Rule, calibrate, cosine_neighbours, duplicate_pairs,
                          far_out, label_issues, out_of_fold_probabilities, outlier_scores, pair_clusters,
@@ -308,10 +308,11 @@ def audit_page(planted, tmp_path_factory):
 def test_audit_html_holds_its_pictures_and_counts(audit_page):
     import re
 
+    from test_report_html import assert_self_contained
+
     html = audit_page.read_text()
     summary = json.loads((audit_page.parent / "audit.json").read_text())
-    assert not re.findall(r"""(?:src|href)\s*=\s*["'](?!#|data:)""", html)  # nothing fetched from elsewhere
-    assert not re.findall(r"url\((?!#|data:)", html) and "@import" not in html
+    assert_self_contained(html)
     pictures = re.findall(r'<img src="data:image/(?:png|jpeg);base64,', html)
     shown = min(summary["duplicates"]["pairs"], 30)
     assert shown > 0 and len(pictures) >= 2 * shown  # both images of every pair shown, then issues and outliers
@@ -322,22 +323,9 @@ def test_audit_html_holds_its_pictures_and_counts(audit_page):
     assert sum(c["rows"] for c in summary["counts"]["splits"]) == summary["rows"]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium here (.ci/run installs Debian's chromium)")
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium here (.ci/run installs Debian's chromium)")
 @pytest.mark.parametrize("width", [1280, 390])  # desktop, and a phone
 def test_audit_html_renders_and_nothing_on_it_overlaps(audit_page, tmp_path, width):
-    import re
+    from test_report_html import assert_renders_without_overlaps
 
-    from test_report_html import CHECKER, _browser
-
-    shot = tmp_path / f"audit-{width}.png"
-    done = _browser(f"--window-size={width},2000", f"--screenshot={shot}", audit_page.as_uri())
-    assert shot.exists(), done.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("RGB"))
-    assert (pixels < 240).any(axis=2).mean() > 0.02 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
-    checked = tmp_path / "checked.html"
-    checked.write_text(audit_page.read_text().replace("</body>", CHECKER + "</body>"))
-    done = _browser(f"--window-size={width},2000", "--dump-dom", checked.as_uri())
-    found = re.search(r'<pre id="overlap-result">(.*?)</pre>', done.stdout, re.S)
-    assert found, done.stderr[-2000:]
-    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert result["texts"] > 50 and result["count"] == 0, result
+    assert_renders_without_overlaps(audit_page, tmp_path, width, min_texts=50)

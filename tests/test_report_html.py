@@ -60,6 +60,31 @@ CHECKER = """
 """
 
 
+def assert_self_contained(html: str) -> None:
+    """Nothing fetched from elsewhere: no src/href to another document, no CSS url() or @import outside the page."""
+    assert not re.findall(r"""(?:src|href)\s*=\s*["'](?!#|data:)""", html)
+    assert not re.findall(r"url\((?!#|data:)", html) and "@import" not in html
+
+
+def assert_renders_without_overlaps(page, tmp_path, width: int, min_texts: int) -> None:
+    """`page` in headless Chromium at `width`: ink on it, more than flat colour, at least `min_texts` texts, and no
+    two of them (or of the plots' labels) overlapping."""
+    shot = tmp_path / f"{page.stem}-{width}.png"
+    done = _browser(f"--window-size={width},2000", f"--screenshot={shot}", page.as_uri())
+    assert shot.exists(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert (pixels < 240).any(axis=2).mean() > 0.02  # ink on the page, not a blank screen
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables and pictures, not one flat colour
+
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", CHECKER + "</body>"))
+    done = _browser(f"--window-size={width},2000", "--dump-dom", checked.as_uri())
+    found = re.search(r'<pre id="overlap-result">(.*?)</pre>', done.stdout, re.S)
+    assert found, done.stderr[-2000:]
+    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert result["texts"] > min_texts and result["count"] == 0, result
+
+
 @pytest.fixture(scope="module")
 def report(digits_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("html")
@@ -71,9 +96,7 @@ def report(digits_tiny, tmp_path_factory):
 
 def test_the_page_holds_everything_it_shows(report):
     html = report.read_text()
-    # nothing fetched from elsewhere: no src/href to another document, no CSS url() or @import outside the page
-    assert not re.findall(r"""(?:src|href)\s*=\s*["'](?!#|data:)""", html)
-    assert not re.findall(r"url\((?!#|data:)", html) and "@import" not in html
+    assert_self_contained(html)
     for part in ("<svg", "Leaderboard", "Learning curve", "Calibration", "Cost and budget", "class by class",
                  "Provenance", "python cli.py compare-heads digits.h5", "config_hash", "≈" if "tie" in html else ""):
         assert part in html, part
@@ -87,20 +110,7 @@ def _browser(*args, timeout=90):
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium here (.ci/run installs Debian's chromium)")
 @pytest.mark.parametrize("width", [1280, 390])  # desktop, and a phone
 def test_the_page_renders_and_nothing_on_it_overlaps(report, tmp_path, width):
-    shot = tmp_path / f"report-{width}.png"
-    done = _browser(f"--window-size={width},2000", f"--screenshot={shot}", report.as_uri())
-    assert shot.exists(), done.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("RGB"))
-    assert (pixels < 240).any(axis=2).mean() > 0.02  # ink on the page, not a blank screen
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables and plots, not one flat colour
-
-    checked = tmp_path / "checked.html"
-    checked.write_text(report.read_text().replace("</body>", CHECKER + "</body>"))
-    done = _browser(f"--window-size={width},2000", "--dump-dom", checked.as_uri())
-    found = re.search(r'<pre id="overlap-result">(.*?)</pre>', done.stdout, re.S)
-    assert found, done.stderr[-2000:]
-    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert result["texts"] > 100 and result["count"] == 0, result
+    assert_renders_without_overlaps(report, tmp_path, width, min_texts=100)
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium here (.ci/run installs Debian's chromium)")
