@@ -1,10 +1,12 @@
 """HDF5 feature stores: a crash-safe writer (shards + manifest, atomic finalize) and a validating reader.
 
-While extracting, rows are committed in fixed-size shards to ``STORE.h5.partial/``: each shard is written to
-a temp file, fsynced and renamed into place, and only then recorded in ``manifest.json`` (itself replaced
-atomically). A rerun with the same config hash resumes from the committed shards. The finished store is
-written to a temp file inside the partial folder, fsynced and renamed onto ``STORE.h5``, so ``STORE.h5``
-either does not exist or is complete. See docs/store-format.md for the layout.
+While extracting, the store is built inside ``STORE.h5.partial/``: ``store.h5.tmp`` is made at the start with
+every feature chunk allocated (nothing written: a sparse file), and rows are committed a shard at a time --
+written straight to their chunks' places in that file, fsynced, and only then recorded in ``manifest.json``
+(itself replaced atomically). Only the HDF5 metadata made at the start is ever read back, and the rows' bytes
+are never copied again. A rerun with the same config hash resumes from the committed shards. At the end the
+small datasets (ids, labels, status, ...) are added, the file is fsynced and renamed onto ``STORE.h5``, so
+``STORE.h5`` either does not exist or is complete. See docs/store-format.md for the layout.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
+_DATA = "store.h5.tmp"  # the store being built, inside the partial folder
+_LAYOUT = "in-place"  # the manifest's "layout": rows written into _DATA (older runs wrote shard-K.npz files)
 _REQUIRED = ("features", "labels", "ids", "split", "status", "errors", "classes")
 # Intermediate layers live in /layers/<name>, listed (name, width, pooling) in the "layers" attribute.
 LAYERS_GROUP = "layers"
@@ -73,11 +77,10 @@ TASKS_GROUP = "tasks"
 DEFAULT_TASK = "label"
 # The name of the default representation (the pooled pre-logits in /features) wherever layers are named.
 LAST_LAYER = "last"
-_LAYER_KEY = "layer:"
 
 
 # Crash tests set HEADBENCH_FAULT to kill this process (SIGKILL, no clean-up) at one named point:
-# "after-rows:N" (N rows buffered), "mid-commit:K" (shard K's temp file written, not yet renamed),
+# "after-rows:N" (N rows buffered), "mid-commit:K" (shard K's rows written and fsynced, not yet recorded),
 # "after-shard:K" (shard K committed and recorded), "mid-finalize" (final temp store written, not renamed).
 _FAULT_ENV = "HEADBENCH_FAULT"
 
@@ -151,6 +154,98 @@ def _cast_rows(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndar
     return cast, np.isfinite(cast).all(axis=1)
 
 
+def _chunk_shape(num_rows: int, shard_size: int, width: int, itemsize: int) -> tuple[int, int] | None:
+    """Rows per chunk: a power of two near 1 MiB that divides the shard size, so a shard fills whole chunks."""
+    pow2 = 1 << max(0, (_CHUNK_BYTES // max(1, width * itemsize)).bit_length() - 1)
+    return (max(1, min(num_rows, math.gcd(shard_size, pow2))), width) if num_rows else None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+class _RowFile:
+    """The store being built (``store.h5.tmp``): an HDF5 file made at the start with every chunk of its row
+    datasets allocated (fill never: a sparse file), whose rows are then written straight to their chunks'
+    places with ``pwrite``. During a run nothing but row bytes is written, so a kill cannot damage the HDF5
+    metadata or a committed shard; the rows are never copied again.
+
+    Args:
+        widths: dataset path -> row width (``features``, ``layers/<name>``).
+    """
+
+    def __init__(self, path: Path, widths: dict[str, int], dtype: np.dtype, offsets: dict[str, tuple[int, np.ndarray]]):
+        self.path, self.widths, self.itemsize = path, widths, dtype.itemsize
+        self._offsets = offsets  # dataset -> (rows per chunk, byte offset of each chunk)
+        self._fd = os.open(path, os.O_RDWR)
+
+    @classmethod
+    def create(cls, path: Path, num_rows: int, widths: dict[str, int], dtype: np.dtype, shard_size: int,
+               config_hash_: str) -> "_RowFile":
+        tmp = path.with_name(path.name + ".new")
+        with h5py.File(tmp, "w") as f:
+            for name, width in widths.items():
+                chunks = _chunk_shape(num_rows, shard_size, width, dtype.itemsize)
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                if chunks:
+                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # every chunk has its place from the start
+                    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # ... and nothing is written there until its rows
+                f.create_dataset(name, shape=(num_rows, width), dtype=dtype, chunks=chunks, dcpl=dcpl)
+            f.attrs["config_hash"] = config_hash_
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        made = cls.open(path, num_rows, widths, dtype, config_hash_)
+        if made is None:
+            raise StoreError(f"could not read back {path} right after making it")
+        return made
+
+    @classmethod
+    def open(cls, path: Path, num_rows: int, widths: dict[str, int], dtype: np.dtype,
+             config_hash_: str) -> "_RowFile | None":
+        """The file of an earlier run of this config, or None when it is missing, damaged or another's."""
+        offsets = {}
+        try:
+            with h5py.File(path, "r") as f:
+                if _decode_attr(f.attrs.get("config_hash")) != config_hash_:
+                    return None
+                for name, width in widths.items():
+                    ds = f[name]
+                    if ds.shape != (num_rows, width) or ds.dtype != dtype or (num_rows and not ds.chunks):
+                        return None
+                    rows = ds.chunks[0] if num_rows else 1
+                    offsets[name] = (rows, np.array([ds.id.get_chunk_info_by_coord((r, 0)).byte_offset
+                                                     for r in range(0, num_rows, rows)], dtype=np.int64))
+        except Exception:  # unreadable (killed while it was made, or damaged): the run starts over
+            return None
+        return cls(path, widths, dtype, offsets)
+
+    def write(self, name: str, start: int, rows: np.ndarray) -> int:
+        """Write `rows` (C-contiguous, the file's dtype) as rows ``start ...``; returns the bytes written."""
+        per_chunk, offsets = self._offsets[name]
+        row_bytes = self.widths[name] * self.itemsize
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        done = 0
+        while done < len(rows):
+            chunk, within = divmod(start + done, per_chunk)
+            take = min(per_chunk - within, len(rows) - done)
+            _pwrite_all(self._fd, data[done * row_bytes : (done + take) * row_bytes],
+                        int(offsets[chunk]) + within * row_bytes)
+            done += take
+        return len(data)
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class StoreWriter:
     """Writes one store in shards of `shard_size` rows; resumes from a matching partial folder.
 
@@ -200,6 +295,9 @@ class StoreWriter:
         self._rows_added = 0
         self.failed_rows = 0  # failed rows so far, committed shards of an earlier run included
         self._shard_failed: dict[int, int] = {}
+        self._errors: dict[int, dict[int, str]] = {}  # failed rows (position in shard -> reason) of shards written here
+        self._widths = {"features": num_features, **{f"{LAYERS_GROUP}/{n}": w for n, w in self.layer_widths.items()}}
+        self._rows: _RowFile | None = None
         fresh = not (self.partial / _MANIFEST).exists()
         self.partial.mkdir(exist_ok=True)
         self._lock = FileLock(self.partial / _LOCK, blocking=False)
@@ -211,16 +309,21 @@ class StoreWriter:
                 "choose another --out"
             ) from None
         if overwrite and not fresh:
-            for entry in self.partial.iterdir():  # keep the lock file we hold
-                if entry.name != _LOCK:
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            self._clear_partial()
             fresh = True
+        if not fresh:
+            self._resume()
+            self._rows = _RowFile.open(self.partial / _DATA, num_rows, self._widths, self.dtype, self.config_hash)
+            if self._rows is None:  # the run's file is missing or damaged (killed while it was made): start over
+                self._clear_partial()
+                fresh = True
         if fresh:
             self.shard_size = shard_size
             self.committed: dict[int, int] = {}
+            self._shard_failed, self.resumed_rows, self.failed_rows = {}, 0, 0
+            self._rows = _RowFile.create(self.partial / _DATA, num_rows, self._widths, self.dtype, self.shard_size,
+                                         self.config_hash)
             self._write_manifest()
-        else:
-            self._resume()
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]] = {}
         # Complete shards are written by one background thread, overlapped with compute; the bounded queue
         # keeps memory flat (at most two shards wait) and the single writer keeps manifest updates ordered.
@@ -231,6 +334,11 @@ class StoreWriter:
         self.bytes_written = 0
         self.write_seconds = 0.0
 
+    def _clear_partial(self) -> None:
+        for entry in self.partial.iterdir():  # keep the lock file we hold
+            if entry.name != _LOCK:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
     # -- shards ------------------------------------------------------------------------------------------------
 
     @property
@@ -240,8 +348,8 @@ class StoreWriter:
     def _shard_range(self, k: int) -> range:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_rows))
 
-    def _shard_file(self, k: int) -> Path:
-        return self.partial / f"shard-{k:06d}.npz"
+    def _errors_file(self, k: int) -> Path:
+        return self.partial / f"errors-{k:06d}.json"
 
     def pending_shards(self) -> list[range]:
         """The row ranges of the shards not committed yet, in order (one unit of distributed work each)."""
@@ -257,6 +365,7 @@ class StoreWriter:
             old_config, shard_size = manifest["config"], int(manifest["shard_size"])
             shards = {int(k): int(v["rows"]) for k, v in manifest["shards"].items()}
             failed = {int(k): int(v.get("failed", 0)) for k, v in manifest["shards"].items()}
+            layout = manifest.get("layout")
         except (OSError, ValueError, KeyError, TypeError):
             self._lock.release()
             raise StoreError(
@@ -270,8 +379,15 @@ class StoreWriter:
                 f"{self.partial} holds an unfinished run with other settings (changed: {changed}); "
                 "rerun with the same settings to resume, or pass --overwrite to start over"
             )
+        if layout != _LAYOUT:
+            self._lock.release()
+            raise StoreError(
+                f"{self.partial} holds an unfinished run written by an earlier version of headbench (shard files); "
+                "pass --overwrite to start over"
+            )
         self.shard_size = shard_size
-        self.committed = {k: rows for k, rows in shards.items() if self._shard_file(k).is_file()}
+        # a shard with failed rows is committed only with its errors file (written before the manifest names it)
+        self.committed = {k: rows for k, rows in shards.items() if not failed[k] or self._errors_file(k).is_file()}
         self.resumed_rows = sum(self.committed.values())
         self._shard_failed = {k: failed[k] for k in self.committed}
         self.failed_rows = sum(self._shard_failed.values())
@@ -280,6 +396,7 @@ class StoreWriter:
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
+            "layout": _LAYOUT,
             "config_hash": self.config_hash,
             "config": self.config,
             "num_rows": self.num_rows,
@@ -375,18 +492,19 @@ class StoreWriter:
 
     def _commit(self, k: int, feats: np.ndarray, errs: list[str], layers: dict[str, np.ndarray]) -> None:
         started = time.perf_counter()
-        target = self._shard_file(k)
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, features=feats, errors=np.array(errs, dtype=str),
-                     **{_LAYER_KEY + name: values for name, values in layers.items()})
-            f.flush()
-            os.fsync(f.fileno())
-            self.bytes_written += f.tell()
+        start = k * self.shard_size
+        self.bytes_written += self._rows.write("features", start, feats)
+        for name, values in layers.items():
+            self.bytes_written += self._rows.write(f"{LAYERS_GROUP}/{name}", start, values)
+        failed = {i: e for i, e in enumerate(errs) if e}
+        if failed:
+            data = json.dumps(failed).encode()
+            write_atomic(self._errors_file(k), lambda tmp: tmp.write_bytes(data))
+        self._rows.sync()
         _fault(f"mid-commit:{k}")
-        os.replace(tmp, target)
         self.committed[k] = len(errs)
-        self._shard_failed[k] = sum(1 for e in errs if e)
+        self._shard_failed[k] = len(failed)
+        self._errors[k] = failed
         self._write_manifest()
         _fault(f"after-shard:{k}")
         self.write_seconds += time.perf_counter() - started
@@ -407,11 +525,15 @@ class StoreWriter:
         try:
             self.close()
         finally:
+            if self._rows is not None:
+                self._rows.close()
             self._lock.release()
 
-    def _read_shard(self, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        with np.load(self._shard_file(k), allow_pickle=False) as z:
-            return z["features"], z["errors"], {name: z[_LAYER_KEY + name] for name in self.layer_widths}
+    def _shard_errors(self, k: int) -> dict[int, str]:
+        if k not in self._errors:  # committed by an earlier run
+            failed = json.loads(self._errors_file(k).read_text()) if self._shard_failed.get(k) else {}
+            self._errors[k] = {int(i): str(e) for i, e in failed.items()}
+        return self._errors[k]
 
     # -- finalize ----------------------------------------------------------------------------------------------
 
@@ -438,29 +560,22 @@ class StoreWriter:
         missing = [k for k in range(self.num_shards) if k not in self.committed]
         if missing:
             raise StoreError(f"cannot finalize {self.path}: {len(missing)} shard(s) were never committed")
-        n, d = self.num_rows, self.num_features
-        tmp = self.partial / "store.h5.tmp"
-        # Rows per chunk: a power of two near 1 MiB that divides the shard size, so shard copies fill whole chunks.
-        def chunks(width: int) -> tuple[int, int] | None:
-            pow2 = 1 << max(0, (_CHUNK_BYTES // max(1, width * self.dtype.itemsize)).bit_length() - 1)
-            return (max(1, min(n, math.gcd(self.shard_size, pow2))), width) if n else None
-
-        with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset("features", shape=(n, d), dtype=self.dtype, chunks=chunks(d))
-            layer_sets = {name: f.create_dataset(f"{LAYERS_GROUP}/{name}", shape=(n, w), dtype=self.dtype,
-                                                 chunks=chunks(w)) for name, w in self.layer_widths.items()}
-            status = np.empty(n, np.uint8)
-            errors = np.empty(n, dtype=object)
-            for k in range(self.num_shards):
-                rows = self._shard_range(k)
-                shard_feats, shard_errors, shard_layers = self._read_shard(k)
-                feats[rows.start : rows.stop] = shard_feats
-                for name, values in shard_layers.items():
-                    layer_sets[name][rows.start : rows.stop] = values
-                errors[rows.start : rows.stop] = [str(e) for e in shard_errors]
-                status[rows.start : rows.stop] = np.where(shard_errors == "", STATUS_OK, STATUS_FAILED)
-            self.num_failed = int((status == STATUS_FAILED).sum())
-            self.failure_reasons = dict(collections.Counter(e.split(":", 1)[0] for e in errors if e))
+        n = self.num_rows
+        tmp = self.partial / _DATA
+        self._rows.close()
+        status = np.full(n, STATUS_OK, np.uint8)
+        errors = np.full(n, "", dtype=object)
+        for k in range(self.num_shards):
+            for i, error in self._shard_errors(k).items():
+                row = k * self.shard_size + i
+                status[row], errors[row] = STATUS_FAILED, error
+        self.num_failed = int((status == STATUS_FAILED).sum())
+        self.failure_reasons = dict(collections.Counter(e.split(":", 1)[0] for e in errors if e))
+        with h5py.File(tmp, "r+") as f:
+            for name in [name for name in f if name not in ("features", LAYERS_GROUP)]:
+                del f[name]  # written by a finalize that was killed before its rename: written again
+            for key in list(f.attrs):
+                del f.attrs[key]
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
             f.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=_STR)
             f.create_dataset("split", data=np.asarray(list(split), dtype=object), dtype=_STR)

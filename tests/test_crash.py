@@ -67,7 +67,7 @@ def _assert_same_store(path, reference_store):
     "fault, committed_before",
     [
         ("after-rows:100", 2),  # mid-batch: 2 shards committed, the third half-filled
-        ("mid-commit:3", 3),  # shard 3 written to its temp file, not yet renamed or recorded
+        ("mid-commit:3", 3),  # shard 3's rows written and fsynced, not yet recorded
         ("after-shard:4", 5),  # right after shard 4 was recorded
         ("mid-finalize", 6),  # every shard committed; the final store written to a temp file, not renamed
     ],

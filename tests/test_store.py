@@ -120,6 +120,66 @@ def test_resume_from_committed_shards(tmp_path):
     np.testing.assert_array_equal(read_store(path).features, feats)
 
 
+def test_resume_keeps_the_failed_rows_of_committed_shards(tmp_path):
+    path = tmp_path / "s.h5"
+    feats = np.arange(20, dtype=np.float32).reshape(10, 2)
+    errors = [""] * 10
+    errors[1], errors[6] = "OSError: broken", "ValueError: bad"
+    writer = StoreWriter(path, CONFIG, 10, 2, shard_size=4)
+    writer.add(np.arange(5), feats[:5], errors[:5])  # shard 0 (with row 1 failed) committed
+    writer.abandon()
+    names = sorted(p.name for p in partial_dir(path).iterdir())
+    assert names == [".lock", "errors-000000.json", "manifest.json", "store.h5.tmp"]  # rows in place: no shard copies
+
+    resumed = StoreWriter(path, CONFIG, 10, 2)
+    assert resumed.resumed_rows == 4 and resumed.failed_rows == 1
+    resumed.add(np.arange(4, 10), feats[4:], errors[4:])
+    resumed.finalize([str(i) for i in range(10)], [0] * 10, [""] * 10, ["a"], {})
+    store = read_store(path)
+    assert list(store.errors) == errors and resumed.num_failed == 2
+    assert list(np.flatnonzero(store.status == STATUS_FAILED)) == [1, 6]
+    ok = store.status == STATUS_OK
+    np.testing.assert_array_equal(store.features[ok], feats[ok])
+    assert np.isnan(store.features[~ok]).all()
+
+
+@pytest.mark.parametrize("damage", ["remove", "garbage", "errors-file"])
+def test_a_run_whose_files_are_missing_or_damaged_does_those_shards_again(tmp_path, damage):
+    path = tmp_path / "s.h5"
+    feats = np.arange(20, dtype=np.float32).reshape(10, 2)
+    errors = ["OSError: broken"] + [""] * 9
+    writer = StoreWriter(path, CONFIG, 10, 2, shard_size=4)
+    writer.add(np.arange(8), feats[:8], errors[:8])
+    writer.abandon()
+    partial = partial_dir(path)
+    if damage == "remove":
+        (partial / "store.h5.tmp").unlink()
+    elif damage == "garbage":
+        (partial / "store.h5.tmp").write_bytes(b"garbage" * 100)
+    else:
+        (partial / "errors-000000.json").unlink()  # shard 0 had a failed row: without its reasons it is redone
+    resumed = StoreWriter(path, CONFIG, 10, 2, shard_size=4)
+    assert resumed.pending_indices() == (list(range(4)) + [8, 9] if damage == "errors-file" else list(range(10)))
+    rows = resumed.pending_indices()
+    resumed.add(np.array(rows), feats[rows], [errors[i] for i in rows])
+    resumed.finalize([str(i) for i in range(10)], [0] * 10, [""] * 10, ["a"], {})
+    store = read_store(path)
+    assert list(store.errors) == errors
+    np.testing.assert_array_equal(store.features[1:], feats[1:])
+
+
+def test_an_unfinished_run_of_an_earlier_layout_is_refused(tmp_path):
+    path = tmp_path / "s.h5"
+    StoreWriter(path, CONFIG, 4, 2).abandon()
+    manifest = partial_dir(path) / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["layout"]  # written by a version that kept shard-K.npz files
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(StoreError, match="earlier version of headbench.*--overwrite"):
+        StoreWriter(path, CONFIG, 4, 2)
+    StoreWriter(path, CONFIG, 4, 2, overwrite=True).abandon()
+
+
 def test_resume_with_other_config_is_refused_naming_the_change(tmp_path):
     path = tmp_path / "s.h5"
     writer = StoreWriter(path, CONFIG, 10, 2, shard_size=4)
