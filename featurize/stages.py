@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +54,8 @@ if TYPE_CHECKING:
     from .backbones import Backbone
     from .sources import Source
 
-__all__ = ["FeatureBatch", "batched", "EngineProbe", "ReadBatch", "JpegDecoder", "TorchvisionJpegDecoder", "BatchReader", "iter_staged"]
+__all__ = ["FeatureBatch", "batched", "EngineProbe", "ReadBatch", "JpegDecoder", "TorchvisionJpegDecoder",
+           "NvImageCodecDecoder", "JPEG_DECODERS", "jpeg_decoder", "jpeg_decoder_name", "BatchReader", "iter_staged"]
 
 _DEPTH = 3  # batches in flight between two stages
 _POLL = 0.05  # seconds a stage waits on a queue before looking whether the run was stopped
@@ -346,6 +349,96 @@ class TorchvisionJpegDecoder:
         return failed
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for a block (what a native library prints there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class NvImageCodecDecoder:
+    """NVIDIA's nvImageCodec (``nvidia-nvimgcodec-cu13`` + ``nvidia-nvjpeg``): one batched call per batch, its
+    own hardware / CUDA / CPU backends chosen per image (nvJPEG's hardware decoder on A100/H100/H200, progressive
+    JPEGs by CUDA or on the CPU within the same call), libjpeg's "fancy" chroma upsampling so that it agrees with
+    Pillow, decoded into device memory on the decode stage's stream. On a CPU it uses its libjpeg-turbo backend
+    (that is how its plumbing is tested without a GPU). EXIF orientation is applied here, from the scanned
+    header, as for torchvision's decoder; CMYK and Adobe-RGB JPEGs still go to Pillow."""
+
+    def __init__(self, backbone: "Backbone", device: torch.device, probe: EngineProbe | None = None):
+        # its messages off: per image (a row it cannot decode goes to Pillow, which records the reason), and one
+        # per optional codec library missing (JPEG 2000, TIFF), printed natively when it is imported
+        os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+        try:
+            with _quiet_stderr():
+                from nvidia import nvimgcodec
+        except ImportError:
+            raise FeaturizeError("the nvimgcodec JPEG decoder needs nvImageCodec: pip install nvidia-nvimgcodec-cu13 "
+                                 "nvidia-nvjpeg (or HEADBENCH_JPEG_DECODER=torchvision)") from None
+        steps = tensor_steps(backbone)
+        if steps is None:
+            raise FeaturizeError(f"{backbone.name}'s preprocessing does not run on tensors; use --decode cpu")
+        self.steps, self.device, self.probe = steps, device, probe
+        self.cuda = device.type == "cuda"
+        self._codec = nvimgcodec
+        if self.cuda:
+            device_id = device.index if device.index is not None else torch.cuda.current_device()
+            self._decoder = nvimgcodec.Decoder(device_id=device_id, options=":fancy_upsampling=1")
+        else:
+            self._decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                               backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
+                                               options=":fancy_upsampling=1")
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                               allow_any_depth=False)
+
+    def accepts(self, header: JpegHeader) -> bool:
+        return device_takes(header, cuda=False)  # progressive too: nvImageCodec picks a backend that takes it
+
+    def _tensor(self, image) -> torch.Tensor:
+        if self.cuda:
+            return torch.from_dlpack(image).permute(2, 0, 1)  # device memory, no copy; ordered on this stream
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+    def decode(self, batch: ReadBatch, write: Callable[[np.ndarray, torch.Tensor], None]) -> list[int]:
+        array = batch.arena.array
+        streams = [self._codec.CodeStream(array[o : o + n]) for o, n in batch.spans]
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.cuda else 0
+        decoded = self._decoder.decode(streams, params=self._params, cuda_stream=stream)
+        failed: list[int] = []
+        oriented: list[tuple[int, torch.Tensor]] = []
+        for pos, header, image in zip(batch.jpeg_rows, batch.headers, decoded):
+            if image is None or tuple(image.shape) != (header.height, header.width, 3):
+                failed.append(int(pos))
+            else:
+                oriented.append((int(pos), orient(self._tensor(image), header.orientation)))
+        for positions, images in transform_by_size(oriented, self.steps):
+            write(np.array(positions, dtype=np.int64), images)
+        return failed
+
+
+JPEG_DECODERS = {"torchvision": TorchvisionJpegDecoder, "nvimgcodec": NvImageCodecDecoder}
+
+
+def jpeg_decoder_name() -> str:
+    """Which JPEG decoder the staged engine uses: ``HEADBENCH_JPEG_DECODER`` (torchvision, the default, or
+    nvimgcodec)."""
+    name = os.environ.get("HEADBENCH_JPEG_DECODER", "torchvision")
+    if name not in JPEG_DECODERS:
+        raise FeaturizeError(f"HEADBENCH_JPEG_DECODER must be one of {', '.join(JPEG_DECODERS)}, got {name!r}")
+    return name
+
+
+def jpeg_decoder(backbone: "Backbone", device: torch.device, probe: EngineProbe | None = None) -> JpegDecoder:
+    """The staged engine's JPEG decoder (:func:`jpeg_decoder_name`)."""
+    return JPEG_DECODERS[jpeg_decoder_name()](backbone, device, probe)
+
+
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
@@ -510,7 +603,7 @@ def iter_staged(
     chunks = batched(indices, batch_size)
     if decode == "tensor":
         if decoder is None:
-            decoder = TorchvisionJpegDecoder(backbone, device, probe)
+            decoder = jpeg_decoder(backbone, device, probe)
         reader = BatchReader(source, decoder.accepts, dataset.pillow, pinned=cuda, arenas=2 * _DEPTH + workers + 2,
                              capacity=batch_size * 96 * 1024, probe=probe, stop=stop)
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="headbench-read")

@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from featurize.backbones import PIXELS, check_model_name, create_backbone, input_side
 from featurize.decode import resolve_decode
 from featurize.errors import FeaturizeError
-from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device
+from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, use_staged
 from featurize.runtime import resolve_runtime
 from featurize.sources import median_image_side, open_source
+from featurize.stages import jpeg_decoder_name
 from featurize.store import FORMAT_VERSION, StoreWriter, check_writable
 from pipelines.provenance import library_versions
 
@@ -213,6 +214,8 @@ def extract_features(
                         "pooling": backbone.pooling, "num_features": backbone.num_features,
                         "precision": engine.precision, "layers": backbone.layers, "runtime": engine.name,
                         "runtime_info": engine.describe(), "decoder": decoder}
+            if decoder == "tensor" and engine.name == "torch" and use_staged(dev):
+                computed["jpeg_decoder"] = jpeg_decoder_name()  # the staged engine's: HEADBENCH_JPEG_DECODER
             placement = str(dev)
 
             def batches(shards: list[range]):
@@ -260,6 +263,8 @@ def extract_features(
             config["runtime"] = computed["runtime"]
         if computed["decoder"] != "pillow":  # the same: Pillow-decoded stores keep theirs
             config["decode"]["decoder"] = computed["decoder"]
+        if computed.get("jpeg_decoder", "torchvision") != "torchvision":  # the same: torchvision-decoded ones too
+            config["decode"]["jpeg_decoder"] = computed["jpeg_decoder"]
         if src.tasks:  # the same: the label sets' contents are in the fingerprint, their names here
             config["dataset"]["tasks"] = src.task_names
         if chosen is not None:  # the same: only an auto representation is recorded as one

@@ -5,6 +5,7 @@ and Parquet, resumes after a kill, and the host-overhead harness counts what it 
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -84,6 +85,46 @@ def test_staged_engine_equals_the_stream_engine(mixed_folder, backbone, decode):
     assert np.isnan(features[bad]).all() and np.isfinite(np.delete(features, bad, axis=0)).all()
     np.testing.assert_allclose(features, ref, rtol=1e-4, atol=1e-5)
     assert probe.syncs["compute"] == probe.syncs["decode"] == probe.syncs["read"] == 0
+
+
+def test_nvimgcodec_decoder_gives_the_torchvision_decoders_rows(mixed_folder, backbone, monkeypatch, capfd):
+    """nvImageCodec behind the same JpegDecoder interface (its libjpeg-turbo backend on a CPU): the same rows,
+    failures and features as torchvision's decoder, EXIF orientation and progressive files included, and
+    none of the messages its native library prints when it is imported or an image fails."""
+    if importlib.util.find_spec("nvidia.nvimgcodec") is None:  # not imported here: it prints when imported
+        pytest.skip("nvImageCodec is not installed (pip install -e '.[gpu]')")
+    from featurize.stages import NvImageCodecDecoder, jpeg_decoder
+
+    source = open_source(mixed_folder)
+    ref_indices, ref, ref_errors = _joined(_staged(source, backbone, "tensor"))
+    capfd.readouterr()  # torchvision's libjpeg prints its own warning for the bogus file
+    monkeypatch.setenv("HEADBENCH_JPEG_DECODER", "nvimgcodec")
+    assert isinstance(jpeg_decoder(backbone, CPU), NvImageCodecDecoder)
+    probe = EngineProbe()
+    indices, features, errors = _joined(_staged(source, backbone, "tensor", probe=probe))
+    np.testing.assert_array_equal(indices, ref_indices)
+    assert errors == ref_errors
+    np.testing.assert_allclose(features, ref, rtol=1e-4, atol=1e-5)
+    assert probe.syncs["compute"] == probe.syncs["decode"] == probe.syncs["read"] == 0
+    printed = capfd.readouterr().err  # libjpeg-turbo's own warning for the bogus file may remain
+    assert "Failed to load" not in printed and "[ERROR]" not in printed and "[WARNING]" not in printed
+    monkeypatch.setenv("HEADBENCH_JPEG_DECODER", "libjpeg")
+    with pytest.raises(Exception, match="HEADBENCH_JPEG_DECODER must be one of torchvision, nvimgcodec"):
+        jpeg_decoder(backbone, CPU)
+
+
+def test_a_store_names_a_jpeg_decoder_other_than_torchvisions(photo_folder, tmp_path, monkeypatch):
+    """In the config (hashed): a run resumed with the other decoder is refused rather than mixed."""
+    if importlib.util.find_spec("nvidia.nvimgcodec") is None:
+        pytest.skip("nvImageCodec is not installed (pip install -e '.[gpu]')")
+    options = dict(TINY, decode="tensor", batch_size=3)
+    monkeypatch.setenv("HEADBENCH_ENGINE", "staged")
+    plain = read_store(extract_features(photo_folder, tmp_path / "tv.h5", **options).path)
+    assert "jpeg_decoder" not in plain.config["decode"]  # torchvision's stores keep the config they had
+    monkeypatch.setenv("HEADBENCH_JPEG_DECODER", "nvimgcodec")
+    store = read_store(extract_features(photo_folder, tmp_path / "nv.h5", **options).path)
+    assert store.config["decode"]["jpeg_decoder"] == "nvimgcodec"
+    np.testing.assert_allclose(store.features.astype(np.float32), plain.features.astype(np.float32), atol=2e-3)
 
 
 def test_warmup_and_every_forward_run_on_one_thread_with_full_batches(mixed_folder, backbone, monkeypatch):
