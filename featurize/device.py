@@ -76,11 +76,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """The autocast context for a resolved precision (a no-op for fp32). `cache`: keep the weights' casts
+    between calls (off when a CUDA graph is captured: the graph must make its own)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=cache)
 
 
 def prepare_model(backbone: "Backbone", device: torch.device, compile: bool = False) -> Callable:

@@ -38,6 +38,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
@@ -55,7 +56,8 @@ if TYPE_CHECKING:
     from .sources import Source
 
 __all__ = ["FeatureBatch", "batched", "EngineProbe", "ReadBatch", "JpegDecoder", "TorchvisionJpegDecoder",
-           "NvImageCodecDecoder", "JPEG_DECODERS", "jpeg_decoder", "jpeg_decoder_name", "BatchReader", "iter_staged"]
+           "NvImageCodecDecoder", "JPEG_DECODERS", "jpeg_decoder", "jpeg_decoder_name", "cuda_graphs_requested", "BatchReader",
+           "iter_staged"]
 
 _DEPTH = 3  # batches in flight between two stages
 _POLL = 0.05  # seconds a stage waits on a queue before looking whether the run was stopped
@@ -521,6 +523,38 @@ def _runs(positions: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(positions[a]), int(positions[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)]
 
 
+def cuda_graphs_requested() -> bool:
+    """``HEADBENCH_CUDA_GRAPHS=1``: the staged engine's compute stage replays the model's forward as a CUDA graph
+    (off by default until a GPU run shows it pays: benchmarks/gpu_run.py measures both)."""
+    value = os.environ.get("HEADBENCH_CUDA_GRAPHS", "0")
+    if value not in ("0", "1"):
+        raise FeaturizeError(f"HEADBENCH_CUDA_GRAPHS must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+class _GraphedForward:
+    """The model's forward on a full batch captured once as a CUDA graph: each batch is copied into the graph's
+    static input and the graph replayed, a few launches where the eager forward makes hundreds, so the compute
+    thread hardly needs the GIL that the reader threads contend for. The layers the hooks tap are static outputs
+    of the graph too. Made by the compute thread after its warm-up, on its stream; only that thread's CUDA calls
+    are checked during the capture (the decode stage keeps working on its own stream)."""
+
+    def __init__(self, model: Callable, backbone: "Backbone", example: torch.Tensor, stream):
+        self.input = torch.empty_like(example).copy_(example)
+        for _ in range(2):  # lazy initialisation and cuDNN's choices before the capture, as CUDA graphs require
+            model(self.input)
+            backbone.take_layers()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
+            self.output = model(self.input)
+            self.layers = backbone.take_layers()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output, dict(self.layers)
+
+
 @dataclass
 class _Slot:
     """A preallocated model input [batch, 3, h, w] (channels_last, the autocast dtype) and the event after
@@ -673,19 +707,29 @@ def iter_staged(
 
     # ---- compute: ONE thread, the warm-up included ---------------------------------------------------------------
     model = forward if forward is not None else prepare_model(backbone, device, compile)
+    graphs = cuda and forward is None and not compile and cuda_graphs_requested()
+    graphed: list[_GraphedForward] = []  # the captured forward, once the warm-up made it
     ready_model = threading.Event()
 
     def run_model(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if probe is not None:
             probe.forward_threads.add(threading.get_ident())
             probe.forward_rows.append(int(x.shape[0]))
+        if graphed:
+            return graphed[0](x)
         return model(x), backbone.take_layers()
 
     @contextlib.contextmanager
     def compute_context():
-        with on(compute_stream), torch.inference_mode(), autocast(device, precision):
+        with on(compute_stream), torch.inference_mode(), autocast(device, precision, cache=not graphs):
             warm = slots.take()  # one full slot of zeros: cuDNN's plans (and compile's graph) made here
             run_model(warm.tensor)
+            if graphs:
+                try:
+                    graphed.append(_GraphedForward(model, backbone, warm.tensor, compute_stream))
+                except Exception as e:  # a model that cannot be captured runs eagerly, as without the request
+                    warnings.warn(f"CUDA graph capture of {backbone.name} failed ({error_text(e)}); "
+                                  "running it eagerly", stacklevel=2)
             slots.give(warm)
             _wait(record(compute_stream), probe, "startup")  # once, before the first batch: getting ready
             stamps["model_ready"] = time.perf_counter()
