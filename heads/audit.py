@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import HeadsError
+from .space import CosineSpace as _Space
 
 __all__ = ["DEFAULT_DIMS", "DEFAULT_NEIGHBOURS", "EXACT_LIMIT", "MAX_FALSE_MATCH", "UNCALIBRATED_THRESHOLD",
            "CosineSpace", "Neighbours", "Rule", "calibrate", "measure", "cosine_neighbours", "feature_twins",
@@ -47,46 +48,11 @@ CUTS = np.arange(0.0, 5.0 + CUT_STEP / 2, CUT_STEP)  # ... up to 5 of them (12.5
 MAX_FALSE_MATCH = 0.01
 
 
-def _normalise(X: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return (X / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
-
-
-def _checked(block: np.ndarray) -> np.ndarray:
-    block = np.asarray(block, dtype=np.float32)
-    if not np.isfinite(block).all():
-        raise HeadsError("the audit got rows with NaN or infinite features; leave failed rows out or re-extract")
-    return block
-
-
-class CosineSpace:
-    """Rows where a dot product is the cosine similarity: normalised, PCA-projected (fitted on at most
-    `fit_rows` rows, fixed seed) to at most `dims` dimensions, normalised again.
-
-    Attributes:
-        X: the projected rows (float32, one per input row).
-        dims: their width.
-    """
+class CosineSpace(_Space):
+    """:class:`heads.space.CosineSpace` at the audit's width (:data:`DEFAULT_DIMS`)."""
 
     def __init__(self, X: np.ndarray, *, dims: int = DEFAULT_DIMS, fit_rows: int = 20_000, block: int = 65_536):
-        if np.ndim(X) != 2 or len(X) == 0:
-            raise HeadsError("the audit needs at least one feature row")
-        self._pca = None
-        if X.shape[1] > dims and len(X) > dims:
-            from sklearn.decomposition import PCA
-
-            rows = np.arange(len(X)) if len(X) <= fit_rows else \
-                np.sort(np.random.default_rng(0).choice(len(X), fit_rows, replace=False))
-            self._pca = PCA(n_components=dims, svd_solver="randomized", random_state=0).fit(_normalise(_checked(X[rows])))
-        self.dims = dims if self._pca is not None else X.shape[1]
-        self.X = np.empty((len(X), self.dims), dtype=np.float32)
-        for start in range(0, len(X), block):
-            self.X[start:start + block] = self.transform(X[start:start + block])
-
-    def transform(self, rows: np.ndarray) -> np.ndarray:
-        """New rows (e.g. the features of calibration copies) in the same space."""
-        rows = _normalise(_checked(rows))
-        return rows if self._pca is None else _normalise(self._pca.transform(rows))
+        super().__init__(X, dims=dims, fit_rows=fit_rows, block=block, user="the audit")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import HeadsError
+from .space import CosineSpace
 
 __all__ = ["DEFAULT_DIMS", "SELECTION_VERSION", "Picks", "SelectionSpace", "Strategy", "STRATEGIES", "register_strategy", "get_strategy",
            "resolve_strategies", "select"]
@@ -65,17 +66,13 @@ class Picks:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _normalise(X: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norms > 0, norms, 1.0)
-
-
 class SelectionSpace:
     """The pool's rows as the strategies measure them, and what is worth computing once for every seed.
 
-    Rows are L2-normalised, projected by a PCA (fitted on at most 20 000 rows, fixed seed) to at most `dims`
-    dimensions, and normalised again, so a squared distance is ``2 - 2 * cosine``. k-means labels, probcover's
-    radius and its graph are cached per setting.
+    Rows are measured in a :class:`heads.space.CosineSpace` (L2-normalised, projected by a PCA fitted on at most
+    20 000 rows with a fixed seed to at most `dims` dimensions, normalised again; the audit's space too), so a
+    squared distance is ``2 - 2 * cosine``. k-means labels, probcover's radius and its graph are cached per
+    setting.
     """
 
     def __init__(self, X: np.ndarray, *, dims: int = DEFAULT_DIMS, graph_rows: int = PROBCOVER_ROWS):
@@ -95,28 +92,9 @@ class SelectionSpace:
         """The rows as measured: computed on first use (``random`` never needs them), a block of rows at a time,
         so a pool of a million rows costs its own size once more only at the PCA's width."""
         if self._X is None:
-            raw, dims = self._raw, self._dims
-            pca = None
-            if raw.shape[1] > dims and len(raw) > dims:
-                from sklearn.decomposition import PCA
-
-                rows = np.arange(len(raw)) if len(raw) <= 20_000 else \
-                    np.sort(np.random.default_rng(0).choice(len(raw), 20_000, replace=False))
-                pca = PCA(n_components=dims, svd_solver="randomized", random_state=0).fit(
-                    _normalise(self._checked(raw[rows])))
-            out = np.empty((len(raw), dims if pca is not None else raw.shape[1]), dtype=np.float32)
-            for start in range(0, len(raw), 65536):
-                block = _normalise(self._checked(raw[start:start + 65536]))
-                out[start:start + 65536] = block if pca is None else _normalise(pca.transform(block))
-            self._X, self._raw = out, None
+            self._X = CosineSpace(self._raw, dims=self._dims, user="label selection").X
+            self._raw = None
         return self._X
-
-    @staticmethod
-    def _checked(block: np.ndarray) -> np.ndarray:
-        block = np.asarray(block, dtype=np.float32)
-        if not np.isfinite(block).all():
-            raise HeadsError("label selection got rows with NaN or infinite features; leave failed rows out")
-        return block
 
     def __len__(self) -> int:
         return self._n
