@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -366,7 +366,15 @@ def compare_heads(
     n_classes = len(ref.classes)
     included = _included_runs(include or [], ref, usable, plan, y_scored, n_boot, seed)
     twins = None if exclude_duplicates is None else _twinned_rows(exclude_duplicates, ref.ids[usable], plan)
-    twin_check = _feature_twins(candidates[0], usable, plan) if twins is None else None
+    loaded: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}  # the twin check's matrix, kept for the heads
+
+    def load(cand: Candidate) -> np.ndarray:
+        key = (str(cand.store.path), tuple(cand.blocks))
+        if key not in loaded:
+            loaded[key] = cand.load(usable)
+        return loaded[key]
+
+    twin_check = _feature_twins(candidates[0], load, plan, int(usable.sum())) if twins is None else None
 
     ranking: dict[str, Any] | None = None
     keep: list[str] = []  # candidates that run heads whatever their rank (auto: the default features)
@@ -403,7 +411,8 @@ def compare_heads(
     with tqdm(total=len(units), desc="compare-heads", unit="head", disable=not progress) as bar, \
             threadpool_limits(limits=threads):
         for cand in running:
-            features[cand.name] = cand.load(usable)
+            features[cand.name] = load(cand)
+        loaded.clear()  # a candidate ranked out gives its matrix back
         curve = None
         if shots:
             started = time.perf_counter()
@@ -580,7 +589,8 @@ def _twin_mask(a: np.ndarray, b: np.ndarray, plan: Plan, n: int) -> np.ndarray:
     return np.concatenate(mask)
 
 
-def _feature_twins(candidate: Candidate, usable: np.ndarray, plan: Plan) -> dict[str, Any]:
+def _feature_twins(candidate: Candidate, load: Callable[[Candidate], np.ndarray], plan: Plan,
+                   n: int) -> dict[str, Any]:
     """compare-heads' quick look for test rows the heads could have memorised (without --exclude-duplicates):
     scored rows whose feature cosine to a row their task was fitted on is near 1, relative to the data's own
     spacing (:func:`heads.audit.feature_twins`). Near-identical twins only:
@@ -589,13 +599,12 @@ def _feature_twins(candidate: Candidate, usable: np.ndarray, plan: Plan) -> dict
     from heads.audit import feature_twins
 
     started = time.perf_counter()
-    n = int(usable.sum())
     scored = np.unique(np.concatenate([task.score for task in plan.tasks]))
     out: dict[str, Any] = {"signal": "features", "representation": candidate.name}
     if len(scored) * n > TWIN_CHECK_LIMIT:
         return {**out, "skipped": f"{len(scored):,} scored x {n:,} rows is too large a search to do in passing; "
                                   "run `python cli.py audit` for the near-duplicates"}
-    X = candidate.load(usable)
+    X = load(candidate)  # the candidate's usable rows, as the heads will read them
     if not np.isfinite(X).all():
         return {**out, "skipped": "rows with NaN or infinite features"}
     a, b, threshold = feature_twins(X, scored)
