@@ -180,6 +180,7 @@ class _Arena:
         self._allocate(capacity)
         self.used = 0
         self.released = None  # the event after which the device no longer reads it
+        self.keep: object = None  # what the decoder made from it (device memory) and the device may still read
 
     def _allocate(self, capacity: int) -> None:
         self.tensor = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pinned)
@@ -248,7 +249,7 @@ class BatchReader:
         arena = self._arenas.take()
         if arena.released is not None:
             _wait(arena.released, self.probe, "read")  # long done: the arena went round the whole ring
-        arena.used, arena.released = 0, None
+        arena.used, arena.released, arena.keep = 0, None, None
         return arena
 
     def release(self, arena: _Arena | None, event=None) -> None:
@@ -403,8 +404,8 @@ class NvImageCodecDecoder:
         return device_takes(header, cuda=False)  # progressive too: nvImageCodec picks a backend that takes it
 
     def _tensor(self, image) -> torch.Tensor:
-        if self.cuda:
-            return torch.from_dlpack(image).permute(2, 0, 1)  # device memory, no copy; ordered on this stream
+        if self.cuda:  # device memory, no copy, ordered on this stream (an image a CPU backend made is moved)
+            return torch.from_dlpack(image).permute(2, 0, 1).to(self.device, non_blocking=True)
         return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
 
     def decode(self, batch: ReadBatch, write: Callable[[np.ndarray, torch.Tensor], None]) -> list[int]:
@@ -412,6 +413,9 @@ class NvImageCodecDecoder:
         streams = [self._codec.CodeStream(array[o : o + n]) for o, n in batch.spans]
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.cuda else 0
         decoded = self._decoder.decode(streams, params=self._params, cuda_stream=stream)
+        # its buffers live until the arena comes round again, after the event that says this batch was read: their
+        # release cannot race the kernels that still read them, whatever order nvImageCodec frees memory in
+        batch.arena.keep = decoded
         failed: list[int] = []
         oriented: list[tuple[int, torch.Tensor]] = []
         for pos, header, image in zip(batch.jpeg_rows, batch.headers, decoded):
