@@ -540,8 +540,8 @@ class _GraphedForward:
     """The model's forward on a full batch captured once as a CUDA graph: each batch is copied into the graph's
     static input and the graph replayed, a few launches where the eager forward makes hundreds, so the compute
     thread hardly needs the GIL that the reader threads contend for. The layers the hooks tap are static outputs
-    of the graph too. Made by the compute thread after its warm-up, on its stream; only that thread's CUDA calls
-    are checked during the capture (the decode stage keeps working on its own stream)."""
+    of the graph too. Made by the compute thread after its warm-up, on its stream, before the decode stage starts
+    its device work (libraries such as nvJPEG may touch the legacy stream, which a capture forbids)."""
 
     def __init__(self, model: Callable, backbone: "Backbone", example: torch.Tensor, stream):
         self.input = torch.empty_like(example).copy_(example)
@@ -706,6 +706,9 @@ def iter_staged(
 
     @contextlib.contextmanager
     def decode_context():
+        while graphs and not ready_model.wait(_POLL):  # no device work beside a CUDA graph's capture
+            if stop.is_set():
+                raise _Stopped
         with on(decode_stream), torch.inference_mode():  # the slots are inference tensors, written in place
             yield
 
