@@ -170,12 +170,13 @@ def test_a_bare_ray_flag_starts_a_local_runtime_and_stops_it(local_store, tmp_pa
 def test_a_worker_node_killed_mid_run_still_ends_with_the_local_store(cluster, local_store, tmp_path):
     out = tmp_path / "cluster.h5"
     # 1. The driver dies (SIGKILL) right after committing shard 2 (shards finish in any order on a cluster:
-    #    shard 2 and whichever others were done survive it).
+    #    shard 2 and whichever others were done survive it; with two shards in flight per actor, shard 2 is the
+    #    second actor's first and may well be the first one done).
     crashed = _cli(*EXTRACT, "--out", out, "--ray", cluster.address, fault="after-shard:2")
     _, err = crashed.communicate(timeout=600)
     assert crashed.returncode == -signal.SIGKILL, err
     survived = _committed(out)
-    assert survived >= 2
+    assert survived >= 1 and "2" in json.loads((partial_dir(out) / "manifest.json").read_text())["shards"]
 
     # 2. The same command resumes on the cluster; once it has committed a shard of its own and node 2's actor
     #    is embedding one, node 2 is killed.
