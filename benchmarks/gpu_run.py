@@ -252,7 +252,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="headbench-gpu-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        folder = args.images or make_bench_images(tmp / "images", args.num_images)
+        folder = args.images or make_bench_images(tmp / "images", args.num_images, workers=os.cpu_count() or 1)
         result["images_seconds"] = time.perf_counter() - started
         section("decode_limit", lambda: decode_limit(folder, device=device))
         models = [(lite0, "random" if dry else lite0_weights)]

@@ -169,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="headbench-host-") as tmp:
         tmp = Path(tmp)
-        folder = args.images or make_bench_images(tmp / "images", args.num_images)
+        folder = args.images or make_bench_images(tmp / "images", args.num_images, workers=os.cpu_count() or 1)
         result = measure(folder, args.batch_size, args.workers, args.model, tmp, args.model_calls)
     text = json.dumps(result, indent=2)
     print(text)

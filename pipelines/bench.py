@@ -29,6 +29,8 @@ end-to-end share of it, min/mean cosine to torch fp32 features, and the digits p
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
 import platform
 import tempfile
@@ -67,28 +69,50 @@ __all__ = ["run_benchmark", "make_bench_images"]
 BENCH_PHOTOS = ("coffee", "astronaut", "rocket", "hubble_deep_field", "retina", "immunohistochemistry")
 
 
-def make_bench_images(folder: Path, count: int = 500, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
-    """Write `count` JPEGs of `size` (w, h), random crops of scikit-image's bundled photographs."""
-    try:
-        import skimage.data
-    except ImportError:
+def make_bench_images(folder: Path, count: int = 500, size: tuple[int, int] = (500, 375), seed: int = 0,
+                      workers: int = 0) -> Path:
+    """Write `count` JPEGs of `size` (w, h), random crops of scikit-image's bundled photographs (``workers``
+    processes share the encoding; the same files whatever their number)."""
+    if importlib.util.find_spec("skimage") is None:
         raise FeaturizeError("the default benchmark images come from scikit-image: pip install scikit-image, "
-                             "or give a folder of images with --images DIR") from None
+                             "or give a folder of images with --images DIR")
+    rng = np.random.default_rng(seed)
+    shapes = [_bench_photo(name).shape for name in BENCH_PHOTOS]
+    w, h = size
+    crops = []  # every image's (photo, top, left, mirrored), drawn in one sequence
+    for i in range(count):
+        k = i % len(BENCH_PHOTOS)
+        y = int(rng.integers(0, shapes[k][0] - h + 1))
+        x = int(rng.integers(0, shapes[k][1] - w + 1))
+        crops.append((i, k, y, x, bool(rng.random() < 0.5)))
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = [crops[j::workers] for j in range(workers)] if workers > 1 else [crops]
+    if len(parts) == 1:
+        _write_bench_images(folder, size, crops)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(parts)) as pool:
+            list(pool.map(_write_bench_images, [folder] * len(parts), [size] * len(parts), parts))
+    return folder
+
+
+@functools.lru_cache(maxsize=None)
+def _bench_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+def _write_bench_images(folder: Path, size: tuple[int, int], crops: list[tuple[int, int, int, int, bool]]) -> None:
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    photos = [getattr(skimage.data, name)() for name in BENCH_PHOTOS]
     w, h = size
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        y = int(rng.integers(0, photo.shape[0] - h + 1))
-        x = int(rng.integers(0, photo.shape[1] - w + 1))
-        crop = photo[y : y + h, x : x + w]
-        if rng.random() < 0.5:
+    for i, k, y, x, mirrored in crops:
+        crop = _bench_photo(BENCH_PHOTOS[k])[y : y + h, x : x + w]
+        if mirrored:
             crop = crop[:, ::-1]
         Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"bench-{i:05d}.jpg", quality=90)
-    return folder
 
 
 def _timed(fn: Callable[[], int], min_seconds: float = 3.0, min_rounds: int = 3) -> float:
