@@ -43,3 +43,14 @@ def test_bench_cli_writes_every_measure(runner, tmp_path):
 def test_bench_needs_a_real_folder(runner, tmp_path):
     result = runner.invoke(main, ["bench", "--images", str(tmp_path / "none")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_bench_images_are_the_same_whoever_encodes_them(tmp_path):
+    from pipelines.bench import make_bench_images
+
+    serial = make_bench_images(tmp_path / "one", 12, size=(64, 48))
+    shared = make_bench_images(tmp_path / "three", 12, size=(64, 48), workers=3)
+    names = sorted(p.name for p in serial.iterdir())
+    assert len(names) == 12 and names == sorted(p.name for p in shared.iterdir())
+    assert all((serial / n).read_bytes() == (shared / n).read_bytes() for n in names)
+    assert len({(serial / n).read_bytes() for n in names}) == 12  # twelve different crops
