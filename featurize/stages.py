@@ -56,8 +56,8 @@ if TYPE_CHECKING:
     from .sources import Source
 
 __all__ = ["FeatureBatch", "batched", "EngineProbe", "ReadBatch", "JpegDecoder", "TorchvisionJpegDecoder",
-           "NvImageCodecDecoder", "JPEG_DECODERS", "jpeg_decoder", "jpeg_decoder_name", "cuda_graphs_requested", "BatchReader",
-           "iter_staged"]
+           "NvImageCodecDecoder", "JPEG_DECODERS", "jpeg_decoder", "jpeg_decoder_name", "cuda_graphs_requested",
+           "BatchReader", "iter_staged"]
 
 _DEPTH = 3  # batches in flight between two stages
 _POLL = 0.05  # seconds a stage waits on a queue before looking whether the run was stopped
