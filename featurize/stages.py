@@ -312,6 +312,31 @@ class JpegDecoder(Protocol):
     def decode(self, batch: ReadBatch, write: Callable[[np.ndarray, torch.Tensor], None]) -> list[int]: ...
 
 
+def _device_steps(backbone: "Backbone") -> list[Callable]:
+    """The backbone's resize/crop as tensor steps, which a device decoder needs."""
+    steps = tensor_steps(backbone)
+    if steps is None:
+        raise FeaturizeError(f"{backbone.name}'s preprocessing does not run on tensors; use --decode cpu")
+    return steps
+
+
+def _write_decoded(batch: ReadBatch, images: Iterable[torch.Tensor | None], steps: list[Callable],
+                   write: Callable[[np.ndarray, torch.Tensor], None]) -> list[int]:
+    """A device decoder's images of the batch's JPEG rows (uint8 [3, H, W], None where it failed): EXIF orientation
+    from each row's scanned header, each size group resized and cropped together (the same photos' sizes repeat),
+    written; returns the positions of the rows that failed."""
+    failed: list[int] = []
+    oriented: list[tuple[int, torch.Tensor]] = []
+    for pos, header, image in zip(batch.jpeg_rows, batch.headers, images):
+        if image is None:
+            failed.append(int(pos))
+        else:
+            oriented.append((int(pos), orient(image, header.orientation)))
+    for positions, group in transform_by_size(oriented, steps):
+        write(np.array(positions, dtype=np.int64), group)
+    return failed
+
+
 class TorchvisionJpegDecoder:
     """torchvision's ``decode_jpeg`` (batched nvJPEG on CUDA, libjpeg-turbo on a CPU), EXIF orientation
     applied on the device, images of one size resized and cropped together with the backbone's own steps
@@ -322,10 +347,7 @@ class TorchvisionJpegDecoder:
     stage's own, off the compute stage's path."""
 
     def __init__(self, backbone: "Backbone", device: torch.device, probe: EngineProbe | None = None):
-        steps = tensor_steps(backbone)
-        if steps is None:
-            raise FeaturizeError(f"{backbone.name}'s preprocessing does not run on tensors; use --decode cpu")
-        self.steps, self.device, self.probe = steps, device, probe
+        self.steps, self.device, self.probe = _device_steps(backbone), device, probe
         self.cuda = device.type == "cuda"
 
     def accepts(self, header: JpegHeader) -> bool:
@@ -340,16 +362,7 @@ class TorchvisionJpegDecoder:
         tensor = batch.arena.tensor
         decoded = decode_jpegs([tensor[o : o + n] for o, n in batch.spans], self.device,
                                self._sync if self.cuda else None)
-        failed: list[int] = []
-        oriented: list[tuple[int, torch.Tensor]] = []
-        for pos, header, image in zip(batch.jpeg_rows, batch.headers, decoded):
-            if image is None:
-                failed.append(int(pos))
-            else:
-                oriented.append((int(pos), orient(image, header.orientation)))
-        for positions, images in transform_by_size(oriented, self.steps):  # the same photos' sizes repeat
-            write(np.array(positions, dtype=np.int64), images)
-        return failed
+        return _write_decoded(batch, decoded, self.steps, write)
 
 
 @contextlib.contextmanager
@@ -384,10 +397,7 @@ class NvImageCodecDecoder:
         except ImportError:
             raise FeaturizeError("the nvimgcodec JPEG decoder needs nvImageCodec: pip install nvidia-nvimgcodec-cu13 "
                                  "nvidia-nvjpeg (or HEADBENCH_JPEG_DECODER=torchvision)") from None
-        steps = tensor_steps(backbone)
-        if steps is None:
-            raise FeaturizeError(f"{backbone.name}'s preprocessing does not run on tensors; use --decode cpu")
-        self.steps, self.device, self.probe = steps, device, probe
+        self.steps, self.device, self.probe = _device_steps(backbone), device, probe
         self.cuda = device.type == "cuda"
         self._codec = nvimgcodec
         if self.cuda:
@@ -403,7 +413,10 @@ class NvImageCodecDecoder:
     def accepts(self, header: JpegHeader) -> bool:
         return device_takes(header, cuda=False)  # progressive too: nvImageCodec picks a backend that takes it
 
-    def _tensor(self, image) -> torch.Tensor:
+    def _tensor(self, image, header: JpegHeader) -> torch.Tensor | None:
+        """uint8 [3, H, W] over the decoded buffer (None when it failed or is not the size the header says)."""
+        if image is None or tuple(image.shape) != (header.height, header.width, 3):
+            return None
         if self.cuda:  # device memory, no copy, ordered on this stream (an image a CPU backend made is moved)
             return torch.from_dlpack(image).permute(2, 0, 1).to(self.device, non_blocking=True)
         return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
@@ -416,16 +429,7 @@ class NvImageCodecDecoder:
         # its buffers live until the arena comes round again, after the event that says this batch was read: their
         # release cannot race the kernels that still read them, whatever order nvImageCodec frees memory in
         batch.arena.keep = decoded
-        failed: list[int] = []
-        oriented: list[tuple[int, torch.Tensor]] = []
-        for pos, header, image in zip(batch.jpeg_rows, batch.headers, decoded):
-            if image is None or tuple(image.shape) != (header.height, header.width, 3):
-                failed.append(int(pos))
-            else:
-                oriented.append((int(pos), orient(self._tensor(image), header.orientation)))
-        for positions, images in transform_by_size(oriented, self.steps):
-            write(np.array(positions, dtype=np.int64), images)
-        return failed
+        return _write_decoded(batch, map(self._tensor, decoded, batch.headers), self.steps, write)
 
 
 JPEG_DECODERS = {"torchvision": TorchvisionJpegDecoder, "nvimgcodec": NvImageCodecDecoder}

@@ -86,14 +86,14 @@ def make_bench_images(folder: Path, count: int = 500, size: tuple[int, int] = (5
         x = int(rng.integers(0, shapes[k][1] - w + 1))
         crops.append((i, k, y, x, bool(rng.random() < 0.5)))
     folder.mkdir(parents=True, exist_ok=True)
-    parts = [crops[j::workers] for j in range(workers)] if workers > 1 else [crops]
-    if len(parts) == 1:
+    if workers <= 1:
         _write_bench_images(folder, size, crops)
     else:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(len(parts)) as pool:
-            list(pool.map(_write_bench_images, [folder] * len(parts), [size] * len(parts), parts))
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_bench_images, [folder] * workers, [size] * workers,
+                          [crops[j::workers] for j in range(workers)]))
     return folder
 
 
