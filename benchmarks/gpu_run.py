@@ -25,6 +25,7 @@ In one process, on the same JPEGs (500x375, quality 90, generated from scikit-im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -187,16 +189,57 @@ def digits_as_jpegs(folder: Path) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Environment variables set for a block, then put back as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def decoder_agreement(folder: Path, digits: Path, tmp: Path, spec: dict, decode: str,
+                      done: Callable[[dict], None] = lambda out: None) -> dict:
+    """Each JPEG decoder (``HEADBENCH_JPEG_DECODER``) against the Pillow path: an extract at the default precision
+    (images/s, first batch), the cosine of its fp32 features to Pillow's and the digits probe's delta. `done`
+    receives the numbers so far after each decoder (saved at once: a run cut short keeps them)."""
+    fp32 = dict(spec, precision="fp32")
+    pillow = read_store(extract_features(folder, tmp / "cos-cpu.h5", decode="cpu", **fp32).path)
+    pillow_probe = _probe_accuracy(extract_features(digits, tmp / "digits-cpu.h5", decode="cpu", **fp32).path)
+    out: dict = {"pillow_digits_probe": pillow_probe}
+    for name in ["torchvision"] + (["nvimgcodec"] if importlib.util.find_spec("nvidia.nvimgcodec") else []):
+        try:
+            with environment({"HEADBENCH_JPEG_DECODER": name}):
+                run = extract_features(folder, tmp / f"e2e-{name}.h5", decode=decode, **spec)
+                store = read_store(extract_features(folder, tmp / f"cos-{name}.h5", decode=decode, **fp32).path)
+                probe = _probe_accuracy(extract_features(digits, tmp / f"digits-{name}.h5", decode=decode,
+                                                         **fp32).path)
+            cos = _cosines(store.features.astype(np.float32), pillow.features.astype(np.float32))
+            out[name] = {
+                "extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds,
+                "cosine_to_pillow": {"min": float(cos.min()), "p01": float(np.percentile(cos, 1)),
+                                     "mean": float(cos.mean()), "rows": int(len(cos))},
+                "digits_probe": probe, "digits_probe_delta_points": (probe - pillow_probe) * 100}
+        except Exception as e:  # one decoder failing leaves the others' numbers
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        done(out)
+    return out
+
+
 def extract_variants(folder: Path, tmp: Path, spec: dict, variants: dict[str, dict]) -> dict:
     """lite0 extracts of every image with settings changed by environment or argument, and their features'
     agreement with the first variant's: images/s, first batch, max |difference|, min cosine."""
     out, first = {}, None
     for name, change in variants.items():
-        env, kwargs = change.get("env", {}), change.get("kwargs", {})
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            run = extract_features(folder, tmp / f"variant-{name}.h5", **{**spec, **kwargs})
+            with environment(change.get("env", {})):
+                run = extract_features(folder, tmp / f"variant-{name}.h5", **{**spec, **change.get("kwargs", {})})
             features = read_store(run.path).features.astype(np.float32)
             row = {"extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds}
             if first is None:
@@ -207,9 +250,6 @@ def extract_variants(folder: Path, tmp: Path, spec: dict, variants: dict[str, di
             out[name] = row
         except Exception as e:  # one variant failing leaves the others' numbers
             out[name] = {"error": f"{type(e).__name__}: {e}"}
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return out
 
 
@@ -272,37 +312,20 @@ def main() -> None:
                 return bench
 
             section(model, bench_one)
-        # agreement of the nvJPEG path with the Pillow path: every image, lite0 fp32; then each JPEG decoder
+        # agreement of each JPEG decoder with the Pillow path: every image, lite0 fp32, and the digits probe
         spec = dict(model=lite0, weights="random" if dry else lite0_weights, progress=False, device=device.type)
-        pillow = read_store(extract_features(folder, tmp / "cos-cpu.h5", decode="cpu", precision="fp32", **spec).path)
         digits = digits_as_jpegs(tmp / "digits")
-        pillow_probe = _probe_accuracy(extract_features(digits, tmp / "digits-cpu.h5", decode="cpu", precision="fp32",
-                                                        **spec).path)
-        result["decoders"] = {}
-        for name in ["torchvision"] + (["nvimgcodec"] if importlib.util.find_spec("nvidia.nvimgcodec") else []):
-            os.environ["HEADBENCH_JPEG_DECODER"] = name
-            try:
-                run = extract_features(folder, tmp / f"e2e-{name}.h5", decode=decode, **spec)
-                store = read_store(extract_features(folder, tmp / f"cos-{name}.h5", decode=decode, precision="fp32",
-                                                    **spec).path)
-                cos = _cosines(store.features.astype(np.float32), pillow.features.astype(np.float32))
-                probe = _probe_accuracy(extract_features(digits, tmp / f"digits-{name}.h5", decode=decode,
-                                                         precision="fp32", **spec).path)
-                result["decoders"][name] = {
-                    "extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds,
-                    "cosine_to_pillow": {"min": float(cos.min()), "p01": float(np.percentile(cos, 1)),
-                                         "mean": float(cos.mean()), "rows": int(len(cos))},
-                    "digits_probe": probe, "digits_probe_delta_points": (probe - pillow_probe) * 100}
-            except Exception as e:  # one decoder failing leaves the others' numbers
-                result["decoders"][name] = {"error": f"{type(e).__name__}: {e}"}
+        def partial(out: dict) -> None:
+            result["decoders"] = out
             save()
-        os.environ.pop("HEADBENCH_JPEG_DECODER", None)
-        if "cosine_to_pillow" in result["decoders"]["torchvision"]:
-            tv = result["decoders"]["torchvision"]
+
+        section("decoders", lambda: decoder_agreement(folder, digits, tmp, spec, decode, partial))
+        tv = result["decoders"].get("torchvision", {})
+        if "cosine_to_pillow" in tv:  # the names earlier runs' JSON had for torchvision's nvJPEG path
             result["nvjpeg_vs_pillow_cosine"] = tv["cosine_to_pillow"]
-            result["digits_probe"] = {"gpu": tv["digits_probe"], "cpu": pillow_probe,
+            result["digits_probe"] = {"gpu": tv["digits_probe"], "cpu": result["decoders"]["pillow_digits_probe"],
                                       "delta_points": tv["digits_probe_delta_points"]}
-        save()
+            save()
         # the compute stage as a CUDA graph, and fewer reader threads (the GIL they share with the compute thread)
         e2e = dict(spec, decode=decode)
         section("engine_variants", lambda: extract_variants(folder, tmp, e2e, {
