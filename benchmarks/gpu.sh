@@ -3,8 +3,10 @@
 # JSON: benchmarks/gpu_run.py -- bench for lite0 and ViT-B/16 (random weights) with --no-quality on 20 000 generated
 # JPEGs (nvJPEG path and Pillow processes, first-batch seconds of both), the DataLoader peer script, the decode
 # limit (batched nvJPEG + resize over preloaded bytes), GPU utilisation sampled, nvJPEG-vs-Pillow cosine over every
-# image and the digits probe on both paths, and each JPEG decoder (torchvision, nvImageCodec) by speed and
-# agreement with Pillow. Then, time allowing, torch-logreg on CUDA (cli.py bench-heads).
+# image and the digits probe on both paths, the host-overhead harness against a simulated device of the speeds
+# just measured (the CPU proxy's prediction), each JPEG decoder (torchvision, nvImageCodec) by speed and agreement
+# with Pillow, and engine variants (CUDA graphs, 4 reader threads, cuDNN heuristics; rates with and without
+# start-up). Then, time allowing, torch-logreg on CUDA (cli.py bench-heads).
 #
 #   OUT=gpu-results bash benchmarks/gpu.sh
 #

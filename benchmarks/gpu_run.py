@@ -16,10 +16,16 @@ In one process, on the same JPEGs (500x375, quality 90, generated from scikit-im
 * nvJPEG-path vs Pillow-path features (lite0, fp32): min / 1st percentile / mean cosine over every image, and the
   digits linear probe's accuracy on both paths (as PNGs the digits go through Pillow either way, so the probe is
   taken on the digits written as JPEGs);
+* ``host_overhead``: benchmarks/host_overhead.py on this machine (stub decoder, null model, the GPU code path on
+  the CPU), with its simulated device at the decode limit and lite0's forward rate measured here: the proxy's
+  prediction beside what the GPU did;
 * the JPEG decoders by measurement (``decoders``): for torchvision's and, when installed, nvImageCodec's
   (``HEADBENCH_JPEG_DECODER``), an lite0 extract at the default precision on every image (images/s, first
   batch), the cosine of their fp32 features to the Pillow path's and the digits probe's delta; their decode limits
-  are in ``decode_limit``.
+  are in ``decode_limit``;
+* ``engine_variants``: lite0 extracts of every image eager, as a CUDA graph, with 4 reader threads and with
+  cuDNN's heuristic kernels (``HEADBENCH_CUDNN_BENCHMARK=0``): each one's rate with and without its start-up
+  (``extract_ips``, ``steady_ips``), start-up and first-batch seconds, and its features' difference to eager's.
 """
 
 from __future__ import annotations
@@ -204,6 +210,12 @@ def environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def _speed(run) -> dict:
+    """An extract's rates: the whole loop (start-up included), and from its first batch to its last."""
+    return {"extract_ips": run.images_per_second, "steady_ips": run.steady_images_per_second,
+            "startup_seconds": run.startup_seconds, "first_batch_seconds": run.first_batch_seconds}
+
+
 def decoder_agreement(folder: Path, digits: Path, tmp: Path, spec: dict, decode: str,
                       done: Callable[[dict], None] = lambda out: None) -> dict:
     """Each JPEG decoder (``HEADBENCH_JPEG_DECODER``) against the Pillow path: an extract at the default precision
@@ -222,7 +234,7 @@ def decoder_agreement(folder: Path, digits: Path, tmp: Path, spec: dict, decode:
                                                          **fp32).path)
             cos = _cosines(store.features.astype(np.float32), pillow.features.astype(np.float32))
             out[name] = {
-                "extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds,
+                **_speed(run),
                 "cosine_to_pillow": {"min": float(cos.min()), "p01": float(np.percentile(cos, 1)),
                                      "mean": float(cos.mean()), "rows": int(len(cos))},
                 "digits_probe": probe, "digits_probe_delta_points": (probe - pillow_probe) * 100}
@@ -241,7 +253,7 @@ def extract_variants(folder: Path, tmp: Path, spec: dict, variants: dict[str, di
             with environment(change.get("env", {})):
                 run = extract_features(folder, tmp / f"variant-{name}.h5", **{**spec, **change.get("kwargs", {})})
             features = read_store(run.path).features.astype(np.float32)
-            row = {"extract_ips": run.images_per_second, "first_batch_seconds": run.first_batch_seconds}
+            row = _speed(run)
             if first is None:
                 first = features
             else:
@@ -312,6 +324,16 @@ def main() -> None:
                 return bench
 
             section(model, bench_one)
+        # the CPU-only proxy on this machine's host, against a simulated device of the speeds just measured: what
+        # it predicts beside what the GPU did (the bench above)
+        def host() -> dict:
+            from host_overhead import H200, measure
+
+            decode_ips = result.get("decode_limit", {}).get("decode_resize_ips") or H200[0]
+            forward_ips = result.get(lite0, {}).get("forward_ips") or H200[1]
+            return measure(folder, 128, workers, lite0, tmp, device_ips=(decode_ips, forward_ips))
+
+        section("host_overhead", host)
         # agreement of each JPEG decoder with the Pillow path: every image, lite0 fp32, and the digits probe
         spec = dict(model=lite0, weights="random" if dry else lite0_weights, progress=False, device=device.type)
         digits = digits_as_jpegs(tmp / "digits")
@@ -326,13 +348,15 @@ def main() -> None:
             result["digits_probe"] = {"gpu": tv["digits_probe"], "cpu": result["decoders"]["pillow_digits_probe"],
                                       "delta_points": tv["digits_probe_delta_points"]}
             save()
-        # the compute stage as a CUDA graph, and fewer reader threads (the GIL they share with the compute thread)
+        # the compute stage as a CUDA graph, fewer reader threads (the GIL they share with the compute thread), and
+        # cuDNN's heuristic kernels (no timing at the warm-up: start-up against steady rate)
         e2e = dict(spec, decode=decode)
         section("engine_variants", lambda: extract_variants(folder, tmp, e2e, {
             "eager": {"env": {"HEADBENCH_CUDA_GRAPHS": "0"}},
             "cuda_graphs": {"env": {"HEADBENCH_CUDA_GRAPHS": "1"}},
             "readers_4": {"env": {"HEADBENCH_CUDA_GRAPHS": "0"}, "kwargs": {"workers": 4}},
             "cuda_graphs_readers_4": {"env": {"HEADBENCH_CUDA_GRAPHS": "1"}, "kwargs": {"workers": 4}},
+            "cudnn_heuristics": {"env": {"HEADBENCH_CUDA_GRAPHS": "0", "HEADBENCH_CUDNN_BENCHMARK": "0"}},
         }))
     print(json.dumps(result, indent=2))
 

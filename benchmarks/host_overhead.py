@@ -15,11 +15,21 @@ torch calls per batch, holding the GIL between them as an eager forward's launch
 counting slows the run, so the timing comes from the first), ``blocking_syncs_per_batch`` per stage (every wait
 on the device the engine makes, counted by the engine itself), ``critical_path_syncs_per_batch`` (read, decode
 and compute stages: what would stall the GPU's feed), the header scan's microseconds per image, and the machine.
+
+``simulated_device`` is the same run against a device that takes time: the stub decoder blocks its thread as
+long as a batched decode of its rows takes at ``--device-ips``'s first rate (torchvision's nvJPEG call blocks), and
+the null model makes its torch calls and then launches the batch on a :class:`SimulatedDevice` that runs forwards
+one after another at the second rate while the host goes on; the collect stage waits for each batch's turn (the
+sleeps release the GIL, as a thread waiting on the device does). Decode and forward are taken as independent (the
+hardware JPEG decoder beside the SMs): a shared GPU is slower. Defaults: the planners' H200, nvJPEG + resize 23 700 img/s and lite0's forward 21 154 img/s. If the
+stages overlap, the run goes at the slowest of decode, forward and the host (``bound_ips``); one after the other
+it would go at ``serial_ips``. ``ratio_to_bound`` is what a GPU of those speeds can expect from this host.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -42,25 +52,64 @@ from pipelines.bench import make_bench_images  # noqa: E402
 CPU = torch.device("cpu")
 
 
+H200 = (23_700.0, 21_154.0)  # img/s: batched nvJPEG + resize, lite0's forward (bf16, batch 128); issue 25's table
+
+
 class StubDecoder:
-    """Takes what nvJPEG would take and "decodes" it at once: the preallocated input stays as it is."""
+    """Takes what nvJPEG would take and "decodes" it at once: the preallocated input stays as it is. With
+    `images_per_second`, it sleeps as long as a device decode of the batch's JPEG rows would take."""
+
+    def __init__(self, images_per_second: float | None = None):
+        self.seconds_per_image = 1.0 / images_per_second if images_per_second else 0.0
 
     def accepts(self, header) -> bool:
         return device_takes(header, cuda=True)
 
     def decode(self, batch, write) -> list[int]:
+        if self.seconds_per_image:
+            time.sleep(len(batch.jpeg_rows) * self.seconds_per_image)
         return []
 
 
-def null_model(batch_size: int, dim: int, calls: int = 0):
+class SimulatedDevice:
+    """A device that runs forwards one after another while the host goes on, as a CUDA stream does: a launch
+    returns at once, and its batch is ready when the device has run it and every batch launched before it."""
+
+    def __init__(self, images_per_second: float):
+        self.seconds_per_image = 1.0 / images_per_second
+        self.free_at = 0.0  # when the device has run everything launched so far (the compute thread's clock)
+        self.ready: collections.deque = collections.deque()  # per launched batch, in order: when it is done
+
+    def launch(self, rows: int) -> float:
+        start = max(time.perf_counter(), self.free_at)
+        self.free_at = start + rows * self.seconds_per_image
+        return self.free_at
+
+    def wait(self, ready: float | None = None) -> None:
+        """Until the next launched batch (or `ready`) is done: the collect stage's wait on its copy."""
+        delay = (self.ready.popleft() if ready is None else ready) - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def null_model(batch_size: int, dim: int, calls: int = 0, device: SimulatedDevice | None = None):
     """Preallocated features at once; with `calls`, that many tiny torch operations first, holding the GIL
-    between them as an eager forward's kernel launches do (lite0: about 200 per batch)."""
+    between them as an eager forward's kernel launches do (lite0: about 200 per batch); with `device`, each
+    forward is then launched on it (the first, the engine's warm-up, is waited for, as the engine does)."""
     features = torch.ones(batch_size, dim)
     scratch = torch.zeros(1)
+    warmed = []
 
     def forward(x):
         for _ in range(calls):
             scratch.add_(0)
+        if device is not None:
+            ready = device.launch(batch_size)
+            if warmed:
+                device.ready.append(ready)
+            else:
+                device.wait(ready)
+                warmed.append(True)
         return features
 
     return forward
@@ -79,14 +128,21 @@ def machine() -> dict:
 
 
 def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe: EngineProbe,
-        model_calls: int = 0) -> dict:
-    """One pass through the stages into a store; wall and process-CPU time."""
+        model_calls: int = 0, device_ips: tuple[float, float] | None = None) -> dict:
+    """One pass through the stages into a store; wall and process-CPU time. `device_ips`: (decode, forward)
+    images per second of a simulated device (see the module's docstring)."""
+    decode_ips, forward_ips = device_ips or (None, None)
+    device = SimulatedDevice(forward_ips) if forward_ips else None
     dim = backbone.num_features
     writer = StoreWriter(out, {"host_overhead": True}, len(source), dim, overwrite=True)
+    stamps: dict[str, float] = {}
     wall, cpu = time.perf_counter(), time.process_time()
     for batch in iter_staged(source, backbone, rows, device=CPU, precision="bf16", batch_size=batch_size,
-                             workers=workers, decode="tensor", decoder=StubDecoder(),
-                             forward=null_model(batch_size, dim, model_calls), probe=probe):
+                             workers=workers, decode="tensor", decoder=StubDecoder(decode_ips),
+                             forward=null_model(batch_size, dim, model_calls, device), probe=probe,
+                             timings=stamps):
+        if device is not None:
+            device.wait()
         writer.add(batch.indices, batch.features, batch.errors, batch.layers)
     loop = time.perf_counter() - wall
     if len(rows) == len(source):
@@ -96,7 +152,11 @@ def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe:
     else:
         writer.abandon()  # the counted runs do part of the rows: their partial store is left in the temp folder
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "failed_rows": writer.num_failed}
+    batches = -(-len(rows) // batch_size)
+    steady = (stamps["last_batch"] - stamps["first_batch"]) / max(1, batches - 1)  # seconds per batch, filled
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "failed_rows": writer.num_failed,
+            "steady_ips": batch_size / steady if batches > 1 and steady > 0 else None,
+            "first_batch_s": stamps["first_batch"] - stamps["model_ready"]}
 
 
 def header_scan_us(source, count: int = 2000) -> float:
@@ -108,7 +168,8 @@ def header_scan_us(source, count: int = 2000) -> float:
     return (time.perf_counter() - started) / len(datas) * 1e6
 
 
-def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, model_calls: int = 200) -> dict:
+def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, model_calls: int = 200,
+            device_ips: tuple[float, float] = H200) -> dict:
     source = open_source(folder)
     for i in range(len(source)):  # into the page cache: the measure is the host's work, not the disk's
         source.read_bytes(i)
@@ -137,6 +198,20 @@ def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, 
     out["with_model_calls"] = {"calls_per_batch": model_calls, "images_per_second": n / busy["wall_s"],
                                "wall_us_per_image": busy["wall_s"] / n * 1e6,
                                "loop_us_per_image": busy["loop_s"] / n * 1e6}
+    # the same against a device that takes time: do the stages overlap it, and does the host keep up?
+    simulated = run(source, backbone, range(n), batch_size, workers, tmp / "device.h5", EngineProbe(), model_calls,
+                    device_ips)
+    decode_ips, forward_ips = device_ips
+    host_ips = n / busy["loop_s"]
+    bound = min(decode_ips, forward_ips, host_ips)
+    out["simulated_device"] = {
+        "decode_ips": decode_ips, "forward_ips": forward_ips, "model_calls_per_batch": model_calls,
+        "host_ips": host_ips, "bound_ips": bound,
+        "serial_ips": 1.0 / (1.0 / decode_ips + 1.0 / forward_ips + 1.0 / host_ips),
+        "images_per_second": n / simulated["loop_s"], "ratio_to_bound": n / simulated["loop_s"] / bound,
+        "with_finalize_ips": n / simulated["wall_s"], "steady_ips": simulated["steady_ips"],
+        "first_batch_seconds": simulated["first_batch_s"],
+    }
     calls = {}
     for size in (batch_size, max(1, batch_size // 4)):
         # steady state: the calls of a run of 40 batches minus those of a run of 10, per extra batch, so the
@@ -165,12 +240,21 @@ def main() -> None:
     parser.add_argument("--model", default="tf_efficientnet_lite0", help="gives the input size and feature width")
     parser.add_argument("--model-calls", type=int, default=200,
                         help="torch calls the busy null model makes per batch (default: about lite0's forward)")
+    parser.add_argument("--device-ips", default=f"{H200[0]:.0f},{H200[1]:.0f}",
+                        help="DECODE,FORWARD images per second of the simulated device (default: the planners' "
+                             "H200 with lite0)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    try:
+        device_ips = tuple(float(v) for v in args.device_ips.split(","))
+        if len(device_ips) != 2 or min(device_ips) <= 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--device-ips takes two positive rates, DECODE,FORWARD; got {args.device_ips!r}")
     with tempfile.TemporaryDirectory(prefix="headbench-host-") as tmp:
         tmp = Path(tmp)
         folder = args.images or make_bench_images(tmp / "images", args.num_images, workers=os.cpu_count() or 1)
-        result = measure(folder, args.batch_size, args.workers, args.model, tmp, args.model_calls)
+        result = measure(folder, args.batch_size, args.workers, args.model, tmp, args.model_calls, device_ips)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

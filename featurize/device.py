@@ -7,6 +7,7 @@ none of them imports another for a helper.
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .backbones import Backbone
 
 __all__ = ["DEVICE_CHOICES", "PRECISION_CHOICES", "AUTOCAST_DTYPES", "resolve_device", "cpu_supports_bf16",
-           "resolve_precision", "autocast", "prepare_model"]
+           "resolve_precision", "autocast", "cudnn_benchmark_requested", "prepare_model"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -84,11 +85,21 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=cache)
 
 
+def cudnn_benchmark_requested() -> bool:
+    """Whether cuDNN times its kernels at the warm-up (the input size is fixed, so once per run): yes unless
+    ``HEADBENCH_CUDNN_BENCHMARK=0``, which takes its heuristics' choice instead -- a shorter start-up, which a
+    short run on a fast GPU may prefer (benchmarks/gpu_run.py measures both)."""
+    value = os.environ.get("HEADBENCH_CUDNN_BENCHMARK", "1")
+    if value not in ("0", "1"):
+        raise FeaturizeError(f"HEADBENCH_CUDNN_BENCHMARK must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def prepare_model(backbone: "Backbone", device: torch.device, compile: bool = False) -> Callable:
     """Move the model to `device` (channels_last) and return its feature function, compiled when asked."""
     backbone.model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
+        torch.backends.cudnn.benchmark = cudnn_benchmark_requested()
     if not compile:
         return backbone.features
     return torch.compile(backbone.features, dynamic=False)

@@ -13,7 +13,9 @@ Every number comes from one run on one machine, so the ratios are meaningful eve
   tensor decoding the same run also measures the Pillow path, ``end_to_end_cpu_decode_ips`` (and its
   ``cpu_decode_first_batch_seconds``), and its ratio;
 * ``startup_seconds``, ``first_batch_seconds``, ``shutdown_seconds`` -- of the end-to-end run: call to model
-  ready, model ready to the first batch of features, last batch to the finished store; ``nonfinite_rows`` --
+  ready, model ready to the first batch of features, last batch to the finished store;
+  ``end_to_end_steady_ips`` -- its rate from the first batch of features to the last (``end_to_end_ips``
+  counts the start-up too, which on a fast GPU is a large part of a run of some thousand images); ``nonfinite_rows`` --
   its rows whose features came out NaN/Inf (the store writer records them as failed);
 * ``write_mb_s`` -- the store writer (shards + manifest + fsync, then the atomic final HDF5) on synthetic rows;
 * ``bf16_min_cosine`` / ``bf16_mean_cosine`` -- bf16 vs fp32 features of the same images;
@@ -376,6 +378,7 @@ def run_benchmark(
                                batch_size=batch, workers=n_workers, streams=n_streams, compile=compile,
                                runtime="torch", decode=decode, progress=progress)
         result["end_to_end_ips"] = e2e.images_per_second
+        result["end_to_end_steady_ips"] = e2e.steady_images_per_second
         result["decoder"] = e2e.decoder
         for key in ("startup_seconds", "first_batch_seconds", "shutdown_seconds"):
             result[key] = getattr(e2e, key)
@@ -386,6 +389,7 @@ def run_benchmark(
                                    precision=prec, batch_size=batch, workers=n_workers, streams=n_streams,
                                    compile=compile, runtime="torch", decode="cpu", progress=progress)
             result["end_to_end_cpu_decode_ips"] = cpu.images_per_second
+            result["end_to_end_cpu_decode_steady_ips"] = cpu.steady_images_per_second
             result["cpu_decode_first_batch_seconds"] = cpu.first_batch_seconds
             result["ratio_end_to_end_vs_cpu_decode"] = e2e.images_per_second / cpu.images_per_second
         result["naive_ips"] = _naive_ips(model, spec, source, naive_images, dev)
@@ -398,6 +402,8 @@ def run_benchmark(
         result["ratio_end_to_end_vs_decode_capacity"] = result["end_to_end_ips"] / result["decode_capacity_ips"]
         result["write_mb_s"] = _write_mb_s(tmp)
         result["ratio_end_to_end_vs_forward"] = result["end_to_end_ips"] / result["forward_ips"]
+        if e2e.steady_images_per_second:
+            result["ratio_steady_vs_forward"] = e2e.steady_images_per_second / result["forward_ips"]
         result["speedup_vs_naive"] = result["end_to_end_ips"] / result["naive_ips"]
 
         fp32 = None

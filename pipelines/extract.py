@@ -44,6 +44,9 @@ class ExtractResult:
         decoder: ``pillow`` or ``tensor`` (:func:`featurize.decode.resolve_decode`).
         startup_seconds: from the call to the model being ready to run (local runs).
         first_batch_seconds: from the model being ready to the first batch of features (local runs).
+        steady_images_per_second: rows per second from the first batch of features to the last, the rate once
+            the stages are full, without start-up (local runs of more than one batch). On a fast GPU a run of
+            a few thousand images is over in a second or two, and ``images_per_second`` is mostly start-up.
         shutdown_seconds: from the last batch of features to the finished store (decoders stopped, shards
             written, store finalised).
         representation: with ``representation="auto"``, what it chose and why (layers, crop_pct,
@@ -62,6 +65,7 @@ class ExtractResult:
     decoder: str = "pillow"
     startup_seconds: float | None = None
     first_batch_seconds: float | None = None
+    steady_images_per_second: float | None = None
     shutdown_seconds: float | None = None
     representation: dict[str, Any] | None = None
 
@@ -274,6 +278,7 @@ def extract_features(
             layers=computed["layers"],
         )
         pending = writer.pending_shards()
+        first_rows = 0  # the first batch's, which the steady rate leaves out
         started = time.perf_counter()
         with tqdm(
             total=len(src), initial=writer.resumed_rows, unit="img", desc=f"extract {computed['backbone']}",
@@ -281,6 +286,7 @@ def extract_features(
         ) as bar, _commit_on_error(writer):
             for batch in batches(pending):
                 writer.add(batch.indices, batch.features, batch.errors, batch.layers)
+                first_rows = first_rows or len(batch.indices)
                 bar.update(len(batch.indices))
                 if writer.failed_rows > allowed:
                     example = next((f"{src.samples[i].id}: {e}" for i, e in zip(batch.indices, batch.errors) if e), "")
@@ -321,6 +327,9 @@ def extract_features(
     )
     computed_rows = sum(len(rows) for rows in pending)
     finished = time.perf_counter()
+    steady = None
+    if "first_batch" in stamps and stamps["last_batch"] > stamps["first_batch"] and computed_rows > first_rows:
+        steady = (computed_rows - first_rows) / (stamps["last_batch"] - stamps["first_batch"])
     return ExtractResult(
         path=path,
         num_rows=len(src),
@@ -334,6 +343,7 @@ def extract_features(
         decoder=computed["decoder"],
         startup_seconds=stamps["model_ready"] - called if "model_ready" in stamps else None,
         first_batch_seconds=stamps["first_batch"] - stamps["model_ready"] if "first_batch" in stamps else None,
+        steady_images_per_second=steady,
         shutdown_seconds=finished - stamps["last_batch"],
         representation=chosen,
     )

@@ -38,6 +38,7 @@ def test_bench_cli_writes_every_measure(runner, tmp_path):
     assert data["images"] == 24 and data["machine"]["cores"] >= 1 and data["input_size"] == [3, 64, 64]
     assert data["decoder"] == "pillow" and data["nonfinite_rows"] == 0
     assert 0 <= data["first_batch_seconds"] < 60 and 0 <= data["shutdown_seconds"] < 60
+    assert data["end_to_end_steady_ips"] > 0  # from the first batch to the last: several batches of 8
 
 
 def test_bench_needs_a_real_folder(runner, tmp_path):

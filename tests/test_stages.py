@@ -113,6 +113,22 @@ def test_nvimgcodec_decoder_gives_the_torchvision_decoders_rows(mixed_folder, ba
         jpeg_decoder(backbone, CPU)
 
 
+def test_engine_switches_in_the_environment_take_0_or_1(monkeypatch):
+    from featurize.device import cudnn_benchmark_requested
+    from featurize.stages import cuda_graphs_requested
+
+    assert cudnn_benchmark_requested() and not cuda_graphs_requested()  # the defaults
+    for name, requested in (("HEADBENCH_CUDNN_BENCHMARK", cudnn_benchmark_requested),
+                            ("HEADBENCH_CUDA_GRAPHS", cuda_graphs_requested)):
+        monkeypatch.setenv(name, "0")
+        assert not requested()
+        monkeypatch.setenv(name, "1")
+        assert requested()
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(Exception, match=f"{name} must be 0 or 1, got 'yes'"):
+            requested()
+
+
 def test_a_store_names_a_jpeg_decoder_other_than_torchvisions(photo_folder, tmp_path, monkeypatch):
     """In the config (hashed): a run resumed with the other decoder is refused rather than mixed."""
     if importlib.util.find_spec("nvidia.nvimgcodec") is None:
@@ -173,6 +189,7 @@ def test_extract_through_the_staged_engine_equals_streams(photo_folder, tmp_path
     monkeypatch.setenv("HEADBENCH_ENGINE", "staged")
     result = extract_features(photo_folder, tmp_path / "staged.h5", **options)
     assert result.first_batch_seconds is not None and result.startup_seconds is not None
+    assert result.steady_images_per_second > 0  # several batches: a rate from the first to the last
     assert_same_store(result.path, reference)
 
 
@@ -212,7 +229,8 @@ def test_host_overhead_harness_counts_what_it_should(tmp_path):
     from pipelines.bench import make_bench_images
 
     folder = make_bench_images(tmp_path / "images", 120, size=(160, 120))
-    result = host_overhead.measure(folder, batch_size=8, workers=2, model="test_resnet", tmp=tmp_path)
+    result = host_overhead.measure(folder, batch_size=8, workers=2, model="test_resnet", tmp=tmp_path,
+                                   device_ips=(4000.0, 1000.0))
     assert result["images"] == 120 and result["failed_rows"] == 0
     assert result["wall_us_per_image"] > 0 and result["cpu_us_per_image"] > 0
     assert result["critical_path_syncs_per_batch"] == 0
@@ -222,3 +240,6 @@ def test_host_overhead_harness_counts_what_it_should(tmp_path):
     at_8, at_2 = result["torch_calls_per_batch"]["8"], result["torch_calls_per_batch"]["2"]
     assert at_8 == at_2 and 0 < sum(at_8.values()) < 20  # per batch, not per image
     assert 0 < result["header_scan_us_per_image"] < 100
+    simulated = result["simulated_device"]  # the stubs sleep: never faster than the simulated forward
+    assert simulated["bound_ips"] <= 1000.0 and simulated["serial_ips"] < simulated["bound_ips"]
+    assert 0 < simulated["images_per_second"] <= 1000.0
