@@ -331,7 +331,8 @@ def main() -> None:
 
             decode_ips = result.get("decode_limit", {}).get("decode_resize_ips") or H200[0]
             forward_ips = result.get(lite0, {}).get("forward_ips") or H200[1]
-            return measure(folder, 128, workers, lite0, tmp, device_ips=(decode_ips, forward_ips))
+            return measure(folder, 128, workers, lite0, tmp, device_ips=(decode_ips, forward_ips),
+                           pillow_images=20_000)  # every round of the decode processes, as the bench's
 
         section("host_overhead", host)
         # agreement of each JPEG decoder with the Pillow path: every image, lite0 fp32, and the digits probe

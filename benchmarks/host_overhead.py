@@ -11,19 +11,26 @@ stub decoder (the batch is "decoded" at once: nothing is written into the preall
 Prints and writes (``--json``): ``images_per_second``, ``wall_us_per_image`` and ``cpu_us_per_image`` (process
 CPU time), ``loop_us_per_image`` and ``finalize_us_per_image`` (the stream of batches, and the store's final
 HDF5 assembly after it), ``with_model_calls`` (the same run with a null model that makes ``--model-calls`` tiny
-torch calls per batch, holding the GIL between them as an eager forward's launches do), ``torch_calls_per_batch`` per stage at the batch size and at a quarter of it (a second, counted run:
-counting slows the run, so the timing comes from the first), ``blocking_syncs_per_batch`` per stage (every wait
+torch calls per batch, holding the GIL between them as an eager forward's launches do),
+``torch_calls_per_batch`` per stage at the batch size and at a quarter of it (a second, counted run: counting
+slows the run, so the timing comes from the first), ``blocking_syncs_per_batch`` per stage (every wait
 on the device the engine makes, counted by the engine itself), ``critical_path_syncs_per_batch`` (read, decode
 and compute stages: what would stall the GPU's feed), the header scan's microseconds per image, and the machine.
 
 ``simulated_device`` is the same run against a device that takes time: the stub decoder blocks its thread as
-long as a batched decode of its rows takes at ``--device-ips``'s first rate (torchvision's nvJPEG call blocks), and
-the null model makes its torch calls and then launches the batch on a :class:`SimulatedDevice` that runs forwards
-one after another at the second rate while the host goes on; the collect stage waits for each batch's turn (the
-sleeps release the GIL, as a thread waiting on the device does). Decode and forward are taken as independent (the
-hardware JPEG decoder beside the SMs): a shared GPU is slower. Defaults: the planners' H200, nvJPEG + resize 23 700 img/s and lite0's forward 21 154 img/s. If the
-stages overlap, the run goes at the slowest of decode, forward and the host (``bound_ips``); one after the other
-it would go at ``serial_ips``. ``ratio_to_bound`` is what a GPU of those speeds can expect from this host.
+long as a batched decode of its rows takes at ``--device-ips``'s first rate (torchvision's nvJPEG call blocks),
+and the null model makes its torch calls and then launches the batch on a :class:`SimulatedDevice` that runs
+forwards one after another at the second rate while the host goes on; the collect stage waits for each batch's
+turn (the sleeps release the GIL, as a thread waiting on the device does). Decode and forward are taken as
+independent (the hardware JPEG decoder beside the SMs): a shared GPU is slower. Defaults: the planners' H200,
+nvJPEG + resize 23 700 img/s and lite0's forward 21 154 img/s. If the stages overlap, the run goes at the
+slowest of decode, forward and the host (``bound_ips``); one after the other it would go at ``serial_ips``.
+``ratio_to_bound`` is what a GPU of those speeds can expect from this host; ``steady_ips`` the rate from the
+first batch to the last.
+
+``pillow_path`` is the other GPU path: ``--workers`` Pillow decode processes feeding the stages (the null
+model), on ``--pillow-images`` images, against its decode capacity (``--workers`` times one process's decode
+rate, as ``bench`` defines it).
 """
 
 from __future__ import annotations
@@ -128,9 +135,10 @@ def machine() -> dict:
 
 
 def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe: EngineProbe,
-        model_calls: int = 0, device_ips: tuple[float, float] | None = None) -> dict:
+        model_calls: int = 0, device_ips: tuple[float, float] | None = None, decode: str = "tensor") -> dict:
     """One pass through the stages into a store; wall and process-CPU time. `device_ips`: (decode, forward)
-    images per second of a simulated device (see the module's docstring)."""
+    images per second of a simulated device (see the module's docstring); `decode`: ``tensor`` (reader
+    threads and the stub decoder) or ``pillow`` (`workers` Pillow decode processes)."""
     decode_ips, forward_ips = device_ips or (None, None)
     device = SimulatedDevice(forward_ips) if forward_ips else None
     dim = backbone.num_features
@@ -138,7 +146,7 @@ def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe:
     stamps: dict[str, float] = {}
     wall, cpu = time.perf_counter(), time.process_time()
     for batch in iter_staged(source, backbone, rows, device=CPU, precision="bf16", batch_size=batch_size,
-                             workers=workers, decode="tensor", decoder=StubDecoder(decode_ips),
+                             workers=workers, decode=decode, decoder=StubDecoder(decode_ips),
                              forward=null_model(batch_size, dim, model_calls, device), probe=probe,
                              timings=stamps):
         if device is not None:
@@ -168,8 +176,26 @@ def header_scan_us(source, count: int = 2000) -> float:
     return (time.perf_counter() - started) / len(datas) * 1e6
 
 
+def pillow_path(source, backbone, count: int, batch_size: int, workers: int, tmp: Path) -> dict:
+    """The Pillow-process path (`workers` decode processes hand over decoded batches; the decode stage copies and
+    normalises them) with the null model, against its decode capacity: `workers` times one process's decode +
+    transform rate, as ``bench`` defines it. On a CPU the normalisation runs on the host, which on a GPU is
+    the device's work, so the ratio is a floor."""
+    from pipelines.bench import _decode_ips
+
+    per_worker = _decode_ips(backbone, source, min(count, 200))
+    result = run(source, backbone, range(count), batch_size, workers, tmp / "pillow.h5", EngineProbe(),
+                 decode="pillow")
+    capacity = per_worker * workers
+    return {"images": count, "workers": workers, "decode_ips_per_worker": per_worker, "decode_capacity_ips": capacity,
+            "images_per_second": count / result["loop_s"], "ratio_to_capacity": count / result["loop_s"] / capacity,
+            "steady_ips": result["steady_ips"],
+            "steady_ratio_to_capacity": result["steady_ips"] / capacity if result["steady_ips"] else None,
+            "first_batch_seconds": result["first_batch_s"]}
+
+
 def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, model_calls: int = 200,
-            device_ips: tuple[float, float] = H200) -> dict:
+            device_ips: tuple[float, float] = H200, pillow_images: int = 2000) -> dict:
     source = open_source(folder)
     for i in range(len(source)):  # into the page cache: the measure is the host's work, not the disk's
         source.read_bytes(i)
@@ -226,6 +252,8 @@ def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, 
         calls[str(size)] = {k: round((counts[1][k] - counts[0][k]) / max(extra, 1), 2) for k in stages}
     out["torch_calls_per_batch"] = calls
     out["header_scan_us_per_image"] = header_scan_us(source)
+    if pillow_images:
+        out["pillow_path"] = pillow_path(source, backbone, min(n, pillow_images), batch_size, workers, tmp)
     out["machine"] = machine()
     return out
 
@@ -243,6 +271,8 @@ def main() -> None:
     parser.add_argument("--device-ips", default=f"{H200[0]:.0f},{H200[1]:.0f}",
                         help="DECODE,FORWARD images per second of the simulated device (default: the planners' "
                              "H200 with lite0)")
+    parser.add_argument("--pillow-images", type=int, default=2000,
+                        help="images for the Pillow-process path against its decode capacity (0: skip it)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     try:
@@ -254,7 +284,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="headbench-host-") as tmp:
         tmp = Path(tmp)
         folder = args.images or make_bench_images(tmp / "images", args.num_images, workers=os.cpu_count() or 1)
-        result = measure(folder, args.batch_size, args.workers, args.model, tmp, args.model_calls, device_ips)
+        result = measure(folder, args.batch_size, args.workers, args.model, tmp, args.model_calls, device_ips,
+                         args.pillow_images)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -6,7 +6,8 @@ Every number comes from one run on one machine, so the ratios are meaningful eve
 * ``end_to_end_ips`` -- ``extract`` from a folder of JPEGs into a store (decode, transfer, model, writes);
 * ``naive_ips`` -- the hand-written loop: one image at a time, fp32, NCHW, PIL + timm transform;
 * ``decode_ips_per_worker`` -- decode + per-image transform in one process; ``decode_capacity_ips`` -- that
-  times the decode workers, what the JPEG path can be fed at most;
+  times the decode workers, what the JPEG path can be fed at most (with tensor decoding,
+  ``ratio_cpu_decode_vs_decode_capacity`` is the Pillow processes' end-to-end share of it);
 * ``predecoded_ips`` -- the engine from already decoded uint8 images (copy to the device, normalise, model,
   features back), i.e. everything but decoding; ``ratio_predecoded_vs_forward`` is the engine's own overhead;
 * ``decoder`` -- who decoded the JPEGs in the end-to-end run (``pillow`` or ``tensor``: ``--decode``); with
@@ -400,6 +401,9 @@ def run_benchmark(
         # The JPEG path against what the decode side can feed: workers (or, with none, the streams) decoding.
         result["decode_capacity_ips"] = result["decode_ips_per_worker"] * max(n_workers, 1)
         result["ratio_end_to_end_vs_decode_capacity"] = result["end_to_end_ips"] / result["decode_capacity_ips"]
+        if "end_to_end_cpu_decode_ips" in result:  # the capacity is the Pillow processes': their path's share of it
+            result["ratio_cpu_decode_vs_decode_capacity"] = (result["end_to_end_cpu_decode_ips"]
+                                                             / result["decode_capacity_ips"])
         result["write_mb_s"] = _write_mb_s(tmp)
         result["ratio_end_to_end_vs_forward"] = result["end_to_end_ips"] / result["forward_ips"]
         if e2e.steady_images_per_second:
