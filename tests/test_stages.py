@@ -1,7 +1,8 @@
 """The staged engine (featurize/stages.py), driven on the CPU: the GPU's code path -- reader threads, header
 scan, device decoder, one compute thread, collect -- gives the features the stream engine gives, runs the
-warm-up and every forward on one thread with full batches, keeps a bad file to its own row, reads tar shards
-and Parquet, resumes after a kill, and the host-overhead harness counts what it should."""
+warm-up and every forward on one thread with full batches, decodes one batch while the model computes another,
+keeps a bad file to its own row, reads tar shards and Parquet, resumes after a kill, and the host-overhead
+harness counts what it should."""
 
 from __future__ import annotations
 
@@ -141,6 +142,42 @@ def test_a_store_names_a_jpeg_decoder_other_than_torchvisions(photo_folder, tmp_
     store = read_store(extract_features(photo_folder, tmp_path / "nv.h5", **options).path)
     assert store.config["decode"]["jpeg_decoder"] == "nvimgcodec"
     np.testing.assert_allclose(store.features.astype(np.float32), plain.features.astype(np.float32), atol=2e-3)
+
+
+def test_the_stages_overlap_a_slow_decoder_and_a_slow_model(mixed_folder, backbone):
+    """A decode and a forward that each take 30 ms: while the model computes one batch the decoder works on a
+    later one (a chain of steps would never run them at the same time). Overlap is asserted, not speed."""
+    import time
+
+    from featurize.decode import device_takes
+
+    spans: dict[str, list[tuple[float, float]]] = {"decode": [], "forward": []}
+
+    def timed(name):
+        started = time.perf_counter()
+        time.sleep(0.03)
+        spans[name].append((started, time.perf_counter()))
+
+    class SlowDecoder:
+        def accepts(self, header):
+            return device_takes(header, cuda=True)
+
+        def decode(self, batch, write):
+            timed("decode")
+            return []
+
+    features = torch.zeros(2, backbone.num_features)
+
+    def slow_model(x):
+        timed("forward")
+        return features
+
+    batches = _staged(open_source(mixed_folder), backbone, "tensor", batch_size=2, decoder=SlowDecoder(),
+                      forward=slow_model)
+    assert len(batches) == 6 and len(spans["forward"]) == 7  # the warm-up, then one forward per batch
+    forwards = spans["forward"][1:]  # the warm-up runs while the first batches are read and decoded anyway
+    overlapping = [(d, f) for d in spans["decode"] for f in forwards if d[0] < f[1] and f[0] < d[1]]
+    assert overlapping, spans
 
 
 def test_warmup_and_every_forward_run_on_one_thread_with_full_batches(mixed_folder, backbone, monkeypatch):
