@@ -276,10 +276,11 @@ def extract(source, model, weights, out, image_size, crop_pct, grayscale, layers
         progress=not quiet,
     )
     resumed = f", {result.resumed_rows} resumed from an earlier run" if result.resumed_rows else ""
-    click.echo(
-        f"wrote {result.path}: {result.num_rows} rows, {result.num_failed} failed{resumed} "
-        f"({result.images_per_second:.1f} img/s)"
-    )
+    rate = f"{result.images_per_second:.1f} img/s"
+    steady = result.steady_images_per_second
+    if steady and result.startup_seconds is not None and steady > 1.1 * result.images_per_second:
+        rate += f"; {steady:.1f} img/s once running, after {result.startup_seconds:.1f} s of start-up"
+    click.echo(f"wrote {result.path}: {result.num_rows} rows, {result.num_failed} failed{resumed} ({rate})")
     click.echo(f"  runtime: {_runtime_line(result.runtime)}; decoder: {result.decoder}")
     if result.representation:
         r = result.representation

@@ -67,6 +67,22 @@ def test_extract_refuses_existing_store_and_overwrites_on_request(runner, photo_
     assert _run(runner, ["extract", photo_folder, *FAST, "--out", out, "--overwrite"]).exit_code == 0
 
 
+def test_extract_names_the_rate_once_running_when_start_up_weighs(runner, tmp_path, monkeypatch):
+    """On a fast GPU a short run is mostly start-up: the line then gives the rate from the first batch on."""
+    import pipelines.extract
+    from pipelines.extract import ExtractResult
+
+    def fake(source, out, **kwargs):
+        return ExtractResult(path=Path(out), num_rows=20000, num_failed=0, resumed_rows=0, seconds=2.5,
+                             images_per_second=8000.0, config_hash="x", startup_seconds=1.3,
+                             steady_images_per_second=18000.0)
+
+    monkeypatch.setattr(pipelines.extract, "extract_features", fake)
+    result = _run(runner, ["extract", "builtin:digits", *FAST, "--out", tmp_path / "s.h5"])
+    assert result.exit_code == 0, result.output
+    assert "(8000.0 img/s; 18000.0 img/s once running, after 1.3 s of start-up)" in result.output
+
+
 @pytest.mark.parametrize(
     "make_source, extra, expected",
     [
