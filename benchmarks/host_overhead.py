@@ -160,10 +160,10 @@ def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe:
     else:
         writer.abandon()  # the counted runs do part of the rows: their partial store is left in the temp folder
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    batches = -(-len(rows) // batch_size)
-    steady = (stamps["last_batch"] - stamps["first_batch"]) / max(1, batches - 1)  # seconds per batch, filled
+    after_first = len(rows) - min(batch_size, len(rows))  # the rows from the first batch of features to the last
+    filled = stamps["last_batch"] - stamps["first_batch"]
     return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "failed_rows": writer.num_failed,
-            "steady_ips": batch_size / steady if batches > 1 and steady > 0 else None,
+            "steady_ips": after_first / filled if after_first and filled > 0 else None,
             "first_batch_s": stamps["first_batch"] - stamps["model_ready"]}
 
 
