@@ -31,6 +31,7 @@ In one process, on the same JPEGs (500x375, quality 90, generated from scikit-im
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib.util
 import json
@@ -115,7 +116,9 @@ def dataloader_peer(folder: Path, model: str, weights: str, workers: int, batch:
 def decode_limit(folder: Path, count: int = 4096, batch: int = 256, size: int = 224,
                  device: torch.device = torch.device("cuda")) -> dict:
     """Batched decoding on the GPU over preloaded bytes, alone and with resize + crop: torchvision's nvJPEG
-    (``decode_ips``, ``decode_resize_ips``) and, when installed, nvImageCodec's (``nvimgcodec_...``)."""
+    (``decode_ips``, ``decode_resize_ips``) and, when installed, nvImageCodec's (``nvimgcodec_...``, with
+    ``nvimgcodec_buffer_kinds``: images it returned in device and in host memory -- all in host memory on a GPU
+    means its GPU backends did not load)."""
     from torchvision.io import decode_jpeg
 
     raw = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))[:count]]
@@ -135,6 +138,8 @@ def decode_limit(folder: Path, count: int = 4096, batch: int = 256, size: int = 
             _time_decoder(out, prefix, decode, batches, batch, size, device)
         except Exception as e:  # one decoder failing leaves the others' numbers
             out[prefix + "error"] = f"{type(e).__name__}: {e}"
+        if hasattr(decode, "buffer_kinds"):
+            out[prefix + "buffer_kinds"] = dict(decode.buffer_kinds)
     return out
 
 
@@ -153,9 +158,12 @@ def _nvimgcodec_batches(datas: list, raw: list, device: torch.device):
     def decode(batch):
         images = codec.decode([streams[id(d)] for d in batch], params=params,
                               cuda_stream=torch.cuda.current_stream().cuda_stream if cuda else 0)
+        for image in images:  # where they were decoded: host memory on CUDA means its CPU backend did it
+            decode.buffer_kinds[str(image.buffer_kind).rsplit(".", 1)[-1]] += 1
         return [(torch.from_dlpack(i) if cuda else torch.from_numpy(np.asarray(i))).permute(2, 0, 1)
                 for i in images]
 
+    decode.buffer_kinds = collections.Counter()
     return decode
 
 

@@ -409,6 +409,7 @@ class NvImageCodecDecoder:
                                                options=":fancy_upsampling=1")
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                allow_any_depth=False)
+        self._checked = False  # whether a batch has shown where nvImageCodec decodes (see _check_backends)
 
     def accepts(self, header: JpegHeader) -> bool:
         return device_takes(header, cuda=False)  # progressive too: nvImageCodec picks a backend that takes it
@@ -426,10 +427,26 @@ class NvImageCodecDecoder:
         streams = [self._codec.CodeStream(array[o : o + n]) for o, n in batch.spans]
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.cuda else 0
         decoded = self._decoder.decode(streams, params=self._params, cuda_stream=stream)
+        if self.cuda and not self._checked:
+            self._check_backends(decoded)
         # its buffers live until the arena comes round again, after the event that says this batch was read: their
         # release cannot race the kernels that still read them, whatever order nvImageCodec frees memory in
         batch.arena.keep = decoded
         return _write_decoded(batch, map(self._tensor, decoded, batch.headers), self.steps, write)
+
+
+    def _check_backends(self, decoded: Sequence) -> None:
+        """Warn once when a whole batch came back in host memory on CUDA: nvImageCodec then decodes on the CPU,
+        its GPU backends not loaded (libnvjpeg missing or for another CUDA). Some images may go to its CPU
+        backend on purpose; a batch of them all does not."""
+        images = [image for image in decoded if image is not None]
+        if len(images) < 8:
+            return
+        self._checked = True
+        if all(image.buffer_kind == self._codec.ImageBufferKind.STRIDED_HOST for image in images):
+            warnings.warn("nvImageCodec decoded a whole batch on the CPU: its GPU backends did not load (is "
+                          "nvidia-nvjpeg for this CUDA installed?); HEADBENCH_JPEG_DECODER=torchvision decodes on "
+                          "the GPU", stacklevel=2)
 
 
 JPEG_DECODERS = {"torchvision": TorchvisionJpegDecoder, "nvimgcodec": NvImageCodecDecoder}

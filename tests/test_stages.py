@@ -130,6 +130,30 @@ def test_engine_switches_in_the_environment_take_0_or_1(monkeypatch):
             requested()
 
 
+def test_nvimgcodec_on_cuda_warns_when_a_whole_batch_came_back_from_its_cpu_backend(backbone):
+    """Its GPU backends load quietly or not at all (libnvjpeg missing): a batch decoded wholly into host memory
+    on CUDA says so once; a batch with device images, or too few images to tell, does not."""
+    import types
+    import warnings
+
+    if importlib.util.find_spec("nvidia.nvimgcodec") is None:
+        pytest.skip("nvImageCodec is not installed (pip install -e '.[gpu]')")
+    from featurize.stages import NvImageCodecDecoder
+
+    decoder = NvImageCodecDecoder(backbone, CPU)
+    kinds = decoder._codec.ImageBufferKind
+    host, device = (types.SimpleNamespace(buffer_kind=k) for k in (kinds.STRIDED_HOST, kinds.STRIDED_DEVICE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoder._check_backends([host] * 7)  # too few to tell: the next batch decides
+        assert not decoder._checked
+        decoder._check_backends([host] * 9 + [device])
+        assert decoder._checked
+    decoder._checked = False
+    with pytest.warns(UserWarning, match="decoded a whole batch on the CPU: its GPU backends did not load"):
+        decoder._check_backends([host] * 8 + [None])
+
+
 def test_a_store_names_a_jpeg_decoder_other_than_torchvisions(photo_folder, tmp_path, monkeypatch):
     """In the config (hashed): a run resumed with the other decoder is refused rather than mixed."""
     if importlib.util.find_spec("nvidia.nvimgcodec") is None:
