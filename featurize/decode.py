@@ -20,7 +20,9 @@ corrupt unrelated tensors on H100 otherwise (torchvision PR #9606).
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -140,6 +142,15 @@ def _horizontal_first(w: int, h: int, out_w: int, out_h: int) -> bool:
 _PILLOW_MAJOR = int(Image.__version__.split(".")[0])
 
 
+def _on_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A host array as a tensor on `device`; to CUDA through pinned memory and without waiting (the pinned copy
+    is freed only once the stream has read it: torch's pinned-memory allocator records the copy)."""
+    tensor = torch.from_numpy(array).to(dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _band(weights: np.ndarray) -> tuple[int, int]:
     """The input pixels [first, last) that any output pixel reads."""
     used = np.flatnonzero(weights.any(0))
@@ -153,29 +164,52 @@ class PillowResample:
     the Pillow path does: on a CPU, in float64, the same bytes; on a GPU, in float32, within a grey level on
     rare pixels.
 
-    Works on uint8 [3, H, W] or [N, 3, H, W] (images of one size)."""
+    Works on uint8 [3, H, W] or [N, 3, H, W] (images of one size). The weights of the last `cache_size` input
+    sizes stay on the device: a batch of a size seen before copies nothing from the host, and a new size's
+    weights go through pinned memory without waiting (a copy from pageable memory would make the host wait
+    for everything queued on the stream, once per pass and size)."""
 
-    def __init__(self, fused):
+    def __init__(self, fused, cache_size: int = 128):
         self.fused = fused  # a ResizeCenterCrop: its region and output size, its filter
+        self.cache_size = cache_size
+        self._plans: collections.OrderedDict = collections.OrderedDict()  # (w, h, device, dtype) -> plan
+        self._lock = threading.Lock()  # the stream engine's threads may share the steps
+
+    def _plan(self, w: int, h: int, device: torch.device, dtype: torch.dtype):
+        """(wx, wy, columns, rows, horizontal first) for an input size, or None when the crop needs padding."""
+        key = (w, h, device, dtype)
+        with self._lock:
+            if key in self._plans:
+                self._plans.move_to_end(key)
+                return self._plans[key]
+        box = self.fused.box(w, h)
+        plan = None
+        if box is not None:
+            box = [float(np.float32(v)) for v in box]  # Pillow passes the box to C as single-precision floats
+            resample = int(self.fused.resample)
+            out_w, out_h = self.fused.crop_w, self.fused.crop_h
+            wx = _coefficients(w, box[0], box[2], out_w, resample)
+            wy = _coefficients(h, box[1], box[3], out_h, resample)
+            (x0, x1), (y0, y1) = _band(wx), _band(wy)
+            wx, wy = (_on_device(np.ascontiguousarray(a), device, dtype) for a in (wx[:, x0:x1].T, wy[:, y0:y1]))
+            plan = (wx, wy, slice(x0, x1), slice(y0, y1), _horizontal_first(w, h, out_w, out_h))
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.cache_size:
+                self._plans.popitem(last=False)
+        return plan
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
-        box = self.fused.box(int(w), int(h))
-        if box is None:  # the crop would need padding: torchvision's resize and crop, as Pillow's path does
-            return self.fused.crop(self.fused.resize(images))
         dtype = torch.float64 if images.device.type == "cpu" else torch.float32
-        box = [float(np.float32(v)) for v in box]  # Pillow passes the box to C as single-precision floats
-        resample = int(self.fused.resample)
+        plan = self._plan(int(w), int(h), images.device, dtype)
+        if plan is None:  # the crop would need padding: torchvision's resize and crop, as Pillow's path does
+            return self.fused.crop(self.fused.resize(images))
         # one product per pass with its weights (only over the band of input pixels they reach), rounded to 8 bits
         # after each pass, in Pillow's order of the passes
-        out_w, out_h = self.fused.crop_w, self.fused.crop_h
-        wx = _coefficients(int(w), box[0], box[2], out_w, resample)
-        wy = _coefficients(int(h), box[1], box[3], out_h, resample)
-        (x0, x1), (y0, y1) = _band(wx), _band(wy)
-        wx = torch.from_numpy(wx[:, x0:x1].T).to(images.device, dtype)
-        wy = torch.from_numpy(wy[:, y0:y1]).to(images.device, dtype)
-        x = images[..., y0:y1, x0:x1].to(dtype)
-        if _horizontal_first(int(w), int(h), out_w, out_h):
+        wx, wy, columns, rows, horizontal_first = plan
+        x = images[..., rows, columns].to(dtype)
+        if horizontal_first:
             x = wy @ torch.floor(x @ wx + 0.5).clamp_(0, 255)
         else:
             x = torch.floor(wy @ x + 0.5).clamp_(0, 255) @ wx

@@ -139,3 +139,24 @@ def test_pillow_resample_on_tensors_gives_pillows_bytes(interpolation):
         expected = np.asarray(fused(Image.fromarray(np.ascontiguousarray(array))))
         got = PillowResample(fused)(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
         np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), expected)
+
+
+def test_pillow_resample_keeps_the_weights_of_recent_sizes():
+    """A size seen before reuses its weights (on a GPU: no copy from the host, so no wait); the oldest of more
+    sizes than the cache holds is dropped; the bytes are the same either way."""
+    from torchvision import transforms as T
+
+    from featurize.backbones import ResizeCenterCrop
+    from featurize.decode import PillowResample
+
+    resample = PillowResample(ResizeCenterCrop(T.Resize(64), T.CenterCrop(56)), cache_size=2)
+    images = {size: torch.from_numpy(np.ascontiguousarray(photo("chelsea")[: size[0], : size[1]])).permute(2, 0, 1)
+              for size in ((300, 451), (200, 300), (120, 90))}
+    first = resample(images[(300, 451)])
+    plan = resample._plans[(451, 300, CPU, torch.float64)]
+    np.testing.assert_array_equal(resample(images[(300, 451)]), first)
+    assert resample._plans[(451, 300, CPU, torch.float64)] is plan  # computed once
+    resample(images[(200, 300)])
+    resample(images[(120, 90)])
+    assert list(resample._plans) == [(300, 200, CPU, torch.float64), (90, 120, CPU, torch.float64)]
+    np.testing.assert_array_equal(resample(images[(300, 451)]), first)  # made again: the same bytes
