@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .sources import Source
 
 __all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "device_takes", "orient",
-           "decode_jpegs", "transform_by_size", "Prepared", "TensorDecoder", "draft_size", "DecodeDataset", "collate_decoded"]
+           "decode_jpegs", "transform_by_size", "resize_images", "Prepared", "TensorDecoder", "draft_size", "DecodeDataset", "collate_decoded"]
 
 DECODE_CHOICES = ("auto", "cpu", "gpu", "tensor")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -111,23 +111,31 @@ _PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2
 @lru_cache(maxsize=512)
 def _coefficients(in_size: int, start: float, stop: float, out_size: int, resample: int) -> np.ndarray:
     """[out_size, in_size]: the weights Pillow's resample gives each input pixel of [start, stop) for each
-    output pixel, quantised to its 8-bit fixed point (``precompute_coeffs`` + ``normalize_coeffs_8bpc``)."""
+    output pixel, quantised to its 8-bit fixed point (``precompute_coeffs`` + ``normalize_coeffs_8bpc``).
+
+    Every output pixel at once (a new image size costs a fraction of a millisecond, which a decode stage fed
+    photographs of many sizes needs), with the same float operations in the same order as Pillow's C loop:
+    each pixel's window, its kernel values, their sum left to right (a running sum: trailing zeros leave it
+    as it is), the division and the rounding to fixed point."""
     support, kernel = _FILTERS[resample]
     scale = float(np.float32(stop) - np.float32(start)) / out_size  # Pillow: (double)(in1 - in0), floats
     filterscale = max(scale, 1.0)
     support *= filterscale
     ss = 1.0 / filterscale
+    center = start + (np.arange(out_size) + 0.5) * scale
+    lo = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # C's (int) truncates toward zero
+    hi = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
+    taps = np.arange(max(int((hi - lo).max(initial=0)), 0))
+    index = lo[:, None] + taps[None, :]
+    inside = index < hi[:, None]
+    w = np.where(inside, kernel((index - center[:, None] + 0.5) * ss), 0.0)
+    total = np.cumsum(w, axis=1)[:, -1] if w.shape[1] else np.zeros(out_size)
+    w = np.divide(w, total[:, None], out=w, where=total[:, None] != 0.0)
+    one = float(1 << _PRECISION_BITS)
+    w = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)) / one
     weights = np.zeros((out_size, in_size))
-    for xx in range(out_size):  # the same float operations in the same order as Pillow's C
-        center = start + (xx + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        w = kernel((np.arange(lo, hi) - center + 0.5) * ss)
-        total = float(np.cumsum(w)[-1]) if len(w) else 0.0  # summed left to right, as the C loop does
-        if total != 0.0:
-            w = w / total
-        one = float(1 << _PRECISION_BITS)
-        weights[xx, lo:hi] = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)) / one
+    rows = np.broadcast_to(np.arange(out_size)[:, None], index.shape)
+    weights[rows[inside], index[inside]] = w[inside]
     return weights
 
 
@@ -214,6 +222,53 @@ class PillowResample:
         else:
             x = torch.floor(wy @ x + 0.5).clamp_(0, 255) @ wx
         return torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
+
+    def padded(self, images: list[tuple[int, torch.Tensor]], budget: int = 1 << 27):
+        """Yield (positions, uint8 [k, 3, h, w]) for images of different sizes -- (position, uint8 [3, H, W])
+        pairs on one device -- resized together: each image's band of pixels in a zero-padded canvas, its
+        weights padded with zeros, two batched products. A few calls per image instead of a dozen (on a GPU each
+        is a launch from one thread); the same sums, so the same bytes on a CPU (float64 holds them exactly),
+        and on a GPU what each image alone gives within float32 rounding. Canvases are at most `budget`
+        elements (images sorted by size, so each canvas wastes little); images whose crop needs padding are
+        resized alone."""
+        if not images:
+            return
+        device = images[0][1].device
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        out_w, out_h = self.fused.crop_w, self.fused.crop_h
+        planned = {True: [], False: []}  # Pillow's order of the passes: horizontal first or not
+        for position, image in images:
+            plan = self._plan(int(image.shape[-1]), int(image.shape[-2]), device, dtype)
+            if plan is None:
+                yield [position], self(image[None])
+            else:
+                planned[plan[4]].append((position, image, plan))
+        for horizontal_first, group in planned.items():
+            group.sort(key=lambda item: item[2][1].shape[1] * item[2][0].shape[0], reverse=True)
+            start = 0
+            while start < len(group):
+                rows = cols = 0
+                stop = start
+                while stop < len(group):
+                    wx, wy = group[stop][2][:2]
+                    r, c = max(rows, wy.shape[1]), max(cols, wx.shape[0])
+                    if stop > start and (stop - start + 1) * 3 * r * c > budget:
+                        break
+                    rows, cols, stop = r, c, stop + 1
+                chunk = group[start:stop]
+                start = stop
+                canvas = torch.zeros(len(chunk), 3, rows, cols, dtype=dtype, device=device)
+                wxs = torch.zeros(len(chunk), 1, cols, out_w, dtype=dtype, device=device)
+                wys = torch.zeros(len(chunk), 1, out_h, rows, dtype=dtype, device=device)
+                for j, (_, image, (wx, wy, columns, band, _)) in enumerate(chunk):
+                    canvas[j, :, : wy.shape[1], : wx.shape[0]].copy_(image[:, band, columns])
+                    wxs[j, 0, : wx.shape[0]].copy_(wx)
+                    wys[j, 0, :, : wy.shape[1]].copy_(wy)
+                if horizontal_first:
+                    x = wys @ torch.floor(canvas @ wxs + 0.5).clamp_(0, 255)
+                else:
+                    x = torch.floor(wys @ canvas + 0.5).clamp_(0, 255) @ wxs
+                yield [position for position, _, _ in chunk], torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.fused!r})"
@@ -329,6 +384,23 @@ def transform_by_size(images: list[tuple[int, torch.Tensor]], steps: list[Callab
         for step in steps:
             batch = step(batch)
         yield [position for position, _ in group], batch
+
+
+def resize_images(images: list[tuple[int, torch.Tensor]], steps: list[Callable], group_size: int = 4):
+    """Like :func:`transform_by_size`, for a device decoder's batch: sizes shared by at least `group_size` images
+    are resized a group at a time; with the engine's fused resize + crop (one :class:`PillowResample`) the rest,
+    images of sizes few others share, are resized together on padded canvases (:meth:`PillowResample.padded`),
+    so that a batch of photographs of many sizes costs a few calls per image, not a dozen."""
+    if len(steps) != 1 or not isinstance(steps[0], PillowResample):
+        yield from transform_by_size(images, steps)
+        return
+    sizes: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for position, image in images:
+        sizes.setdefault(tuple(image.shape), []).append((position, image))
+    shared = [item for group in sizes.values() if len(group) >= group_size for item in group]
+    alone = [item for group in sizes.values() if len(group) < group_size for item in group]
+    yield from transform_by_size(shared, steps)
+    yield from steps[0].padded(alone)
 
 
 class TensorDecoder:

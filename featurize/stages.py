@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequen
 import numpy as np
 import torch
 
-from .decode import DecodeDataset, collate_decoded, decode_jpegs, device_takes, orient, tensor_steps, transform_by_size
+from .decode import DecodeDataset, collate_decoded, decode_jpegs, device_takes, orient, resize_images, tensor_steps
 from .device import autocast, prepare_model
 from .errors import FeaturizeError, error_text
 from .jpeg import JpegHeader, is_complete, scan_jpeg
@@ -330,8 +330,9 @@ def _device_steps(backbone: "Backbone") -> list[Callable]:
 def _write_decoded(batch: ReadBatch, images: Iterable[torch.Tensor | None], steps: list[Callable],
                    write: Callable[[np.ndarray, torch.Tensor], None]) -> list[int]:
     """A device decoder's images of the batch's JPEG rows (uint8 [3, H, W], None where it failed): EXIF orientation
-    from each row's scanned header, each size group resized and cropped together (the same photos' sizes repeat),
-    written; returns the positions of the rows that failed."""
+    from each row's scanned header, resized and cropped (:func:`~featurize.decode.resize_images`: a group per
+    shared size, the other sizes together on padded canvases), written; returns the positions of the rows that
+    failed."""
     failed: list[int] = []
     oriented: list[tuple[int, torch.Tensor]] = []
     for pos, header, image in zip(batch.jpeg_rows, batch.headers, images):
@@ -339,7 +340,7 @@ def _write_decoded(batch: ReadBatch, images: Iterable[torch.Tensor | None], step
             failed.append(int(pos))
         else:
             oriented.append((int(pos), orient(image, header.orientation)))
-    for positions, group in transform_by_size(oriented, steps):
+    for positions, group in resize_images(oriented, steps):
         write(np.array(positions, dtype=np.int64), group)
     return failed
 

@@ -141,6 +141,76 @@ def test_pillow_resample_on_tensors_gives_pillows_bytes(interpolation):
         np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), expected)
 
 
+@pytest.mark.parametrize("budget", [1 << 27, 3 * 300 * 460])  # one canvas per order of passes; one image each
+def test_images_of_many_sizes_resized_together_give_each_ones_bytes(budget):
+    """The padded path (every size different) gives, image by image, what resizing each alone gives: landscape,
+    portrait (Pillow 13 resamples those vertically first), upscaled, slivers; in one canvas or one each."""
+    from torchvision import transforms as T
+
+    from featurize.backbones import ResizeCenterCrop
+    from featurize.decode import PillowResample, resize_images
+
+    resample = PillowResample(ResizeCenterCrop(T.Resize(64, interpolation=T.InterpolationMode.BICUBIC),
+                                               T.CenterCrop(56)))
+    crops = [photo("chelsea"), photo("coffee")[:390, :200], photo("astronaut")[:90, :140], photo("coffee")[:40, :400],
+             photo("rocket")[:300, :451], photo("chelsea")[:250, :250], photo("astronaut")[:201, :303]]
+    images = [(10 + i, torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for i, a in enumerate(crops)]
+    seen = {}
+    for positions, out in resample.padded(images, budget=budget):
+        assert out.dtype == torch.uint8 and out.shape[1:] == (3, 56, 56)
+        seen.update(zip(positions, out))
+    assert sorted(seen) == [10 + i for i in range(len(crops))]
+    for position, image in images:
+        np.testing.assert_array_equal(seen[position], resample(image[None])[0])
+    # shared sizes are still resized a group at a time, the rest padded: the same bytes
+    twice = images + [(20 + i, image) for i, (_, image) in enumerate(images[:2])] * 2
+    grouped = {p: o for positions, out in resize_images(twice, [resample], group_size=3) for p, o in zip(positions, out)}
+    for position, image in twice:
+        np.testing.assert_array_equal(grouped[position], resample(image[None])[0])
+
+
+def _one_pixel_at_a_time(in_size, start, stop, out_size, resample):
+    """Pillow's precompute_coeffs + normalize_coeffs_8bpc as its C loop runs them, one output pixel at a time:
+    the reference the vectorised weights must equal."""
+    from featurize.decode import _FILTERS, _PRECISION_BITS
+
+    support, kernel = _FILTERS[resample]
+    scale = float(np.float32(stop) - np.float32(start)) / out_size
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    ss = 1.0 / filterscale
+    weights = np.zeros((out_size, in_size))
+    for xx in range(out_size):
+        center = start + (xx + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        w = kernel((np.arange(lo, hi) - center + 0.5) * ss)
+        total = float(np.cumsum(w)[-1]) if len(w) else 0.0
+        if total != 0.0:
+            w = w / total
+        one = float(1 << _PRECISION_BITS)
+        weights[xx, lo:hi] = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)) / one
+    return weights
+
+
+def test_resampling_weights_equal_pillows_pixel_by_pixel_loop():
+    """Every filter, shrinking and enlarging, whole images and crop boxes (fractional too), odd sizes."""
+    from featurize.decode import _FILTERS, _coefficients
+
+    rng = np.random.default_rng(0)
+    cases = [(500, 0.0, 500.0, 224), (375, 15.5, 359.5, 224), (28, 0.0, 28.0, 224), (7, 1.25, 6.5, 13),
+             (4000, 0.0, 4000.0, 256), (1, 0.0, 1.0, 5), (224, 0.0, 224.0, 224)]
+    for _ in range(40):
+        size = int(rng.integers(2, 900))
+        a, b = sorted(rng.uniform(0, size, 2))
+        cases.append((size, float(np.float32(a)), float(np.float32(max(b, a + 0.5))), int(rng.integers(1, 400))))
+    for resample in _FILTERS:
+        for in_size, start, stop, out_size in cases:
+            expected = _one_pixel_at_a_time(in_size, start, stop, out_size, int(resample))
+            np.testing.assert_array_equal(_coefficients(in_size, start, stop, out_size, int(resample)), expected,
+                                          err_msg=f"{resample!r} {in_size} [{start}, {stop}) -> {out_size}")
+
+
 def test_pillow_resample_keeps_the_weights_of_recent_sizes():
     """A size seen before reuses its weights (on a GPU: no copy from the host, so no wait); the oldest of more
     sizes than the cache holds is dropped; the bytes are the same either way."""
