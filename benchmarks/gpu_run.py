@@ -23,6 +23,9 @@ In one process, on the same JPEGs (500x375, quality 90, generated from scikit-im
   (``HEADBENCH_JPEG_DECODER``), an lite0 extract at the default precision on every image (images/s, first
   batch), the cosine of their fp32 features to the Pillow path's and the digits probe's delta; their decode limits
   are in ``decode_limit``;
+* ``varied_sizes``: an lite0 extract on the nvJPEG path of up to 10 000 JPEGs of nearly as many sizes (crops of
+  250-500 x 188-375), to set beside ``decoders.torchvision`` on the equal-size ones (photographs' sizes vary;
+  the decode stage resizes shared sizes by group and the rest on padded canvases);
 * ``engine_variants``: lite0 extracts of every image eager, as a CUDA graph, with 4 reader threads and with
   cuDNN's heuristic kernels (``HEADBENCH_CUDNN_BENCHMARK=0``): each one's rate with and without its start-up
   (``extract_ips``, ``steady_ips``), start-up and first-batch seconds, and its features' difference to eager's.
@@ -357,6 +360,15 @@ def main() -> None:
             result["digits_probe"] = {"gpu": tv["digits_probe"], "cpu": result["decoders"]["pillow_digits_probe"],
                                       "delta_points": tv["digits_probe_delta_points"]}
             save()
+        # photographs have sizes of their own: the nvJPEG path on JPEGs of nearly as many sizes as images (each
+        # crop 250-500 x 188-375), against the same extract on the equal-size ones (decoders.torchvision)
+        def varied_sizes() -> dict:
+            count = min(args.num_images, 10_000)
+            varied = make_bench_images(tmp / "varied", count, varied=True, workers=os.cpu_count() or 1)
+            run = extract_features(varied, tmp / "varied.h5", decode=decode, **spec)
+            return {"images": count, **_speed(run)}
+
+        section("varied_sizes", varied_sizes)
         # the compute stage as a CUDA graph, fewer reader threads (the GIL they share with the compute thread), and
         # cuDNN's heuristic kernels (no timing at the warm-up: start-up against steady rate)
         e2e = dict(spec, decode=decode)

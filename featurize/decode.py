@@ -386,12 +386,17 @@ def transform_by_size(images: list[tuple[int, torch.Tensor]], steps: list[Callab
         yield [position for position, _ in group], batch
 
 
-def resize_images(images: list[tuple[int, torch.Tensor]], steps: list[Callable], group_size: int = 4):
-    """Like :func:`transform_by_size`, for a device decoder's batch: sizes shared by at least `group_size` images
+def resize_images(images: list[tuple[int, torch.Tensor]], steps: list[Callable], group_size: int = 4,
+                  padded: bool | None = None):
+    """Like :func:`transform_by_size`, for a GPU decoder's batch: sizes shared by at least `group_size` images
     are resized a group at a time; with the engine's fused resize + crop (one :class:`PillowResample`) the rest,
     images of sizes few others share, are resized together on padded canvases (:meth:`PillowResample.padded`),
-    so that a batch of photographs of many sizes costs a few calls per image, not a dozen."""
-    if len(steps) != 1 or not isinstance(steps[0], PillowResample):
+    so that a batch of photographs of many sizes costs a few launches per image, not a dozen. `padded` (default:
+    on CUDA) -- on a CPU a call launches nothing, and the padding would only add work and memory, so there
+    every size is its own group."""
+    if padded is None:
+        padded = bool(images) and images[0][1].device.type == "cuda"
+    if not padded or len(steps) != 1 or not isinstance(steps[0], PillowResample):
         yield from transform_by_size(images, steps)
         return
     sizes: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}

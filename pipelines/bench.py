@@ -73,30 +73,34 @@ BENCH_PHOTOS = ("coffee", "astronaut", "rocket", "hubble_deep_field", "retina", 
 
 
 def make_bench_images(folder: Path, count: int = 500, size: tuple[int, int] = (500, 375), seed: int = 0,
-                      workers: int = 0) -> Path:
+                      workers: int = 0, varied: bool = False) -> Path:
     """Write `count` JPEGs of `size` (w, h), random crops of scikit-image's bundled photographs (``workers``
-    processes share the encoding; the same files whatever their number)."""
+    processes share the encoding; the same files whatever their number). `varied`: each crop's width and
+    height drawn between half of `size` and `size`, so that nearly every image has a size of its own, as
+    photographs do (another sequence of draws: the equal-size images stay the ones they always were)."""
     if importlib.util.find_spec("skimage") is None:
         raise FeaturizeError("the default benchmark images come from scikit-image: pip install scikit-image, "
                              "or give a folder of images with --images DIR")
     rng = np.random.default_rng(seed)
     shapes = [_bench_photo(name).shape for name in BENCH_PHOTOS]
-    w, h = size
-    crops = []  # every image's (photo, top, left, mirrored), drawn in one sequence
+    crops = []  # every image's (index, photo, top, left, mirrored, width, height), drawn in one sequence
     for i in range(count):
         k = i % len(BENCH_PHOTOS)
+        w, h = size
+        if varied:
+            w = int(rng.integers(max(1, w // 2), min(w, shapes[k][1]) + 1))
+            h = int(rng.integers(max(1, h // 2), min(h, shapes[k][0]) + 1))
         y = int(rng.integers(0, shapes[k][0] - h + 1))
         x = int(rng.integers(0, shapes[k][1] - w + 1))
-        crops.append((i, k, y, x, bool(rng.random() < 0.5)))
+        crops.append((i, k, y, x, bool(rng.random() < 0.5), w, h))
     folder.mkdir(parents=True, exist_ok=True)
     if workers <= 1:
-        _write_bench_images(folder, size, crops)
+        _write_bench_images(folder, crops)
     else:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_bench_images, [folder] * workers, [size] * workers,
-                          [crops[j::workers] for j in range(workers)]))
+            list(pool.map(_write_bench_images, [folder] * workers, [crops[j::workers] for j in range(workers)]))
     return folder
 
 
@@ -107,11 +111,10 @@ def _bench_photo(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
-def _write_bench_images(folder: Path, size: tuple[int, int], crops: list[tuple[int, int, int, int, bool]]) -> None:
+def _write_bench_images(folder: Path, crops: list[tuple[int, int, int, int, bool, int, int]]) -> None:
     from PIL import Image
 
-    w, h = size
-    for i, k, y, x, mirrored in crops:
+    for i, k, y, x, mirrored, w, h in crops:
         crop = _bench_photo(BENCH_PHOTOS[k])[y : y + h, x : x + w]
         if mirrored:
             crop = crop[:, ::-1]

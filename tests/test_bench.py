@@ -55,3 +55,8 @@ def test_bench_images_are_the_same_whoever_encodes_them(tmp_path):
     assert len(names) == 12 and names == sorted(p.name for p in shared.iterdir())
     assert all((serial / n).read_bytes() == (shared / n).read_bytes() for n in names)
     assert len({(serial / n).read_bytes() for n in names}) == 12  # twelve different crops
+    from PIL import Image
+
+    varied = make_bench_images(tmp_path / "varied", 12, size=(64, 48), varied=True, workers=3)
+    sizes = [Image.open(varied / n).size for n in names]
+    assert len(set(sizes)) >= 10 and all(32 <= w <= 64 and 24 <= h <= 48 for w, h in sizes)

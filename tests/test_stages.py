@@ -88,6 +88,23 @@ def test_staged_engine_equals_the_stream_engine(mixed_folder, backbone, decode):
     assert probe.syncs["compute"] == probe.syncs["decode"] == probe.syncs["read"] == 0
 
 
+def test_the_padded_resize_a_gpu_uses_gives_the_same_rows(mixed_folder, backbone, monkeypatch):
+    """On CUDA the decode stage resizes sizes few images share on padded canvases; forced on here (photographs
+    of several sizes, rotated and progressive ones among them, batches of 4), the rows are the stream engine's."""
+    import functools
+
+    import featurize.stages
+    from featurize.decode import resize_images
+
+    source = open_source(mixed_folder)
+    ref_indices, ref, ref_errors = _joined(_streams(source, backbone, "tensor"))
+    monkeypatch.setattr(featurize.stages, "resize_images", functools.partial(resize_images, group_size=2, padded=True))
+    indices, features, errors = _joined(_staged(source, backbone, "tensor"))
+    np.testing.assert_array_equal(indices, ref_indices)
+    assert errors == ref_errors
+    np.testing.assert_allclose(features, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_nvimgcodec_decoder_gives_the_torchvision_decoders_rows(mixed_folder, backbone, monkeypatch, capfd):
     """nvImageCodec behind the same JpegDecoder interface (its libjpeg-turbo backend on a CPU): the same rows,
     failures and features as torchvision's decoder, EXIF orientation and progressive files included, and
