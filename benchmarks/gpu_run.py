@@ -335,17 +335,6 @@ def main() -> None:
                 return bench
 
             section(model, bench_one)
-        # the CPU-only proxy on this machine's host, against a simulated device of the speeds just measured: what
-        # it predicts beside what the GPU did (the bench above)
-        def host() -> dict:
-            from host_overhead import H200, measure
-
-            decode_ips = result.get("decode_limit", {}).get("decode_resize_ips") or H200[0]
-            forward_ips = result.get(lite0, {}).get("forward_ips") or H200[1]
-            return measure(folder, 128, workers, lite0, tmp, device_ips=(decode_ips, forward_ips),
-                           pillow_images=20_000)  # every round of the decode processes, as the bench's
-
-        section("host_overhead", host)
         # agreement of each JPEG decoder with the Pillow path: every image, lite0 fp32, and the digits probe
         spec = dict(model=lite0, weights="random" if dry else lite0_weights, progress=False, device=device.type)
         digits = digits_as_jpegs(tmp / "digits")
@@ -360,15 +349,6 @@ def main() -> None:
             result["digits_probe"] = {"gpu": tv["digits_probe"], "cpu": result["decoders"]["pillow_digits_probe"],
                                       "delta_points": tv["digits_probe_delta_points"]}
             save()
-        # photographs have sizes of their own: the nvJPEG path on JPEGs of nearly as many sizes as images (each
-        # crop 250-500 x 188-375), against the same extract on the equal-size ones (decoders.torchvision)
-        def varied_sizes() -> dict:
-            count = min(args.num_images, 10_000)
-            varied = make_bench_images(tmp / "varied", count, varied=True, workers=os.cpu_count() or 1)
-            run = extract_features(varied, tmp / "varied.h5", decode=decode, **spec)
-            return {"images": count, **_speed(run)}
-
-        section("varied_sizes", varied_sizes)
         # the compute stage as a CUDA graph, fewer reader threads (the GIL they share with the compute thread), and
         # cuDNN's heuristic kernels (no timing at the warm-up: start-up against steady rate)
         e2e = dict(spec, decode=decode)
@@ -379,6 +359,27 @@ def main() -> None:
             "cuda_graphs_readers_4": {"env": {"HEADBENCH_CUDA_GRAPHS": "1"}, "kwargs": {"workers": 4}},
             "cudnn_heuristics": {"env": {"HEADBENCH_CUDA_GRAPHS": "0", "HEADBENCH_CUDNN_BENCHMARK": "0"}},
         }))
+        # last, what matters least if the run's time runs out: photographs' sizes, and the CPU proxy's prediction
+        # photographs have sizes of their own: the nvJPEG path on JPEGs of nearly as many sizes as images (each
+        # crop 250-500 x 188-375), against the same extract on the equal-size ones (decoders.torchvision)
+        def varied_sizes() -> dict:
+            count = min(args.num_images, 10_000)
+            varied = make_bench_images(tmp / "varied", count, varied=True, workers=os.cpu_count() or 1)
+            run = extract_features(varied, tmp / "varied.h5", decode=decode, **spec)
+            return {"images": count, **_speed(run)}
+
+        section("varied_sizes", varied_sizes)
+        # the CPU-only proxy on this machine's host, against a simulated device of the speeds just measured: what
+        # it predicts beside what the GPU did (the bench above)
+        def host() -> dict:
+            from host_overhead import H200, measure
+
+            decode_ips = result.get("decode_limit", {}).get("decode_resize_ips") or H200[0]
+            forward_ips = result.get(lite0, {}).get("forward_ips") or H200[1]
+            return measure(folder, 128, workers, lite0, tmp, device_ips=(decode_ips, forward_ips),
+                           pillow_images=20_000)  # every round of the decode processes, as the bench's
+
+        section("host_overhead", host)
     print(json.dumps(result, indent=2))
 
 
