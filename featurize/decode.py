@@ -109,9 +109,11 @@ _PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2
 
 
 @lru_cache(maxsize=512)
-def _coefficients(in_size: int, start: float, stop: float, out_size: int, resample: int) -> np.ndarray:
-    """[out_size, in_size]: the weights Pillow's resample gives each input pixel of [start, stop) for each
-    output pixel, quantised to its 8-bit fixed point (``precompute_coeffs`` + ``normalize_coeffs_8bpc``).
+def _band_coefficients(in_size: int, start: float, stop: float, out_size: int,
+                       resample: int) -> tuple[np.ndarray, int]:
+    """The weights Pillow's resample gives the input pixels of [start, stop) for each output pixel, quantised to
+    its 8-bit fixed point (``precompute_coeffs`` + ``normalize_coeffs_8bpc``), over the band of input pixels
+    that any of them reaches: ([out_size, band] float64, the band's first input pixel).
 
     Every output pixel at once (a new image size costs a fraction of a millisecond, which a decode stage fed
     photographs of many sizes needs), with the same float operations in the same order as Pillow's C loop:
@@ -127,15 +129,29 @@ def _coefficients(in_size: int, start: float, stop: float, out_size: int, resamp
     hi = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
     taps = np.arange(max(int((hi - lo).max(initial=0)), 0))
     index = lo[:, None] + taps[None, :]
-    inside = index < hi[:, None]
-    w = np.where(inside, kernel((index - center[:, None] + 0.5) * ss), 0.0)
+    w = np.where(index < hi[:, None], kernel((index - center[:, None] + 0.5) * ss), 0.0)
     total = np.cumsum(w, axis=1)[:, -1] if w.shape[1] else np.zeros(out_size)
     w = np.divide(w, total[:, None], out=w, where=total[:, None] != 0.0)
     one = float(1 << _PRECISION_BITS)
     w = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)) / one
+    first = int(lo.min(initial=0))
+    width = max(int(hi.max(initial=0)) - first, 0)
+    # each output pixel's window is a run of columns: written whole, zeros past its end, into rows wide enough
+    # that no run reaches the next row (no mask, no collisions), then cut to the band
+    padded = np.zeros((out_size, width + len(taps)))
+    padded.ravel()[(np.arange(out_size)[:, None] * padded.shape[1] + (lo - first)[:, None] + taps).ravel()] = w.ravel()
+    weights = padded[:, :width]
+    used = np.flatnonzero(weights.any(0))  # columns whose weights all rounded to 0 are left out
+    if not len(used):
+        return weights[:, :0], 0
+    return weights[:, used[0] : used[-1] + 1], first + int(used[0])
+
+
+def _coefficients(in_size: int, start: float, stop: float, out_size: int, resample: int) -> np.ndarray:
+    """The same weights over every input pixel: [out_size, in_size]."""
+    band, first = _band_coefficients(in_size, start, stop, out_size, resample)
     weights = np.zeros((out_size, in_size))
-    rows = np.broadcast_to(np.arange(out_size)[:, None], index.shape)
-    weights[rows[inside], index[inside]] = w[inside]
+    weights[:, first : first + band.shape[1]] = band
     return weights
 
 
@@ -157,12 +173,6 @@ def _on_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> t
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _band(weights: np.ndarray) -> tuple[int, int]:
-    """The input pixels [first, last) that any output pixel reads."""
-    used = np.flatnonzero(weights.any(0))
-    return int(used[0]), int(used[-1]) + 1
 
 
 class PillowResample:
@@ -196,11 +206,11 @@ class PillowResample:
             box = [float(np.float32(v)) for v in box]  # Pillow passes the box to C as single-precision floats
             resample = int(self.fused.resample)
             out_w, out_h = self.fused.crop_w, self.fused.crop_h
-            wx = _coefficients(w, box[0], box[2], out_w, resample)
-            wy = _coefficients(h, box[1], box[3], out_h, resample)
-            (x0, x1), (y0, y1) = _band(wx), _band(wy)
-            wx, wy = (_on_device(np.ascontiguousarray(a), device, dtype) for a in (wx[:, x0:x1].T, wy[:, y0:y1]))
-            plan = (wx, wy, slice(x0, x1), slice(y0, y1), _horizontal_first(w, h, out_w, out_h))
+            wx, x0 = _band_coefficients(w, box[0], box[2], out_w, resample)
+            wy, y0 = _band_coefficients(h, box[1], box[3], out_h, resample)
+            columns, rows = slice(x0, x0 + wx.shape[1]), slice(y0, y0 + wy.shape[1])
+            wx, wy = _on_device(wx, device, dtype).T, _on_device(wy, device, dtype)  # wx: [band, out_w]
+            plan = (wx, wy, columns, rows, _horizontal_first(w, h, out_w, out_h))
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.cache_size:
