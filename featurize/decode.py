@@ -256,22 +256,22 @@ class PillowResample:
         for horizontal_first, group in planned.items():
             group.sort(key=lambda item: item[2][1].shape[1] * item[2][0].shape[0], reverse=True)
             start = 0
-            while start < len(group):
-                rows = cols = 0
+            while start < len(group):  # the next canvas: as many images as fit in the budget, at least one
+                height = width = 0
                 stop = start
                 while stop < len(group):
                     wx, wy = group[stop][2][:2]
-                    r, c = max(rows, wy.shape[1]), max(cols, wx.shape[0])
-                    if stop > start and (stop - start + 1) * 3 * r * c > budget:
+                    h, w = max(height, wy.shape[1]), max(width, wx.shape[0])
+                    if stop > start and (stop - start + 1) * 3 * h * w > budget:
                         break
-                    rows, cols, stop = r, c, stop + 1
+                    height, width, stop = h, w, stop + 1
                 chunk = group[start:stop]
                 start = stop
-                canvas = torch.zeros(len(chunk), 3, rows, cols, dtype=dtype, device=device)
-                wxs = torch.zeros(len(chunk), 1, cols, out_w, dtype=dtype, device=device)
-                wys = torch.zeros(len(chunk), 1, out_h, rows, dtype=dtype, device=device)
-                for j, (_, image, (wx, wy, columns, band, _)) in enumerate(chunk):
-                    canvas[j, :, : wy.shape[1], : wx.shape[0]].copy_(image[:, band, columns])
+                canvas = torch.zeros(len(chunk), 3, height, width, dtype=dtype, device=device)
+                wxs = torch.zeros(len(chunk), 1, width, out_w, dtype=dtype, device=device)
+                wys = torch.zeros(len(chunk), 1, out_h, height, dtype=dtype, device=device)
+                for j, (_, image, (wx, wy, columns, rows, _)) in enumerate(chunk):
+                    canvas[j, :, : wy.shape[1], : wx.shape[0]].copy_(image[:, rows, columns])
                     wxs[j, 0, : wx.shape[0]].copy_(wx)
                     wys[j, 0, :, : wy.shape[1]].copy_(wy)
                 if horizontal_first:

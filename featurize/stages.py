@@ -442,7 +442,6 @@ class NvImageCodecDecoder:
         batch.arena.keep = decoded
         return _write_decoded(batch, map(self._tensor, decoded, batch.headers), self.steps, write)
 
-
     def _check_backends(self, decoded: Sequence) -> None:
         """Warn once when a whole batch came back in host memory on CUDA: nvImageCodec then decodes on the CPU,
         its GPU backends not loaded (libnvjpeg missing or for another CUDA). Some images may go to its CPU
