@@ -554,8 +554,8 @@ def bench(model, weights, image_size, images, num_images, device, precision, bat
     """Measure extraction speed against the model's own forward speed and a naive loop, in one run.
 
     Reports forward_ips (model alone, synthetic tensors), end_to_end_ips (extract from JPEG files into a
-    store, start-up included; end_to_end_steady_ips from its first batch to its last), naive_ips (one image at a time, fp32, NCHW, PIL + timm transform), decode_ips_per_worker,
-    write_mb_s, their ratios, and the quality cost of bf16: min/mean cosine to fp32 features and the change
+    store, start-up included; end_to_end_steady_ips from its first batch to its last), naive_ips (one image
+    at a time, fp32, NCHW, PIL + timm transform), decode_ips_per_worker, write_mb_s, their ratios, and the quality cost of bf16: min/mean cosine to fp32 features and the change
     in a logistic-regression probe's accuracy on builtin:digits.
 
     \b

@@ -147,15 +147,12 @@ def decode_limit(folder: Path, count: int = 4096, batch: int = 256, size: int = 
 
 
 def _nvimgcodec_batches(datas: list, raw: list, device: torch.device):
-    """nvImageCodec's batched decode of preloaded bytes, as uint8 [3, H, W] tensors on `device`."""
-    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
-    from nvidia import nvimgcodec
+    """nvImageCodec's batched decode of preloaded bytes, set up as the engine sets it up, as uint8 [3, H, W]
+    tensors on `device`."""
+    from featurize.stages import open_nvimgcodec
 
     cuda = device.type == "cuda"
-    codec = nvimgcodec.Decoder(options=":fancy_upsampling=1") if cuda else nvimgcodec.Decoder(
-        device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
-        options=":fancy_upsampling=1")
-    params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
+    nvimgcodec, codec, params = open_nvimgcodec(device)
     streams = {id(d): nvimgcodec.CodeStream(np.frombuffer(r, np.uint8)) for d, r in zip(datas, raw)}
 
     def decode(batch):

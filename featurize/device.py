@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .backbones import Backbone
 
 __all__ = ["DEVICE_CHOICES", "PRECISION_CHOICES", "AUTOCAST_DTYPES", "resolve_device", "cpu_supports_bf16",
-           "resolve_precision", "autocast", "cudnn_benchmark_requested", "prepare_model"]
+           "resolve_precision", "autocast", "env_switch", "cudnn_benchmark_requested", "prepare_model"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -85,14 +85,19 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=cache)
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable (``0`` or ``1``; `default` when unset); anything else is refused."""
+    value = os.environ.get(name, "1" if default else "0")
+    if value not in ("0", "1"):
+        raise FeaturizeError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def cudnn_benchmark_requested() -> bool:
     """Whether cuDNN times its kernels at the warm-up (the input size is fixed, so once per run): yes unless
     ``HEADBENCH_CUDNN_BENCHMARK=0``, which takes its heuristics' choice instead -- a shorter start-up, which a
     short run on a fast GPU may prefer (benchmarks/gpu_run.py measures both)."""
-    value = os.environ.get("HEADBENCH_CUDNN_BENCHMARK", "1")
-    if value not in ("0", "1"):
-        raise FeaturizeError(f"HEADBENCH_CUDNN_BENCHMARK must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch("HEADBENCH_CUDNN_BENCHMARK", default=True)
 
 
 def prepare_model(backbone: "Backbone", device: torch.device, compile: bool = False) -> Callable:

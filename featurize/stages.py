@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .decode import DecodeDataset, collate_decoded, decode_jpegs, device_takes, orient, resize_images, tensor_steps
-from .device import autocast, prepare_model
+from .device import autocast, env_switch, prepare_model
 from .errors import FeaturizeError, error_text
 from .jpeg import JpegHeader, is_complete, scan_jpeg
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .sources import Source
 
 __all__ = ["FeatureBatch", "batched", "EngineProbe", "ReadBatch", "JpegDecoder", "TorchvisionJpegDecoder",
-           "NvImageCodecDecoder", "JPEG_DECODERS", "jpeg_decoder", "jpeg_decoder_name", "cuda_graphs_requested",
+           "open_nvimgcodec", "NvImageCodecDecoder", "JPEG_DECODERS", "jpeg_decoder", "jpeg_decoder_name", "cuda_graphs_requested",
            "BatchReader", "iter_staged"]
 
 _DEPTH = 3  # batches in flight between two stages
@@ -387,6 +387,32 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def open_nvimgcodec(device: torch.device):
+    """nvImageCodec set up as the engine decodes with it: (the module, a Decoder -- its own backends on CUDA, its
+    libjpeg-turbo one on a CPU, libjpeg's "fancy" chroma upsampling -- and the DecodeParams: sRGB, 8 bits, no
+    EXIF rotation, which the engine applies itself). Its native messages are off: per image, and one per
+    optional codec library missing (JPEG 2000, TIFF), printed when it is imported.
+
+    Raises:
+        FeaturizeError: nvImageCodec is not installed."""
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+    try:
+        with _quiet_stderr():
+            from nvidia import nvimgcodec
+    except ImportError:
+        raise FeaturizeError("the nvimgcodec JPEG decoder needs nvImageCodec: pip install nvidia-nvimgcodec-cu13 "
+                             "nvidia-nvjpeg (or HEADBENCH_JPEG_DECODER=torchvision)") from None
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+        decoder = nvimgcodec.Decoder(device_id=device_id, options=":fancy_upsampling=1")
+    else:
+        decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                     backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)], options=":fancy_upsampling=1")
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                     allow_any_depth=False)
+    return nvimgcodec, decoder, params
+
+
 class NvImageCodecDecoder:
     """NVIDIA's nvImageCodec (``nvidia-nvimgcodec-cu13`` + ``nvidia-nvjpeg``): one batched call per batch, its
     own hardware / CUDA / CPU backends chosen per image (nvJPEG's hardware decoder on A100/H100/H200, progressive
@@ -396,27 +422,10 @@ class NvImageCodecDecoder:
     header, as for torchvision's decoder; CMYK and Adobe-RGB JPEGs still go to Pillow."""
 
     def __init__(self, backbone: "Backbone", device: torch.device, probe: EngineProbe | None = None):
-        # its messages off: per image (a row it cannot decode goes to Pillow, which records the reason), and one
-        # per optional codec library missing (JPEG 2000, TIFF), printed natively when it is imported
-        os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
-        try:
-            with _quiet_stderr():
-                from nvidia import nvimgcodec
-        except ImportError:
-            raise FeaturizeError("the nvimgcodec JPEG decoder needs nvImageCodec: pip install nvidia-nvimgcodec-cu13 "
-                                 "nvidia-nvjpeg (or HEADBENCH_JPEG_DECODER=torchvision)") from None
+        # a row it cannot decode goes to Pillow, which records the reason: its own messages are off
+        self._codec, self._decoder, self._params = open_nvimgcodec(device)
         self.steps, self.device, self.probe = _device_steps(backbone), device, probe
         self.cuda = device.type == "cuda"
-        self._codec = nvimgcodec
-        if self.cuda:
-            device_id = device.index if device.index is not None else torch.cuda.current_device()
-            self._decoder = nvimgcodec.Decoder(device_id=device_id, options=":fancy_upsampling=1")
-        else:
-            self._decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
-                                               backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
-                                               options=":fancy_upsampling=1")
-        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
-                                               allow_any_depth=False)
         self._checked = False  # whether a batch has shown where nvImageCodec decodes (see _check_backends)
 
     def accepts(self, header: JpegHeader) -> bool:
@@ -558,10 +567,7 @@ def _runs(positions: np.ndarray) -> list[tuple[int, int, int]]:
 def cuda_graphs_requested() -> bool:
     """``HEADBENCH_CUDA_GRAPHS=1``: the staged engine's compute stage replays the model's forward as a CUDA graph
     (off by default until a GPU run shows it pays: benchmarks/gpu_run.py measures both)."""
-    value = os.environ.get("HEADBENCH_CUDA_GRAPHS", "0")
-    if value not in ("0", "1"):
-        raise FeaturizeError(f"HEADBENCH_CUDA_GRAPHS must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch("HEADBENCH_CUDA_GRAPHS", default=False)
 
 
 class _GraphedForward:
