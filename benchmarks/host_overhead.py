@@ -28,6 +28,12 @@ slowest of decode, forward and the host (``bound_ips``); one after the other it 
 ``ratio_to_bound`` is what a GPU of those speeds can expect from this host; ``steady_ips`` the rate from the
 first batch to the last.
 
+``resize_of_many_sizes`` is the decode stage's resizing of a batch of photographs that share no size (on
+CUDA they go to :meth:`PillowResample.padded`): run on PyTorch's meta device, which computes shapes only, it
+counts the device operations a batch issues (each a launch on a GPU; views not counted) and the host's time per
+batch outside them (Python, numpy, the weights' planning, and the counter's own cost per operation: an upper
+bound), for sizes new to the decoder and for sizes seen before.
+
 ``pillow_path`` is the other GPU path: ``--workers`` Pillow decode processes feeding the stages (the null
 model), on ``--pillow-images`` images, against its decode capacity (``--workers`` times one process's decode
 rate, as ``bench`` defines it).
@@ -45,6 +51,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -194,6 +201,59 @@ def pillow_path(source, backbone, count: int, batch_size: int, workers: int, tmp
             "first_batch_seconds": result["first_batch_s"]}
 
 
+class _DeviceOps(TorchDispatchMode):
+    """Counts the operations that reach a device (views aside) and the time spent inside them."""
+
+    VIEWS = {"view", "_unsafe_view", "slice", "select", "transpose", "t", "unsqueeze", "squeeze", "expand",
+             "permute", "alias", "as_strided", "unbind", "split", "detach", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.inside = 0, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        started = time.perf_counter()
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.inside += time.perf_counter() - started
+            self.ops += func.__name__.split(".")[0] not in self.VIEWS
+
+
+def resize_of_many_sizes(backbone, batch_size: int, seed: int = 0) -> dict:
+    """Device operations and host milliseconds per batch when every image of the batch has its own size (240 to
+    1 200 px a side), resized as the decode stage does on CUDA (``PillowResample.padded``), on the meta device:
+    sizes the decoder has seen, and the same batch to a decoder that has not."""
+    import numpy as np
+
+    from featurize.decode import PillowResample, _band_coefficients, tensor_steps
+
+    steps = tensor_steps(backbone)
+    if not steps or not isinstance(steps[0], PillowResample):
+        return {"skipped": f"{backbone.name}'s preprocessing is not one fused resize + crop"}
+    rng = np.random.default_rng(seed)
+    meta = torch.device("meta")
+    images = [(i, torch.empty(3, int(h), int(w), dtype=torch.uint8, device=meta))
+              for i, (w, h) in enumerate(rng.integers(240, 1201, size=(batch_size, 2)))]
+    warm = PillowResample(steps[0].fused)
+    list(warm.padded(images))  # the first call's one-off costs; and these sizes are now seen
+    out = {"batch_size": batch_size}
+    for label in ("seen_sizes", "new_sizes"):
+        counted, host = [], []
+        for _ in range(3):
+            resample = warm
+            if label == "new_sizes":  # the same batch to a decoder that has not seen its sizes
+                resample = PillowResample(steps[0].fused)
+                _band_coefficients.cache_clear()
+            with _DeviceOps() as ops:
+                started = time.perf_counter()
+                assert sum(len(positions) for positions, _ in resample.padded(images)) == batch_size
+                host.append(time.perf_counter() - started - ops.inside)
+            counted.append(ops.ops)
+        out[label] = {"device_ops_per_batch": max(counted), "host_ms_per_batch": min(host) * 1e3}
+    return out
+
+
 def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, model_calls: int = 200,
             device_ips: tuple[float, float] = H200, pillow_images: int = 2000) -> dict:
     source = open_source(folder)
@@ -252,6 +312,7 @@ def measure(folder: Path, batch_size: int, workers: int, model: str, tmp: Path, 
         calls[str(size)] = {k: round((counts[1][k] - counts[0][k]) / max(extra, 1), 2) for k in stages}
     out["torch_calls_per_batch"] = calls
     out["header_scan_us_per_image"] = header_scan_us(source)
+    out["resize_of_many_sizes"] = resize_of_many_sizes(backbone, batch_size)
     if pillow_images:
         out["pillow_path"] = pillow_path(source, backbone, min(n, pillow_images), batch_size, workers, tmp)
     out["machine"] = machine()

@@ -70,36 +70,38 @@ def tensor_steps(backbone: "Backbone") -> list[Callable] | None:
     return steps
 
 
-# Pillow's resampling filters (support, kernel), as its Resample.c defines them.
-def _box(x):
-    return ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+# Pillow's resampling filters (support, kernel), as its Resample.c defines them. A kernel takes numpy arrays
+# (the host's weights, in the CPU path's exact float64 operations) or, with xp=torch, tensors (a whole batch's
+# weights computed on its device: :func:`_window_weights`).
+def _box(x, xp=np):
+    return xp.where((x > -0.5) & (x <= 0.5), 1.0, 0.0)
 
 
-def _triangle(x):
-    return np.clip(1.0 - np.abs(x), 0.0, None)
+def _triangle(x, xp=np):
+    return xp.clip(1.0 - xp.abs(x), 0.0, None)
 
 
-def _hamming(x):
-    x = np.abs(x)
+def _hamming(x, xp=np):
+    x = xp.abs(x)
     with np.errstate(invalid="ignore", divide="ignore"):
         px = x * np.pi
-        value = np.sin(px) / px * (0.54 + 0.46 * np.cos(px))
-    return np.where(x == 0, 1.0, np.where(x >= 1.0, 0.0, value))
+        value = xp.sin(px) / px * (0.54 + 0.46 * xp.cos(px))
+    return xp.where(x == 0, 1.0, xp.where(x >= 1.0, 0.0, value))
 
 
-def _bicubic(x, a=-0.5):
-    x = np.abs(x)
-    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
-                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+def _bicubic(x, xp=np, a=-0.5):
+    x = xp.abs(x)
+    return xp.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
+                    xp.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
 
 
-def _sinc(x):
+def _sinc(x, xp=np):
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(x == 0, 1.0, np.sin(np.pi * x) / (np.pi * x))
+        return xp.where(x == 0, 1.0, xp.sin(np.pi * x) / (np.pi * x))
 
 
-def _lanczos(x):
-    return np.where((x >= -3.0) & (x < 3.0), _sinc(x) * _sinc(x / 3.0), 0.0)
+def _lanczos(x, xp=np):
+    return xp.where((x >= -3.0) & (x < 3.0), _sinc(x, xp) * _sinc(x / 3.0, xp), 0.0)
 
 
 _FILTERS = {Image.Resampling.BOX: (0.5, _box), Image.Resampling.BILINEAR: (1.0, _triangle),
@@ -153,6 +155,56 @@ def _coefficients(in_size: int, start: float, stop: float, out_size: int, resamp
     weights = np.zeros((out_size, in_size))
     weights[:, first : first + band.shape[1]] = band
     return weights
+
+
+def _bands(in_sizes: np.ndarray, starts: np.ndarray, stops: np.ndarray, out_size: int,
+           resample: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """For n axes at once (numpy, on the host): the band of input pixels their weights reach, first and stop
+    ([n] int64 each), and a bound on the taps of any output pixel's window. The same float operations as
+    :func:`_window_weights` on the first and last output pixel, so the band is where the device puts the
+    weights; it may keep a column whose weights all round to 0, which :func:`_band_coefficients` trims."""
+    support = _FILTERS[resample][0]
+    scale = (stops.astype(np.float32) - starts.astype(np.float32)).astype(np.float64) / out_size
+    support = support * np.maximum(scale, 1.0)
+    first = np.maximum(np.trunc(starts + 0.5 * scale - support + 0.5), 0).astype(np.int64)
+    stop = np.minimum(np.trunc(starts + (out_size - 0.5) * scale + support + 0.5), in_sizes).astype(np.int64)
+    return first, stop, int(2 * support.max(initial=0.0)) + 2
+
+
+def _window_weights(axes: torch.Tensor, out_size: int, resample: int, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's quantised weights for n axes at once, computed where `axes` lives (a GPU: a batch of images of
+    many sizes costs a few dozen launches and no host work per size). `axes`: float64 [n, 4], each row an
+    axis's input length, its box start and stop (float32 values, as Pillow passes them) and the first pixel of
+    its band (:func:`_bands`); `taps` bounds any window. Returns each output pixel's window: weights (float64
+    [n, out_size, taps], zeros past the window's end) and their pixels' places in the band (int64, same shape).
+
+    The float64 operations of :func:`_band_coefficients` in the same order, so on a CPU the same values; on a
+    GPU the window sums (a parallel scan) and sin/cos may differ in the last bit, which can move a weight by one
+    step of the 22-bit fixed point, far below the rounding of the float32 products that use it."""
+    support, kernel = _FILTERS[resample]
+    in_size, start, stop, first = axes.unbind(1)
+    scale = ((stop.float() - start.float()).double() / out_size)[:, None]
+    filterscale = scale.clamp(min=1.0)
+    support = support * filterscale
+    ss = (1.0 / filterscale)[..., None]
+    center = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=axes.device) + 0.5) * scale
+    lo = torch.trunc(center - support + 0.5).clamp_(min=0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), in_size[:, None])
+    index = lo[..., None] + torch.arange(taps, dtype=torch.float64, device=axes.device)
+    w = torch.where(index < hi[..., None], kernel((index - center[..., None] + 0.5) * ss, torch), 0.0).double()
+    total = torch.cumsum(w, -1)[..., -1:]
+    w = torch.where(total != 0.0, w / total, w)
+    one = float(1 << _PRECISION_BITS)
+    w = torch.where(w < 0, torch.trunc(-0.5 + w * one), torch.trunc(0.5 + w * one)) / one
+    return w, (index - first[:, None, None]).long()
+
+
+def _in_band(windows: tuple[torch.Tensor, torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Windows of :func:`_window_weights` (or a slice of them) as weights over a band `width` pixels wide:
+    [n, out_size, width], zeros outside each output pixel's window."""
+    w, index = windows
+    dense = torch.zeros(*w.shape[:2], width + w.shape[2], dtype=dtype, device=w.device)
+    return dense.scatter_(2, index, w.to(dtype))[..., :width]
 
 
 def _horizontal_first(w: int, h: int, out_w: int, out_h: int) -> bool:
@@ -236,49 +288,67 @@ class PillowResample:
     def padded(self, images: list[tuple[int, torch.Tensor]], budget: int = 1 << 27):
         """Yield (positions, uint8 [k, 3, h, w]) for images of different sizes -- (position, uint8 [3, H, W])
         pairs on one device -- resized together: each image's band of pixels in a zero-padded canvas, its
-        weights padded with zeros, two batched products. A few calls per image instead of a dozen (on a GPU each
-        is a launch from one thread); the same sums, so the same bytes on a CPU (float64 holds them exactly),
-        and on a GPU what each image alone gives within float32 rounding. Canvases are at most `budget`
-        elements (images sorted by size, so each canvas wastes little); images whose crop needs padding are
-        resized alone."""
+        weights computed for the whole canvas at once on the device (:func:`_window_weights`), two batched
+        products. So a batch of photographs of many sizes costs one copy per image and a few dozen launches
+        in all, and no host work per new size; the same sums, so the same bytes on a CPU (float64 holds them
+        exactly), and on a GPU what each image alone gives within float32 rounding. Canvases are at most
+        `budget` elements (images sorted by size, so each canvas wastes little); images whose crop needs
+        padding are resized alone."""
         if not images:
             return
         device = images[0][1].device
         dtype = torch.float64 if device.type == "cpu" else torch.float32
-        out_w, out_h = self.fused.crop_w, self.fused.crop_h
-        planned = {True: [], False: []}  # Pillow's order of the passes: horizontal first or not
+        out_w, out_h, resample = self.fused.crop_w, self.fused.crop_h, int(self.fused.resample)
+        kept, boxes = [], []
         for position, image in images:
-            plan = self._plan(int(image.shape[-1]), int(image.shape[-2]), device, dtype)
-            if plan is None:
+            h, w = int(image.shape[-2]), int(image.shape[-1])
+            box = self.fused.box(w, h)
+            if box is None:
                 yield [position], self(image[None])
             else:
-                planned[plan[4]].append((position, image, plan))
-        for horizontal_first, group in planned.items():
-            group.sort(key=lambda item: item[2][1].shape[1] * item[2][0].shape[0], reverse=True)
-            start = 0
-            while start < len(group):  # the next canvas: as many images as fit in the budget, at least one
-                height = width = 0
-                stop = start
-                while stop < len(group):
-                    wx, wy = group[stop][2][:2]
-                    h, w = max(height, wy.shape[1]), max(width, wx.shape[0])
-                    if stop > start and (stop - start + 1) * 3 * h * w > budget:
-                        break
-                    height, width, stop = h, w, stop + 1
-                chunk = group[start:stop]
-                start = stop
-                canvas = torch.zeros(len(chunk), 3, height, width, dtype=dtype, device=device)
-                wxs = torch.zeros(len(chunk), 1, width, out_w, dtype=dtype, device=device)
-                wys = torch.zeros(len(chunk), 1, out_h, height, dtype=dtype, device=device)
-                for j, (_, image, (wx, wy, columns, rows, _)) in enumerate(chunk):
-                    canvas[j, :, : wy.shape[1], : wx.shape[0]].copy_(image[:, rows, columns])
-                    wxs[j, 0, : wx.shape[0]].copy_(wx)
-                    wys[j, 0, :, : wy.shape[1]].copy_(wy)
-                if horizontal_first:
-                    x = wys @ torch.floor(canvas @ wxs + 0.5).clamp_(0, 255)
-                else:
-                    x = torch.floor(wys @ canvas + 0.5).clamp_(0, 255) @ wxs
-                yield [position for position, _, _ in chunk], torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
+                kept.append((position, image))
+                boxes.append((w, h, *box))
+        if not kept:
+            return
+        axes = np.array(boxes, dtype=np.float64)
+        axes[:, 2:] = axes[:, 2:].astype(np.float32)  # Pillow passes the box to C as single-precision floats
+        x0, x1, taps_x = _bands(axes[:, 0], axes[:, 2], axes[:, 4], out_w, resample)
+        y0, y1, taps_y = _bands(axes[:, 1], axes[:, 3], axes[:, 5], out_h, resample)
+        widths, heights = x1 - x0, y1 - y0
+        first = [_horizontal_first(int(w), int(h), out_w, out_h) for w, h in axes[:, :2]]
+        # images in canvas order (Pillow's order of the passes, then largest first, so each canvas wastes
+        # little); the weights of all of them from one copy to the device, so a canvas takes a slice
+        order = sorted(range(len(kept)), key=lambda j: (not first[j], -int(heights[j] * widths[j])))
+        rows = np.stack([axes[:, 0], axes[:, 2], axes[:, 4], x0, axes[:, 1], axes[:, 3], axes[:, 5], y0], axis=1)
+        on_device = _on_device(rows[order], device, torch.float64)
+        if out_w == out_h:  # a square crop: both axes' windows in one go
+            n, taps = len(order), max(taps_x, taps_y)
+            both = _window_weights(torch.cat([on_device[:, :4], on_device[:, 4:]]), out_w, resample, taps)
+            windows_x, windows_y = (both[0][:n], both[1][:n]), (both[0][n:], both[1][n:])
+        else:
+            windows_x = _window_weights(on_device[:, :4], out_w, resample, taps_x)
+            windows_y = _window_weights(on_device[:, 4:], out_h, resample, taps_y)
+        start = 0
+        while start < len(order):  # the next canvas: as many images as fit in the budget, at least one
+            height = width = 0
+            stop = start
+            while stop < len(order) and first[order[stop]] == first[order[start]]:
+                h, w = max(height, int(heights[order[stop]])), max(width, int(widths[order[stop]]))
+                if stop > start and (stop - start + 1) * 3 * h * w > budget:
+                    break
+                height, width, stop = h, w, stop + 1
+            chunk = order[start:stop]
+            wxs = _in_band((windows_x[0][start:stop], windows_x[1][start:stop]), width, dtype).transpose(1, 2)[:, None]
+            wys = _in_band((windows_y[0][start:stop], windows_y[1][start:stop]), height, dtype)[:, None]
+            start = stop
+            canvas = torch.zeros(len(chunk), 3, height, width, dtype=dtype, device=device)
+            for k, j in enumerate(chunk):
+                canvas[k, :, : heights[j], : widths[j]].copy_(kept[j][1][:, y0[j] : y1[j], x0[j] : x1[j]])
+            if first[chunk[0]]:
+                x = wys @ torch.floor(canvas @ wxs + 0.5).clamp_(0, 255)
+            else:
+                x = torch.floor(wys @ canvas + 0.5).clamp_(0, 255) @ wxs
+            yield [kept[j][0] for j in chunk], torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.fused!r})"
@@ -401,9 +471,9 @@ def resize_images(images: list[tuple[int, torch.Tensor]], steps: list[Callable],
     """Like :func:`transform_by_size`, for a GPU decoder's batch: sizes shared by at least `group_size` images
     are resized a group at a time; with the engine's fused resize + crop (one :class:`PillowResample`) the rest,
     images of sizes few others share, are resized together on padded canvases (:meth:`PillowResample.padded`),
-    so that a batch of photographs of many sizes costs a few launches per image, not a dozen. `padded` (default:
-    on CUDA) -- on a CPU a call launches nothing, and the padding would only add work and memory, so there
-    every size is its own group."""
+    so that a batch of photographs of many sizes costs one copy per image and a few dozen launches in all, however
+    many of its sizes are new. `padded` (default: on CUDA) -- on a CPU a call launches nothing, and the padding
+    would only add work and memory, so there every size is its own group."""
     if padded is None:
         padded = bool(images) and images[0][1].device.type == "cuda"
     if not padded or len(steps) != 1 or not isinstance(steps[0], PillowResample):

@@ -141,8 +141,9 @@ def test_pillow_resample_on_tensors_gives_pillows_bytes(interpolation):
         np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), expected)
 
 
-@pytest.mark.parametrize("budget", [1 << 27, 3 * 300 * 460])  # one canvas per order of passes; one image each
-def test_images_of_many_sizes_resized_together_give_each_ones_bytes(budget):
+# one canvas per order of passes, or one image each; a square crop (both axes' weights in one go) or not
+@pytest.mark.parametrize("budget,crop", [(1 << 27, (56, 56)), (3 * 300 * 460, (56, 56)), (1 << 27, (48, 56))])
+def test_images_of_many_sizes_resized_together_give_each_ones_bytes(budget, crop):
     """The padded path (every size different) gives, image by image, what resizing each alone gives: landscape,
     portrait (Pillow 13 resamples those vertically first), upscaled, slivers; in one canvas or one each."""
     from torchvision import transforms as T
@@ -151,13 +152,13 @@ def test_images_of_many_sizes_resized_together_give_each_ones_bytes(budget):
     from featurize.decode import PillowResample, resize_images
 
     resample = PillowResample(ResizeCenterCrop(T.Resize(64, interpolation=T.InterpolationMode.BICUBIC),
-                                               T.CenterCrop(56)))
+                                               T.CenterCrop(crop)))
     crops = [photo("chelsea"), photo("coffee")[:390, :200], photo("astronaut")[:90, :140], photo("coffee")[:40, :400],
              photo("rocket")[:300, :451], photo("chelsea")[:250, :250], photo("astronaut")[:201, :303]]
     images = [(10 + i, torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for i, a in enumerate(crops)]
     seen = {}
     for positions, out in resample.padded(images, budget=budget):
-        assert out.dtype == torch.uint8 and out.shape[1:] == (3, 56, 56)
+        assert out.dtype == torch.uint8 and out.shape[1:] == (3, *crop)
         seen.update(zip(positions, out))
     assert sorted(seen) == [10 + i for i in range(len(crops))]
     for position, image in images:
@@ -209,6 +210,33 @@ def test_resampling_weights_equal_pillows_pixel_by_pixel_loop():
             expected = _one_pixel_at_a_time(in_size, start, stop, out_size, int(resample))
             np.testing.assert_array_equal(_coefficients(in_size, start, stop, out_size, int(resample)), expected,
                                           err_msg=f"{resample!r} {in_size} [{start}, {stop}) -> {out_size}")
+
+
+def test_weights_computed_for_many_sizes_at_once_equal_pillows():
+    """The padded path's weights, computed in one go for many axes where the images are (here a CPU), equal
+    the host's per-size weights (the reference above) for every filter, placed in each axis's band."""
+    from featurize.decode import _FILTERS, _bands, _coefficients, _in_band, _window_weights
+
+    rng = np.random.default_rng(1)
+    cases = [(500, 0.0, 500.0), (375, 15.5, 359.5), (28, 0.0, 28.0), (7, 1.25, 6.5), (4000, 0.0, 4000.0),
+             (1, 0.0, 1.0), (224, 0.0, 224.0)]
+    for _ in range(25):
+        size = int(rng.integers(2, 900))
+        a, b = sorted(rng.uniform(0, size, 2))
+        cases.append((size, float(np.float32(a)), float(np.float32(max(b, a + 0.5)))))
+    in_sizes, starts, stops = (np.array(column, dtype=np.float64) for column in zip(*cases))
+    for resample in _FILTERS:
+        for out_size in (13, 224):
+            first, stop, taps = _bands(in_sizes, starts, stops, out_size, int(resample))
+            width = int((stop - first).max())
+            axes = torch.from_numpy(np.stack([in_sizes, starts, stops, first], axis=1))
+            got = _in_band(_window_weights(axes, out_size, int(resample), taps), width, torch.float64).numpy()
+            for j, (in_size, start, end) in enumerate(cases):
+                expected = _coefficients(in_size, start, end, out_size, int(resample))
+                assert not expected[:, : first[j]].any() and not expected[:, stop[j]:].any()  # all in the band
+                np.testing.assert_array_equal(got[j, :, : stop[j] - first[j]], expected[:, first[j] : stop[j]],
+                                              err_msg=f"{resample!r} {in_size} [{start}, {end}) -> {out_size}")
+                assert not got[j, :, stop[j] - first[j] :].any()
 
 
 def test_pillow_resample_keeps_the_weights_of_recent_sizes():

@@ -321,6 +321,8 @@ def test_host_overhead_harness_counts_what_it_should(tmp_path):
     simulated = result["simulated_device"]  # the stubs sleep: never faster than the simulated forward
     assert simulated["bound_ips"] <= 1000.0 and simulated["serial_ips"] < simulated["bound_ips"]
     assert 0 < simulated["images_per_second"] <= 1000.0
+    sizes = result["resize_of_many_sizes"]  # a batch of new sizes costs the device no more launches than seen ones
+    assert sizes["new_sizes"]["device_ops_per_batch"] == sizes["seen_sizes"]["device_ops_per_batch"] > 8
     pillow = result["pillow_path"]  # decode processes against their capacity
     assert pillow["images"] == 120 and pillow["workers"] == 2 and pillow["decode_capacity_ips"] > 0
     assert pillow["ratio_to_capacity"] > 0
