@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from .sources import Source
 
 __all__ = ["DECODE_CHOICES", "resolve_decode", "tensor_steps", "PillowResample", "device_takes", "orient",
-           "decode_jpegs", "transform_by_size", "resize_images", "Prepared", "TensorDecoder", "draft_size", "DecodeDataset", "collate_decoded"]
+           "decode_jpegs", "transform_by_size", "resize_images", "host_to_device", "Prepared", "TensorDecoder",
+           "draft_size", "DecodeDataset", "collate_decoded"]
 
 DECODE_CHOICES = ("auto", "cpu", "gpu", "tensor")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -218,7 +219,7 @@ def _horizontal_first(w: int, h: int, out_w: int, out_h: int) -> bool:
 _PILLOW_MAJOR = int(Image.__version__.split(".")[0])
 
 
-def _on_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def host_to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A host array as a tensor on `device`; to CUDA through pinned memory and without waiting (the pinned copy
     is freed only once the stream has read it: torch's pinned-memory allocator records the copy)."""
     tensor = torch.from_numpy(array).to(dtype)
@@ -261,7 +262,7 @@ class PillowResample:
             wx, x0 = _band_coefficients(w, box[0], box[2], out_w, resample)
             wy, y0 = _band_coefficients(h, box[1], box[3], out_h, resample)
             columns, rows = slice(x0, x0 + wx.shape[1]), slice(y0, y0 + wy.shape[1])
-            wx, wy = _on_device(wx, device, dtype).T, _on_device(wy, device, dtype)  # wx: [band, out_w]
+            wx, wy = host_to_device(wx, device, dtype).T, host_to_device(wy, device, dtype)  # wx: [band, out_w]
             plan = (wx, wy, columns, rows, _horizontal_first(w, h, out_w, out_h))
         with self._lock:
             self._plans[key] = plan
@@ -315,12 +316,12 @@ class PillowResample:
         x0, x1, taps_x = _bands(axes[:, 0], axes[:, 2], axes[:, 4], out_w, resample)
         y0, y1, taps_y = _bands(axes[:, 1], axes[:, 3], axes[:, 5], out_h, resample)
         widths, heights = x1 - x0, y1 - y0
-        first = [_horizontal_first(int(w), int(h), out_w, out_h) for w, h in axes[:, :2]]
+        horizontal = [_horizontal_first(int(w), int(h), out_w, out_h) for w, h in axes[:, :2]]
         # images in canvas order (Pillow's order of the passes, then largest first, so each canvas wastes
         # little); the weights of all of them from one copy to the device, so a canvas takes a slice
-        order = sorted(range(len(kept)), key=lambda j: (not first[j], -int(heights[j] * widths[j])))
-        rows = np.stack([axes[:, 0], axes[:, 2], axes[:, 4], x0, axes[:, 1], axes[:, 3], axes[:, 5], y0], axis=1)
-        on_device = _on_device(rows[order], device, torch.float64)
+        order = sorted(range(len(kept)), key=lambda j: (not horizontal[j], -int(heights[j] * widths[j])))
+        packed = np.stack([axes[:, 0], axes[:, 2], axes[:, 4], x0, axes[:, 1], axes[:, 3], axes[:, 5], y0], axis=1)
+        on_device = host_to_device(packed[order], device, torch.float64)
         if out_w == out_h:  # a square crop: both axes' windows in one go
             n, taps = len(order), max(taps_x, taps_y)
             both = _window_weights(torch.cat([on_device[:, :4], on_device[:, 4:]]), out_w, resample, taps)
@@ -332,7 +333,7 @@ class PillowResample:
         while start < len(order):  # the next canvas: as many images as fit in the budget, at least one
             height = width = 0
             stop = start
-            while stop < len(order) and first[order[stop]] == first[order[start]]:
+            while stop < len(order) and horizontal[order[stop]] == horizontal[order[start]]:
                 h, w = max(height, int(heights[order[stop]])), max(width, int(widths[order[stop]]))
                 if stop > start and (stop - start + 1) * 3 * h * w > budget:
                     break
@@ -344,7 +345,7 @@ class PillowResample:
             canvas = torch.zeros(len(chunk), 3, height, width, dtype=dtype, device=device)
             for k, j in enumerate(chunk):
                 canvas[k, :, : heights[j], : widths[j]].copy_(kept[j][1][:, y0[j] : y1[j], x0[j] : x1[j]])
-            if first[chunk[0]]:
+            if horizontal[chunk[0]]:
                 x = wys @ torch.floor(canvas @ wxs + 0.5).clamp_(0, 255)
             else:
                 x = torch.floor(wys @ canvas + 0.5).clamp_(0, 255) @ wxs

@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequen
 import numpy as np
 import torch
 
-from .decode import (DecodeDataset, _on_device, collate_decoded, decode_jpegs, device_takes, orient, resize_images,
-                     tensor_steps)
+from .decode import (DecodeDataset, collate_decoded, decode_jpegs, device_takes, host_to_device, orient,
+                     resize_images, tensor_steps)
 from .device import autocast, env_switch, prepare_model
 from .errors import FeaturizeError, error_text
 from .jpeg import JpegHeader, is_complete, scan_jpeg
@@ -720,7 +720,7 @@ def iter_staged(
             first, last, _ = runs[0]
             slot[first:last].copy_(x)
         elif runs:  # rows scattered over the slot (a canvas of images of many sizes): one indexed copy, not one each
-            slot.index_copy_(0, _on_device(positions, device, torch.int64), x)
+            slot.index_copy_(0, host_to_device(positions, device, torch.int64), x)
 
     def decode_one(batch: ReadBatch):
         slot = slots.take()
