@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurize.backbones import create_backbone  # noqa: E402
 from featurize.decode import device_takes  # noqa: E402
+from featurize.engine import steady_rate  # noqa: E402
 from featurize.jpeg import is_complete, scan_jpeg  # noqa: E402
 from featurize.sources import open_source  # noqa: E402
 from featurize.stages import EngineProbe, iter_staged  # noqa: E402
@@ -167,10 +168,8 @@ def run(source, backbone, rows, batch_size: int, workers: int, out: Path, probe:
     else:
         writer.abandon()  # the counted runs do part of the rows: their partial store is left in the temp folder
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    after_first = len(rows) - min(batch_size, len(rows))  # the rows from the first batch of features to the last
-    filled = stamps["last_batch"] - stamps["first_batch"]
     return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "failed_rows": writer.num_failed,
-            "steady_ips": after_first / filled if after_first and filled > 0 else None,
+            "steady_ips": steady_rate(stamps, len(rows) - min(batch_size, len(rows))),
             "first_batch_s": stamps["first_batch"] - stamps["model_ready"]}
 
 

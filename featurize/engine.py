@@ -63,6 +63,7 @@ __all__ = [
     "DecodeDataset",
     "collate_decoded",
     "iter_features",
+    "steady_rate",
     "use_staged",
 ]
 
@@ -249,3 +250,12 @@ def iter_features(
             loader._shutdown_workers()  # now, not whenever the iterator is collected
         stamps["closed"] = time.perf_counter()
 
+
+def steady_rate(stamps: dict[str, float], rows_after_first: int) -> float | None:
+    """Rows per second once the stages are full: the rows after the first batch of features over the time from
+    that batch to the last (``first_batch`` and ``last_batch`` of :func:`iter_features`'s `timings`); None for
+    a run of one batch."""
+    if "first_batch" not in stamps or rows_after_first <= 0:
+        return None
+    filled = stamps["last_batch"] - stamps["first_batch"]
+    return rows_after_first / filled if filled > 0 else None

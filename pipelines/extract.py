@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from featurize.backbones import PIXELS, check_model_name, create_backbone, input_side
 from featurize.decode import resolve_decode
 from featurize.errors import FeaturizeError
-from featurize.engine import default_batch_size, default_workers, iter_features, resolve_device, use_staged
+from featurize.engine import (default_batch_size, default_workers, iter_features, resolve_device, steady_rate,
+                              use_staged)
 from featurize.runtime import resolve_runtime
 from featurize.sources import median_image_side, open_source
 from featurize.stages import jpeg_decoder_name
@@ -327,9 +328,6 @@ def extract_features(
     )
     computed_rows = sum(len(rows) for rows in pending)
     finished = time.perf_counter()
-    steady = None
-    if "first_batch" in stamps and stamps["last_batch"] > stamps["first_batch"] and computed_rows > first_rows:
-        steady = (computed_rows - first_rows) / (stamps["last_batch"] - stamps["first_batch"])
     return ExtractResult(
         path=path,
         num_rows=len(src),
@@ -343,7 +341,7 @@ def extract_features(
         decoder=computed["decoder"],
         startup_seconds=stamps["model_ready"] - called if "model_ready" in stamps else None,
         first_batch_seconds=stamps["first_batch"] - stamps["model_ready"] if "first_batch" in stamps else None,
-        steady_images_per_second=steady,
+        steady_images_per_second=steady_rate(stamps, computed_rows - first_rows),
         shutdown_seconds=finished - stamps["last_batch"],
         representation=chosen,
     )
