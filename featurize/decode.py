@@ -25,7 +25,6 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -111,59 +110,12 @@ _FILTERS = {Image.Resampling.BOX: (0.5, _box), Image.Resampling.BILINEAR: (1.0, 
 _PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2
 
 
-@lru_cache(maxsize=512)
-def _band_coefficients(in_size: int, start: float, stop: float, out_size: int,
-                       resample: int) -> tuple[np.ndarray, int]:
-    """The weights Pillow's resample gives the input pixels of [start, stop) for each output pixel, quantised to
-    its 8-bit fixed point (``precompute_coeffs`` + ``normalize_coeffs_8bpc``), over the band of input pixels
-    that any of them reaches: ([out_size, band] float64, the band's first input pixel).
-
-    Every output pixel at once (a new image size costs a fraction of a millisecond, which a decode stage fed
-    photographs of many sizes needs), with the same float operations in the same order as Pillow's C loop:
-    each pixel's window, its kernel values, their sum left to right (a running sum: trailing zeros leave it
-    as it is), the division and the rounding to fixed point."""
-    support, kernel = _FILTERS[resample]
-    scale = float(np.float32(stop) - np.float32(start)) / out_size  # Pillow: (double)(in1 - in0), floats
-    filterscale = max(scale, 1.0)
-    support *= filterscale
-    ss = 1.0 / filterscale
-    center = start + (np.arange(out_size) + 0.5) * scale
-    lo = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # C's (int) truncates toward zero
-    hi = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
-    taps = np.arange(max(int((hi - lo).max(initial=0)), 0))
-    index = lo[:, None] + taps[None, :]
-    w = np.where(index < hi[:, None], kernel((index - center[:, None] + 0.5) * ss), 0.0)
-    total = np.cumsum(w, axis=1)[:, -1] if w.shape[1] else np.zeros(out_size)
-    w = np.divide(w, total[:, None], out=w, where=total[:, None] != 0.0)
-    one = float(1 << _PRECISION_BITS)
-    w = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)) / one
-    first = int(lo.min(initial=0))
-    width = max(int(hi.max(initial=0)) - first, 0)
-    # each output pixel's window is a run of columns: written whole, zeros past its end, into rows wide enough
-    # that no run reaches the next row (no mask, no collisions), then cut to the band
-    padded = np.zeros((out_size, width + len(taps)))
-    padded.ravel()[(np.arange(out_size)[:, None] * padded.shape[1] + (lo - first)[:, None] + taps).ravel()] = w.ravel()
-    weights = padded[:, :width]
-    used = np.flatnonzero(weights.any(0))  # columns whose weights all rounded to 0 are left out
-    if not len(used):
-        return weights[:, :0], 0
-    return weights[:, used[0] : used[-1] + 1], first + int(used[0])
-
-
-def _coefficients(in_size: int, start: float, stop: float, out_size: int, resample: int) -> np.ndarray:
-    """The same weights over every input pixel: [out_size, in_size]."""
-    band, first = _band_coefficients(in_size, start, stop, out_size, resample)
-    weights = np.zeros((out_size, in_size))
-    weights[:, first : first + band.shape[1]] = band
-    return weights
-
-
 def _bands(in_sizes: np.ndarray, starts: np.ndarray, stops: np.ndarray, out_size: int,
            resample: int) -> tuple[np.ndarray, np.ndarray, int]:
     """For n axes at once (numpy, on the host): the band of input pixels their weights reach, first and stop
     ([n] int64 each), and a bound on the taps of any output pixel's window. The same float operations as
-    :func:`_window_weights` on the first and last output pixel, so the band is where the device puts the
-    weights; it may keep a column whose weights all round to 0, which :func:`_band_coefficients` trims."""
+    :func:`_window_weights` on the first and last output pixel, so the band is where it puts the weights (it
+    may keep a column whose weights all round to 0)."""
     support = _FILTERS[resample][0]
     scale = (stops.astype(np.float32) - starts.astype(np.float32)).astype(np.float64) / out_size
     support = support * np.maximum(scale, 1.0)
@@ -173,23 +125,27 @@ def _bands(in_sizes: np.ndarray, starts: np.ndarray, stops: np.ndarray, out_size
 
 
 def _window_weights(axes: torch.Tensor, out_size: int, resample: int, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pillow's quantised weights for n axes at once, computed where `axes` lives (a GPU: a batch of images of
-    many sizes costs a few dozen launches and no host work per size). `axes`: float64 [n, 4], each row an
-    axis's input length, its box start and stop (float32 values, as Pillow passes them) and the first pixel of
-    its band (:func:`_bands`); `taps` bounds any window. Returns each output pixel's window: weights (float64
-    [n, out_size, taps], zeros past the window's end) and their pixels' places in the band (int64, same shape).
+    """The weights Pillow's resample gives the input pixels of each axis's box for each output pixel, quantised to
+    its 8-bit fixed point (``precompute_coeffs`` + ``normalize_coeffs_8bpc``), for n axes at once and computed
+    where `axes` lives (a GPU: a batch of images of many sizes costs a few dozen launches and no host work per
+    size). `axes`: float64 [n, 4], each row an axis's input length, its box start and stop (float32 values, as
+    Pillow passes them) and the first pixel of its band (:func:`_bands`); `taps` bounds any window. Returns
+    each output pixel's window: weights (float64 [n, out_size, taps], zeros past the window's end) and their
+    pixels' places in the band (int64, same shape).
 
-    The float64 operations of :func:`_band_coefficients` in the same order, so on a CPU the same values; on a
-    GPU the window sums (a parallel scan) and sin/cos may differ in the last bit, which can move a weight by one
-    step of the 22-bit fixed point, far below the rounding of the float32 products that use it."""
+    The same float operations in the same order as Pillow's C loop: each pixel's window, its kernel values,
+    their sum left to right (a running sum: trailing zeros leave it as it is), the division and the rounding to
+    fixed point; so on a CPU the same values. On a GPU the window sums (a parallel scan) and sin/cos may differ
+    in the last bit, which can move a weight by one step of the 22-bit fixed point, far below the rounding of
+    the float32 products that use it."""
     support, kernel = _FILTERS[resample]
     in_size, start, stop, first = axes.unbind(1)
-    scale = ((stop.float() - start.float()).double() / out_size)[:, None]
+    scale = ((stop.float() - start.float()).double() / out_size)[:, None]  # Pillow: (double)(in1 - in0), floats
     filterscale = scale.clamp(min=1.0)
     support = support * filterscale
     ss = (1.0 / filterscale)[..., None]
     center = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=axes.device) + 0.5) * scale
-    lo = torch.trunc(center - support + 0.5).clamp_(min=0)
+    lo = torch.trunc(center - support + 0.5).clamp_(min=0)  # C's (int) truncates toward zero
     hi = torch.minimum(torch.trunc(center + support + 0.5), in_size[:, None])
     index = lo[..., None] + torch.arange(taps, dtype=torch.float64, device=axes.device)
     w = torch.where(index < hi[..., None], kernel((index - center[..., None] + 0.5) * ss, torch), 0.0).double()
@@ -206,6 +162,31 @@ def _in_band(windows: tuple[torch.Tensor, torch.Tensor], width: int, dtype: torc
     w, index = windows
     dense = torch.zeros(*w.shape[:2], width + w.shape[2], dtype=dtype, device=w.device)
     return dense.scatter_(2, index, w.to(dtype))[..., :width]
+
+
+def _resample_axes(boxes: list[tuple], out_w: int, out_h: int, resample: int):
+    """The host's part of resampling images of given sizes: `boxes` holds (w, h, left, top, right, bottom) per
+    image. Returns the rows (float64 [n, 8]: each axis's length, box as Pillow's single-precision floats and
+    band start; see :func:`_window_weights`) and the bands, x0, x1, y0, y1 ([n] int64) and taps_x, taps_y."""
+    axes = np.array(boxes, dtype=np.float64)
+    axes[:, 2:] = axes[:, 2:].astype(np.float32)  # Pillow passes the box to C as single-precision floats
+    x0, x1, taps_x = _bands(axes[:, 0], axes[:, 2], axes[:, 4], out_w, resample)
+    y0, y1, taps_y = _bands(axes[:, 1], axes[:, 3], axes[:, 5], out_h, resample)
+    rows = np.stack([axes[:, 0], axes[:, 2], axes[:, 4], x0, axes[:, 1], axes[:, 3], axes[:, 5], y0], axis=1)
+    return rows, (x0, x1, y0, y1), (taps_x, taps_y)
+
+
+def _device_windows(rows: np.ndarray, taps: tuple[int, int], out_w: int, out_h: int, resample: int,
+                    device: torch.device):
+    """:func:`_window_weights` of both axes of the images of `rows` (:func:`_resample_axes`), from one copy to
+    `device`; both axes in one call for a square crop. Returns (windows_x, windows_y)."""
+    on_device = host_to_device(rows, device, torch.float64)
+    if out_w == out_h:
+        n = len(rows)
+        both = _window_weights(torch.cat([on_device[:, :4], on_device[:, 4:]]), out_w, resample, max(taps))
+        return (both[0][:n], both[1][:n]), (both[0][n:], both[1][n:])
+    return (_window_weights(on_device[:, :4], out_w, resample, taps[0]),
+            _window_weights(on_device[:, 4:], out_h, resample, taps[1]))
 
 
 def _horizontal_first(w: int, h: int, out_w: int, out_h: int) -> bool:
@@ -237,8 +218,8 @@ class PillowResample:
 
     Works on uint8 [3, H, W] or [N, 3, H, W] (images of one size). The weights of the last `cache_size` input
     sizes stay on the device: a batch of a size seen before copies nothing from the host, and a new size's
-    weights go through pinned memory without waiting (a copy from pageable memory would make the host wait
-    for everything queued on the stream, once per pass and size)."""
+    weights are computed there (:func:`_window_weights`) from its box, copied through pinned memory without
+    waiting (a copy from pageable memory would make the host wait for everything queued on the stream)."""
 
     def __init__(self, fused, cache_size: int = 128):
         self.fused = fused  # a ResizeCenterCrop: its region and output size, its filter
@@ -256,13 +237,12 @@ class PillowResample:
         box = self.fused.box(w, h)
         plan = None
         if box is not None:
-            box = [float(np.float32(v)) for v in box]  # Pillow passes the box to C as single-precision floats
-            resample = int(self.fused.resample)
-            out_w, out_h = self.fused.crop_w, self.fused.crop_h
-            wx, x0 = _band_coefficients(w, box[0], box[2], out_w, resample)
-            wy, y0 = _band_coefficients(h, box[1], box[3], out_h, resample)
-            columns, rows = slice(x0, x0 + wx.shape[1]), slice(y0, y0 + wy.shape[1])
-            wx, wy = host_to_device(wx, device, dtype).T, host_to_device(wy, device, dtype)  # wx: [band, out_w]
+            resample, out_w, out_h = int(self.fused.resample), self.fused.crop_w, self.fused.crop_h
+            rows, (x0, x1, y0, y1), taps = _resample_axes([(w, h, *box)], out_w, out_h, resample)
+            windows_x, windows_y = _device_windows(rows, taps, out_w, out_h, resample, device)
+            wx = _in_band(windows_x, int(x1[0] - x0[0]), dtype)[0].T  # [band, out_w]
+            wy = _in_band(windows_y, int(y1[0] - y0[0]), dtype)[0]
+            columns, rows = slice(int(x0[0]), int(x1[0])), slice(int(y0[0]), int(y1[0]))
             plan = (wx, wy, columns, rows, _horizontal_first(w, h, out_w, out_h))
         with self._lock:
             self._plans[key] = plan
@@ -311,24 +291,13 @@ class PillowResample:
                 boxes.append((w, h, *box))
         if not kept:
             return
-        axes = np.array(boxes, dtype=np.float64)
-        axes[:, 2:] = axes[:, 2:].astype(np.float32)  # Pillow passes the box to C as single-precision floats
-        x0, x1, taps_x = _bands(axes[:, 0], axes[:, 2], axes[:, 4], out_w, resample)
-        y0, y1, taps_y = _bands(axes[:, 1], axes[:, 3], axes[:, 5], out_h, resample)
+        rows, (x0, x1, y0, y1), taps = _resample_axes(boxes, out_w, out_h, resample)
         widths, heights = x1 - x0, y1 - y0
-        horizontal = [_horizontal_first(int(w), int(h), out_w, out_h) for w, h in axes[:, :2]]
+        horizontal = [_horizontal_first(w, h, out_w, out_h) for w, h, *_ in boxes]
         # images in canvas order (Pillow's order of the passes, then largest first, so each canvas wastes
         # little); the weights of all of them from one copy to the device, so a canvas takes a slice
         order = sorted(range(len(kept)), key=lambda j: (not horizontal[j], -int(heights[j] * widths[j])))
-        packed = np.stack([axes[:, 0], axes[:, 2], axes[:, 4], x0, axes[:, 1], axes[:, 3], axes[:, 5], y0], axis=1)
-        on_device = host_to_device(packed[order], device, torch.float64)
-        if out_w == out_h:  # a square crop: both axes' windows in one go
-            n, taps = len(order), max(taps_x, taps_y)
-            both = _window_weights(torch.cat([on_device[:, :4], on_device[:, 4:]]), out_w, resample, taps)
-            windows_x, windows_y = (both[0][:n], both[1][:n]), (both[0][n:], both[1][n:])
-        else:
-            windows_x = _window_weights(on_device[:, :4], out_w, resample, taps_x)
-            windows_y = _window_weights(on_device[:, 4:], out_h, resample, taps_y)
+        windows_x, windows_y = _device_windows(rows[order], taps, out_w, out_h, resample, device)
         start = 0
         while start < len(order):  # the next canvas: as many images as fit in the budget, at least one
             height = width = 0

@@ -194,9 +194,26 @@ def _one_pixel_at_a_time(in_size, start, stop, out_size, resample):
     return weights
 
 
+def _weights(cases, out_size, resample):
+    """The resampling weights of each (in_size, start, stop) axis over all its input pixels, [out_size, in_size],
+    computed as the decode stage does: all the axes in one call."""
+    from featurize.decode import _bands, _in_band, _window_weights
+
+    in_sizes, starts, stops = (np.array(column, dtype=np.float64) for column in zip(*cases))
+    first, stop, taps = _bands(in_sizes, starts, stops, out_size, resample)
+    axes = torch.from_numpy(np.stack([in_sizes, starts, stops, first], axis=1))
+    band = _in_band(_window_weights(axes, out_size, resample, taps), int((stop - first).max()), torch.float64).numpy()
+    for j, (in_size, _, _) in enumerate(cases):
+        assert not band[j, :, stop[j] - first[j] :].any()  # zeros past the axis's own band
+        weights = np.zeros((out_size, int(in_size)))
+        weights[:, first[j] : stop[j]] = band[j, :, : stop[j] - first[j]]
+        yield weights
+
+
 def test_resampling_weights_equal_pillows_pixel_by_pixel_loop():
-    """Every filter, shrinking and enlarging, whole images and crop boxes (fractional too), odd sizes."""
-    from featurize.decode import _FILTERS, _coefficients
+    """Every filter, shrinking and enlarging, whole images and crop boxes (fractional too), odd sizes; one axis
+    at a time and many axes in one call."""
+    from featurize.decode import _FILTERS
 
     rng = np.random.default_rng(0)
     cases = [(500, 0.0, 500.0, 224), (375, 15.5, 359.5, 224), (28, 0.0, 28.0, 224), (7, 1.25, 6.5, 13),
@@ -208,35 +225,12 @@ def test_resampling_weights_equal_pillows_pixel_by_pixel_loop():
     for resample in _FILTERS:
         for in_size, start, stop, out_size in cases:
             expected = _one_pixel_at_a_time(in_size, start, stop, out_size, int(resample))
-            np.testing.assert_array_equal(_coefficients(in_size, start, stop, out_size, int(resample)), expected,
-                                          err_msg=f"{resample!r} {in_size} [{start}, {stop}) -> {out_size}")
-
-
-def test_weights_computed_for_many_sizes_at_once_equal_pillows():
-    """The padded path's weights, computed in one go for many axes where the images are (here a CPU), equal
-    the host's per-size weights (the reference above) for every filter, placed in each axis's band."""
-    from featurize.decode import _FILTERS, _bands, _coefficients, _in_band, _window_weights
-
-    rng = np.random.default_rng(1)
-    cases = [(500, 0.0, 500.0), (375, 15.5, 359.5), (28, 0.0, 28.0), (7, 1.25, 6.5), (4000, 0.0, 4000.0),
-             (1, 0.0, 1.0), (224, 0.0, 224.0)]
-    for _ in range(25):
-        size = int(rng.integers(2, 900))
-        a, b = sorted(rng.uniform(0, size, 2))
-        cases.append((size, float(np.float32(a)), float(np.float32(max(b, a + 0.5)))))
-    in_sizes, starts, stops = (np.array(column, dtype=np.float64) for column in zip(*cases))
-    for resample in _FILTERS:
-        for out_size in (13, 224):
-            first, stop, taps = _bands(in_sizes, starts, stops, out_size, int(resample))
-            width = int((stop - first).max())
-            axes = torch.from_numpy(np.stack([in_sizes, starts, stops, first], axis=1))
-            got = _in_band(_window_weights(axes, out_size, int(resample), taps), width, torch.float64).numpy()
-            for j, (in_size, start, end) in enumerate(cases):
-                expected = _coefficients(in_size, start, end, out_size, int(resample))
-                assert not expected[:, : first[j]].any() and not expected[:, stop[j]:].any()  # all in the band
-                np.testing.assert_array_equal(got[j, :, : stop[j] - first[j]], expected[:, first[j] : stop[j]],
-                                              err_msg=f"{resample!r} {in_size} [{start}, {end}) -> {out_size}")
-                assert not got[j, :, stop[j] - first[j] :].any()
+            (got,) = _weights([(in_size, start, stop)], out_size, int(resample))
+            np.testing.assert_array_equal(got, expected, err_msg=f"{resample!r} {in_size} [{start}, {stop}) -> {out_size}")
+        axes = [case[:3] for case in cases[::4]]
+        for (in_size, start, stop), got in zip(axes, _weights(axes, 224, int(resample))):
+            np.testing.assert_array_equal(got, _one_pixel_at_a_time(in_size, start, stop, 224, int(resample)),
+                                          err_msg=f"{resample!r} {in_size} [{start}, {stop}) -> 224, many at once")
 
 
 def test_pillow_resample_keeps_the_weights_of_recent_sizes():
